@@ -1,0 +1,115 @@
+"""The training and evaluation loops. Nothing model-specific: a pre-training model's forward returns
+(loss, dict of loss terms); a classifier is trained through `criterion`."""
+import contextlib
+import math
+
+import torch
+from timm.utils import accuracy
+
+from util.logging import MetricLogger, SmoothedValue
+
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def autocast(device: torch.device, amp: str):
+    if amp in AMP_DTYPES:
+        return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+    return contextlib.nullcontext()
+
+
+def to_device(x, device):
+    if isinstance(x, (list, tuple)):
+        return tuple(to_device(t, device) for t in x)
+    return x.to(device, non_blocking=True)
+
+
+def check_finite(values: list, first_step: int, epoch: int, terms: dict, lr: float) -> None:
+    """Stop the run on a non-finite loss, before any checkpoint of this epoch is written."""
+    for offset, value in enumerate(values):
+        if not math.isfinite(value):
+            shown = ', '.join(f'{k} {v:.4g}' for k, v in terms.items())
+            raise FloatingPointError(
+                f'non-finite loss {value} at epoch {epoch}, step {first_step + offset} '
+                f'({shown}; lr {lr:.3g}). The last checkpoint is intact: resume from it with a lower '
+                f'--blr, --clip_grad, or --amp bf16/none instead of fp16')
+
+
+def train_one_epoch(model, data_loader, optimizer, lr_scheduler, scaler, device, epoch: int, args,
+                    log_writer=None, teacher=None, momentum_schedule=None, criterion=None,
+                    mixup_fn=None, model_ema=None) -> dict:
+    """One epoch. The lr follows `lr_scheduler` per optimizer step (timm, `step_update`); with
+    `--accum_iter k` gradients of k batches add up before a step."""
+    model.train(True)
+    logger = MetricLogger()
+    logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.2e}'))
+    header = f'Epoch: [{epoch}]'
+    steps = len(data_loader)
+    accum = args.accum_iter
+    optimizer.zero_grad(set_to_none=True)
+    checked = 0
+    for step, (inputs, targets) in enumerate(
+            logger.log_every(data_loader, args.print_freq, header, args.batch_size)):
+        if step % accum == 0:
+            lr_scheduler.step_update((epoch * steps + step) // accum)
+        inputs = to_device(inputs, device)
+        update = (step + 1) % accum == 0
+        sync = contextlib.nullcontext() if update or not args.distributed else model.no_sync()
+        with sync:
+            with autocast(device, args.amp):
+                if criterion is not None:  # supervised: fine-tuning, linear probing
+                    targets = targets.to(device, non_blocking=True)
+                    if mixup_fn is not None:
+                        inputs, targets = mixup_fn(inputs, targets)
+                    loss, terms = criterion(model(inputs), targets), {}
+                else:
+                    kwargs = {}
+                    if teacher is not None:
+                        kwargs['targets'] = teacher(inputs[0])
+                    if momentum_schedule is not None:
+                        kwargs['m'] = momentum_schedule(epoch + step / steps)
+                    loss, terms = model(*inputs, **kwargs)
+            scaler.scale(loss / accum).backward()
+        if update:
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if model_ema is not None:
+                model_ema.update(model)
+        lr = max(group['lr'] for group in optimizer.param_groups)
+        logger.update(loss=loss.detach(), lr=lr, **terms)
+        if (step + 1) % args.print_freq == 0 or step == steps - 1:
+            values = logger.meters['loss'].flush()
+            check_finite(values, checked, epoch, {k: logger.meters[k].value for k in terms}, lr)
+            checked += len(values)
+    logger.synchronize_between_processes()
+    print(f'Averaged stats: {logger}')
+    stats = logger.averages()
+    if log_writer is not None:
+        for name, value in stats.items():
+            log_writer.add_scalar(f'train/{name}', value, epoch)
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model, data_loader, device, args) -> dict:
+    """Top-1/top-5 accuracy and cross-entropy of a classifier on a labelled loader."""
+    model.eval()
+    logger = MetricLogger()
+    criterion = torch.nn.CrossEntropyLoss()
+    for images, targets in logger.log_every(data_loader, args.print_freq, 'Test:'):
+        images, targets = to_device(images, device), targets.to(device, non_blocking=True)
+        with autocast(device, args.amp):
+            output = model(images)
+            loss = criterion(output, targets)
+        top1, top5 = accuracy(output, targets, topk=(1, min(5, output.shape[1])))
+        n = images.shape[0]
+        logger.meters['loss'].update(loss.item(), n)
+        logger.meters['acc1'].update(top1.item(), n)
+        logger.meters['acc5'].update(top5.item(), n)
+    logger.synchronize_between_processes()
+    print(f'* Acc@1 {logger.meters["acc1"].global_avg:.3f} Acc@5 {logger.meters["acc5"].global_avg:.3f} '
+          f'loss {logger.meters["loss"].global_avg:.3f}')
+    return logger.averages()

@@ -1,0 +1,267 @@
+"""Pre-training: MimCo, MoCo v3 (and the teachers MimCo learns from), chosen by --method.
+
+One process:  python main_pretrain.py --method mocov3 --epochs 100
+Many GPUs:    torchrun --nproc_per_node 8 main_pretrain.py --method mimco --teacher mocov3_vits.pth ...
+"""
+import argparse
+import datetime
+import functools
+import json
+import os
+import random
+import time
+
+import numpy as np
+import timm
+import torch
+from timm.optim import Lars, param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+
+import models_mimco
+from engine import train_one_epoch
+from util import checkpoint, data
+from util.dist import init_distributed_mode, is_main_process, get_world_size
+from util.errors import InputError, run_main
+from util.logging import log_json, tensorboard_writer
+from util.masking import build_mask_generator
+from util.schedules import moco_momentum
+
+# Per-method defaults where the papers differ; a flag given on the command line always wins.
+METHOD_DEFAULTS = {
+    'mimco': dict(mask_type='block', mask_ratio=0.4, weight_decay=0.05, opt_betas=(0.9, 0.98),
+                  warmup_epochs=10, crop_min=0.2, drop_path=0.1),
+    'mocov3': dict(weight_decay=0.1, opt_betas=(0.9, 0.999), warmup_epochs=40, crop_min=0.08,
+                   drop_path=0.0),
+}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('mimco pre-training', add_help=False)
+    p.add_argument('--method', default='mimco', choices=['mimco', 'mocov3'],
+                   help='mimco: MIM from a frozen contrastive teacher; mocov3: contrastive (makes teachers)')
+    p.add_argument('--batch_size', default=128, type=int, help='images per GPU (per process)')
+    p.add_argument('--epochs', default=100, type=int, help='training epochs')
+    p.add_argument('--accum_iter', default=1, type=int, help='batches of gradient accumulated per step')
+    # Model
+    p.add_argument('--model', default='vit_digits_patch4_16', type=str,
+                   help='timm ViT name of the student / encoder (ours: vit_digits_patch4_16, mocov3_vit_small)')
+    p.add_argument('--input_size', default=None, type=int, help="image size (default: the model's)")
+    p.add_argument('--drop_path', default=None, type=float, help='stochastic depth (mimco 0.1, mocov3 0)')
+    # MimCo
+    p.add_argument('--teacher', default=None, type=str,
+                   help='frozen contrastive teacher checkpoint (MoCo v3, DINO, MAE, timm or ours)')
+    p.add_argument('--teacher_model', default=None, type=str,
+                   help='timm name of the teacher architecture (default: inferred from the file)')
+    p.add_argument('--teacher_target', default='auto', choices=['auto', 'backbone', 'head'],
+                   help="image-level target: the teacher's projector on its CLS token when the file has one "
+                        '(auto), the raw CLS token (backbone), or the projector, required (head)')
+    p.add_argument('--mask_type', default=None, choices=['block', 'random'],
+                   help='block: BEiT block-wise (mimco default); random: uniform')
+    p.add_argument('--mask_ratio', default=None, type=float, help='fraction of patches masked (mimco 0.4)')
+    p.add_argument('--patch_loss', default='infonce', choices=['infonce', 'smoothl1', 'cosine'],
+                   help='patch-level loss: intra-image InfoNCE, or the regression ablations')
+    p.add_argument('--img_loss', default='infonce', choices=['infonce', 'cosine', 'none'],
+                   help='image-level loss on the CLS token; none turns it off')
+    p.add_argument('--img_loss_weight', default=1.0, type=float, help='weight of the image-level loss')
+    p.add_argument('--patch_temp', default=0.1, type=float, help='temperature of the patch InfoNCE')
+    p.add_argument('--img_temp', default=0.2, type=float, help='temperature of the image InfoNCE')
+    p.add_argument('--head_dim', default=2048, type=int, help='hidden width of the patch and CLS heads')
+    p.add_argument('--head_layers', default=2, type=int, help='linear layers in each head')
+    # MoCo v3
+    p.add_argument('--moco_dim', default=256, type=int, help='projector / predictor output dim')
+    p.add_argument('--moco_mlp_dim', default=4096, type=int, help='projector / predictor hidden dim')
+    p.add_argument('--moco_m', default=0.99, type=float, help='base momentum of the key encoder')
+    p.add_argument('--moco_m_cos', default=True, action=argparse.BooleanOptionalAction,
+                   help='raise the momentum to 1 by a half cosine')
+    p.add_argument('--moco_t', default=0.2, type=float, help='InfoNCE temperature')
+    p.add_argument('--stop_grad_conv1', default=True, action=argparse.BooleanOptionalAction,
+                   help='freeze the random patch projection (MoCo v3, Sec. 5)')
+    # Optimisation
+    p.add_argument('--optimizer', default='adamw', choices=['adamw', 'lars'], help='optimizer')
+    p.add_argument('--opt_betas', default=None, type=float, nargs=2,
+                   help='AdamW betas (mimco 0.9 0.98, mocov3 0.9 0.999)')
+    p.add_argument('--weight_decay', default=None, type=float, help='weight decay (mimco 0.05, mocov3 0.1)')
+    p.add_argument('--lr', default=None, type=float, help='absolute lr (default: blr * total batch / 256)')
+    p.add_argument('--blr', default=1.5e-4, type=float, help='base lr for a total batch of 256')
+    p.add_argument('--min_lr', default=0.0, type=float, help='lr at the end of the cosine')
+    p.add_argument('--warmup_epochs', default=None, type=int, help='linear warm-up (mimco 10, mocov3 40)')
+    p.add_argument('--clip_grad', default=None, type=float, help='clip the gradient norm (off by default)')
+    p.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
+                   help='mixed precision (default: bf16 on CUDA, none on CPU)')
+    p.add_argument('--grad_ckpt', action='store_true', help='gradient checkpointing of the blocks')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    # Data
+    p.add_argument('--data_path', default=None, type=str,
+                   help='ImageFolder root with train/ (default: none, use the built-in digits)')
+    p.add_argument('--dataset', default='auto', choices=['auto', 'digits', 'imagefolder', 'cifar10', 'cifar100'],
+                   help='auto: imagefolder with --data_path, digits without')
+    p.add_argument('--download', action='store_true', help='download CIFAR into --data_path')
+    p.add_argument('--crop_min', default=None, type=float, help='RandomResizedCrop min scale')
+    p.add_argument('--num_workers', default=4, type=int, help='data loader workers per process')
+    # Run
+    p.add_argument('--output_dir', default='./output_dir', help='checkpoints and log.txt go here')
+    p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: output_dir)')
+    p.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
+    p.add_argument('--print_freq', default=20, type=int, help='log every N steps')
+    p.add_argument('--resume', default='', help='checkpoint to resume (default: output_dir/checkpoint-last.pth)')
+    p.add_argument('--start_epoch', default=0, type=int, help='first epoch (set by --resume)')
+    p.add_argument('--seed', default=0, type=int, help='random seed')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
+    p.add_argument('--dist_url', default='env://', help='url of the torch.distributed rendezvous')
+    return p
+
+
+def resolve_defaults(args) -> None:
+    for name, value in METHOD_DEFAULTS[args.method].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    if args.input_size is None:
+        args.input_size = timm.get_pretrained_cfg(args.model).input_size[-1]
+    if args.amp is None:
+        args.amp = 'bf16' if args.device.startswith('cuda') else 'none'
+    if args.accum_iter < 1:
+        raise InputError(f'--accum_iter must be at least 1, got {args.accum_iter}')
+    args.log_dir = args.log_dir or args.output_dir
+    args.opt_betas = list(args.opt_betas)
+
+
+def create_vit(args, **kwargs):
+    try:
+        return timm.create_model(args.model, num_classes=0, img_size=args.input_size,
+                                 drop_path_rate=args.drop_path, **kwargs)
+    except RuntimeError as e:
+        raise InputError(f'--model {args.model}: {e}') from None
+
+
+def build_teacher(args, student) -> models_mimco.Teacher:
+    """Load the teacher at the resolution that gives it the student's patch grid."""
+    if not args.teacher:
+        raise InputError('--method mimco needs --teacher: a frozen contrastive ViT whose tokens are the '
+                         'targets (a MoCo v3 or DINO checkpoint, e.g. mocov3_vits.pth). Train one here '
+                         'with `python main_pretrain.py --method mocov3 --output_dir teacher` and pass '
+                         '--teacher teacher/checkpoint-last.pth')
+    state_dict, projector_state, info = checkpoint.read_backbone(args.teacher)
+    found = checkpoint.vit_kwargs(state_dict, info)
+    grid = student.patch_embed.grid_size
+    img_size = grid[0] * found['patch_size']
+    if grid[0] != grid[1] or 'cls_token' not in state_dict:
+        raise InputError(f'the teacher {args.teacher} cannot give targets for this student: it needs a '
+                         f'CLS token and a square patch grid (student grid {grid})')
+    model = (timm.create_model(args.teacher_model, num_classes=0, img_size=img_size)
+             if args.teacher_model else None)
+    backbone = checkpoint.load_backbone(args.teacher, model, img_size=img_size, flag='--teacher_model')
+    use_projector = args.teacher_target == 'head' or (args.teacher_target == 'auto' and projector_state)
+    if use_projector and not projector_state:
+        raise InputError(f'--teacher_target head: {args.teacher} has no projector (base_encoder.head); '
+                         f'use --teacher_target backbone')
+    projector = checkpoint.load_projector(args.teacher) if use_projector else None
+    teacher = models_mimco.Teacher(backbone, projector)
+    print(f'teacher: {info["format"]} ViT, width {backbone.embed_dim}, depth {len(backbone.blocks)}, '
+          f'patch {found["patch_size"]}, at {img_size} px (grid {tuple(grid)}); image-level target: '
+          f'{"its projector on the CLS token" if projector else "its raw CLS token"} ({teacher.target_dim}-d)')
+    return teacher
+
+
+def build_model(args) -> tuple:
+    """(model to train, frozen teacher or None)."""
+    if args.method == 'mocov3':
+        encoder = create_vit(args)
+        models_mimco.mocov3_init(encoder, args.stop_grad_conv1)
+        model = models_mimco.MoCoV3(encoder, args.moco_dim, args.moco_mlp_dim, args.moco_t)
+        return model, None
+    student = create_vit(args)
+    teacher = build_teacher(args, student)
+    mask_generator = build_mask_generator(args.mask_type, student.patch_embed.grid_size, args.mask_ratio)
+    model = models_mimco.MimCo(
+        student, teacher_dim=teacher.backbone.embed_dim, target_dim=teacher.target_dim,
+        num_masked=mask_generator.num_masked, head_dim=args.head_dim, head_layers=args.head_layers,
+        patch_loss=args.patch_loss, img_loss=args.img_loss, patch_temp=args.patch_temp,
+        img_temp=args.img_temp, img_loss_weight=args.img_loss_weight)
+    model.mask_generator = mask_generator
+    return model, teacher
+
+
+def build_optimizer(args, model):
+    groups = param_groups_weight_decay(model, args.weight_decay,
+                                       no_weight_decay_list=getattr(model, 'no_weight_decay', set)())
+    if args.optimizer == 'lars':
+        return Lars(groups, lr=args.lr, momentum=0.9)
+    fused = args.device.startswith('cuda')
+    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.opt_betas), fused=fused)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def main(args):
+    init_distributed_mode(args)
+    resolve_defaults(args)
+    device = torch.device(args.device)
+    seed_everything(args.seed + args.rank)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if not os.access(args.output_dir, os.W_OK):
+            raise InputError(f'--output_dir {args.output_dir} is not writable: pick another folder')
+    print(json.dumps({k: v for k, v in vars(args).items()}, default=str))
+
+    model, teacher = build_model(args)
+    transform = data.pretrain_transform(args, getattr(model, 'mask_generator', None))
+    dataset = data.build_dataset(args, is_train=True, transform=transform)
+    loader = data.build_loader(dataset, args, is_train=True)
+    print(f'{len(dataset)} training images, {len(loader)} steps per epoch')
+
+    if args.grad_ckpt:
+        (model.student if args.method == 'mimco' else model.base_encoder).set_grad_checkpointing(True)
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    model_without_ddp = model
+    if args.distributed:
+        if args.method == 'mocov3' and device.type == 'cuda':
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN in the MLP heads
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+        model_without_ddp = model.module
+    train_model = torch.compile(model) if args.compile else model
+    if teacher is not None and args.compile:
+        teacher = torch.compile(teacher)
+
+    total_batch = args.batch_size * args.accum_iter * get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * total_batch / 256
+    print(f'lr {args.lr:.3g} (blr {args.blr:.3g} x total batch {total_batch} / 256)')
+    optimizer = build_optimizer(args, model_without_ddp)
+    updates_per_epoch = len(loader) // args.accum_iter
+    warmup = args.warmup_epochs * updates_per_epoch
+    lr_scheduler = CosineLRScheduler(
+        optimizer, t_initial=max(1, args.epochs * updates_per_epoch - warmup), lr_min=args.min_lr,
+        warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    momentum_schedule = (functools.partial(moco_momentum, base_m=args.moco_m, epochs=args.epochs,
+                                           cosine=args.moco_m_cos)
+                         if args.method == 'mocov3' else None)
+    checkpoint.resume(args, model_without_ddp, optimizer, scaler)
+    log_writer = tensorboard_writer(args.log_dir)
+
+    print(f'training {args.method} for epochs {args.start_epoch}..{args.epochs - 1}')
+    start = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(train_model, loader, optimizer, lr_scheduler, scaler, device, epoch,
+                                args, log_writer, teacher=teacher, momentum_schedule=momentum_schedule)
+        state = checkpoint.training_state(args, epoch, model_without_ddp, optimizer, scaler)
+        checkpoint.save_checkpoint(state, os.path.join(args.output_dir, 'checkpoint-last.pth'))
+        if args.save_freq and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):
+            checkpoint.save_checkpoint(state, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
+        log_json(args.output_dir, {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch})
+    if log_writer is not None:
+        log_writer.close()
+    print(f'training time {datetime.timedelta(seconds=int(time.time() - start))}')
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser('mimco pre-training', parents=[get_args_parser()])
+    run_main(main, parser.parse_args())

@@ -1,0 +1,239 @@
+"""Every checkpoint read and write: training state (ours), and ViT backbones of any origin.
+
+Backbones are recognised by the keys inside the file, never by its name:
+- MoCo v3: {'state_dict': {'module.base_encoder.*', 'module.momentum_encoder.*', 'module.predictor.*'},
+  'arch': 'vit_small' | 'vit_base'}; 12 heads; `base_encoder.head` is its projector.
+- DINO: a plain backbone state dict, or {'teacher': {'backbone.*', 'head.*'}, 'student': ...}.
+- MAE: {'model': {..., 'decoder_*'}}; timm: a plain state dict; ours: {'model', 'args', ...}.
+"""
+import os
+import pickle
+import random
+import re
+
+import numpy as np
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+
+import models_mimco  # noqa: F401  registers our ViT names with timm
+from util.dist import is_main_process
+from util.errors import InputError
+
+PATCH_KEY = 'patch_embed.proj.weight'
+# Keys of a pre-training file that are not the backbone's (heads, decoders, mask tokens).
+NON_BACKBONE = re.compile(r'^(head\.|fc_norm\.|mask_token|decoder_|decoder\.)')
+
+
+def load_file(path: str) -> dict:
+    """torch.load with weights_only=True: a file whose pickle would run code is refused unrun."""
+    if not os.path.isfile(path):
+        raise InputError(f'checkpoint {path} does not exist: check the path')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        raise InputError(f'{path} is refused: its pickle holds more than tensors and plain data and '
+                         f'could run code ({first[:160]}). Re-save it as a plain state dict, or '
+                         f'use a checkpoint from a source you trust') from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise InputError(f'{path} is not a readable PyTorch checkpoint (corrupt or truncated?): '
+                         f'{str(e).splitlines()[0][:160]}') from None
+
+
+# --------------------------------------------------------------------------- training state (ours)
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
+             'numpy': [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state['torch'])
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state['python']))
+    name, keys, *rest = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """Write whole or not at all: a temporary file in the same folder, then an atomic rename."""
+    if not is_main_process():
+        return
+    tmp = f'{path}.tmp.{os.getpid()}'
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def training_state(args, epoch: int, model, optimizer, scaler, **extra) -> dict:
+    """Ours: {'model', 'optimizer', 'scaler', 'epoch', 'args', 'rng'}; args as a plain dict so that
+    weights_only=True loads it."""
+    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+             'scaler': scaler.state_dict(), 'epoch': epoch, 'args': dict(vars(args)),
+             'rng': rng_state()}
+    state.update({k: v.state_dict() if hasattr(v, 'state_dict') else v for k, v in extra.items()})
+    return state
+
+
+def resume_path(args) -> str:
+    """--resume if given, else output_dir/checkpoint-last.pth when it exists."""
+    if args.resume:
+        return args.resume
+    last = os.path.join(args.output_dir, 'checkpoint-last.pth') if args.output_dir else ''
+    return last if last and os.path.isfile(last) else ''
+
+
+def resume(args, model, optimizer=None, scaler=None, **extra) -> None:
+    """Restore model, optimizer, scaler, RNG and any `extra` modules; set args.start_epoch."""
+    path = resume_path(args)
+    if not path:
+        return
+    checkpoint = load_file(path)
+    if 'model' not in checkpoint or 'epoch' not in checkpoint:
+        raise InputError(f'{path} is not a training checkpoint of this repository: use --resume '
+                         f'with a checkpoint-*.pth written by these scripts')
+    try:
+        model.load_state_dict(checkpoint['model'])
+    except RuntimeError as e:
+        raise InputError(f'{path} does not fit this model ({str(e).splitlines()[0]}): resume with '
+                         f'the flags of the run that wrote it (its args are saved in the file)') from None
+    if optimizer is not None:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    if scaler is not None and 'scaler' in checkpoint:
+        scaler.load_state_dict(checkpoint['scaler'])
+    for name, module in extra.items():
+        module.load_state_dict(checkpoint[name])
+    if 'rng' in checkpoint:
+        set_rng_state(checkpoint['rng'])
+    args.start_epoch = checkpoint['epoch'] + 1
+    print(f'resumed from {path} (epoch {checkpoint["epoch"]}); continuing at epoch {args.start_epoch}')
+
+
+# --------------------------------------------------------------------------- backbones
+
+def _vit_prefix(state_dict: dict, prefer: tuple) -> str:
+    prefixes = [k[:-len(PATCH_KEY)] for k in state_dict if k.endswith(PATCH_KEY)]
+    for word in prefer:
+        for prefix in prefixes:
+            if word in prefix:
+                return prefix
+    return prefixes[0] if prefixes else None
+
+
+def read_backbone(path: str) -> tuple:
+    """Returns (backbone state dict with timm ViT keys, projector state dict or None, info dict)."""
+    checkpoint = load_file(path)
+    if not isinstance(checkpoint, dict):
+        raise InputError(f'{path} holds a {type(checkpoint).__name__}, not a state dict')
+    info = {'num_heads': None, 'model': None}
+    if 'state_dict' in checkpoint and any('base_encoder' in k for k in checkpoint['state_dict']):
+        info['format'], sd = 'mocov3', checkpoint['state_dict']
+        arch = checkpoint.get('arch', 'vit_small')
+        if 'conv' in arch:
+            raise InputError(f'{path} is a MoCo v3 {arch} (convolutional stem): only the plain ViTs '
+                             f'vit_small and vit_base are supported')
+        info['num_heads'] = 12  # MoCo v3's vit_small and vit_base both have 12 heads
+        prefix = _vit_prefix(sd, ('base_encoder',))
+    elif 'teacher' in checkpoint and isinstance(checkpoint['teacher'], dict):
+        info['format'], sd = 'dino', checkpoint['teacher']
+        prefix = _vit_prefix(sd, ('backbone',))
+    elif 'model' in checkpoint and isinstance(checkpoint['model'], dict):
+        sd = checkpoint['model']
+        if isinstance(checkpoint.get('args'), dict) and 'method' in checkpoint['args']:
+            info['format'], info['model'] = 'ours', checkpoint['args'].get('model')
+        else:
+            info['format'] = 'mae' if any(k.startswith('decoder') for k in sd) else 'timm'
+        prefix = _vit_prefix(sd, ('base_encoder', 'student', 'encoder'))
+    else:
+        sd = checkpoint
+        info['format'] = 'dino' if any(k.startswith('backbone.') for k in sd) else 'timm'
+        prefix = _vit_prefix(sd, ('backbone',))
+    if prefix is None or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        some = ', '.join(list(sd)[:4])
+        raise InputError(f'{path} holds no Vision Transformer (no *{PATCH_KEY}; keys start: {some}): '
+                         f'expected a MoCo v3, DINO, MAE, timm ViT or mimco checkpoint')
+    backbone = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    projector = {k[5:]: v for k, v in backbone.items() if k.startswith('head.') and v.ndim >= 1}
+    if not any(k.endswith('running_mean') for k in projector):
+        projector = None  # a classifier or nothing, not a MoCo v3 projector
+    skipped = sorted(k for k in backbone if NON_BACKBONE.match(k))
+    backbone = {k: v for k, v in backbone.items() if not NON_BACKBONE.match(k)}
+    info.update(prefix=prefix, skipped=skipped)
+    return backbone, projector, info
+
+
+def vit_kwargs(state_dict: dict, info: dict) -> dict:
+    """The timm VisionTransformer that these weights came from, read off the tensors' shapes."""
+    patch = state_dict[PATCH_KEY]
+    embed_dim, in_chans, patch_size = patch.shape[0], patch.shape[1], patch.shape[-1]
+    depth = 1 + max(int(k.split('.')[1]) for k in state_dict if k.startswith('blocks.'))
+    num_prefix = 1 if 'cls_token' in state_dict else 0
+    grid = int(round((state_dict['pos_embed'].shape[1] - num_prefix) ** 0.5))
+    return dict(
+        img_size=grid * patch_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+        depth=depth, num_heads=info['num_heads'] or max(1, embed_dim // 64),
+        mlp_ratio=state_dict['blocks.0.mlp.fc1.weight'].shape[0] / embed_dim,
+        qkv_bias='blocks.0.attn.qkv.bias' in state_dict, class_token=bool(num_prefix),
+        init_values=1e-5 if 'blocks.0.ls1.gamma' in state_dict else None, num_classes=0)
+
+
+def _check_shapes(state_dict: dict, model: VisionTransformer, path: str, flag: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    wrong = [f'{k} {tuple(state_dict[k].shape)} in the file vs {tuple(expected[k].shape)} in the model'
+             for k in expected if k in state_dict and k != 'pos_embed'
+             and state_dict[k].shape != expected[k].shape]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or wrong or unexpected:
+        found = vit_kwargs(state_dict, {'num_heads': None})
+        problems = '; '.join(wrong[:3] + [f'missing {", ".join(missing[:4])}'] * bool(missing)
+                             + [f'unexpected {", ".join(unexpected[:4])}'] * bool(unexpected))
+        raise InputError(f'{path} does not fit the model: {problems}. The file holds a ViT with '
+                         f'embed_dim {found["embed_dim"]}, depth {found["depth"]}, patch '
+                         f'{found["patch_size"]}, {found["in_chans"]} channels: pick the matching '
+                         f'{flag} (or leave it out to infer it from the file)')
+
+
+def load_backbone(path: str, model: VisionTransformer = None, img_size: int = None,
+                  flag: str = '--model', verbose: bool = True) -> VisionTransformer:
+    """A timm VisionTransformer in eval() holding the backbone weights of `path` (any format above).
+
+    `model=None` builds the architecture the file holds; `img_size` resamples the position
+    embeddings to another grid. `forward_features(x)` then gives final-normed tokens (B, 1+N, D).
+    """
+    state_dict, _, info = read_backbone(path)
+    if model is None:
+        kwargs = vit_kwargs(state_dict, info)
+        if img_size:
+            kwargs['img_size'] = img_size
+        model = (timm.create_model(info['model'], num_classes=0, img_size=kwargs['img_size'])
+                 if info['model'] else VisionTransformer(**kwargs))
+    _check_shapes(state_dict, model, path, flag)
+    if state_dict['pos_embed'].shape != model.pos_embed.shape:
+        state_dict['pos_embed'] = resample_abs_pos_embed(
+            state_dict['pos_embed'], new_size=model.patch_embed.grid_size,
+            num_prefix_tokens=model.num_prefix_tokens, verbose=verbose)
+    model.load_state_dict(state_dict)
+    if verbose:
+        print(f'loaded a {info["format"]} backbone from {path} (prefix {info["prefix"]!r}); '
+              f'not part of the backbone: {", ".join(info["skipped"]) or "nothing"}')
+    return model.eval()
+
+
+def load_projector(path: str) -> torch.nn.Module:
+    """The MoCo v3 projector (`base_encoder.head`) in `path`, or None when it has none."""
+    _, projector, _ = read_backbone(path)
+    if projector is None:
+        return None
+    linears = sorted(int(k.split('.')[0]) for k, v in projector.items()
+                     if k.endswith('weight') and v.ndim == 2)
+    shapes = [projector[f'{i}.weight'].shape for i in linears]
+    head = models_mimco.build_mlp(len(shapes), shapes[0][1], shapes[0][0], shapes[-1][0])
+    head.load_state_dict(projector)
+    return head.eval()

@@ -1,0 +1,18 @@
+"""Bad input from the user: one line that names the problem and the fix, no traceback."""
+import sys
+
+
+class InputError(ValueError):
+    """Raised for a wrong flag, file or data folder; the message says how to fix it."""
+
+
+def run_main(main, args) -> None:
+    """Run a script's `main(args)`, turning an InputError into `error: ...` and exit status 2."""
+    try:
+        main(args)
+    except InputError as e:
+        sys.stderr.write(f'error: {e}\n')
+        sys.exit(2)
+    except FloatingPointError as e:  # a non-finite loss: the message holds step, terms and lr
+        sys.stderr.write(f'error: {e}\n')
+        sys.exit(1)

@@ -1,0 +1,100 @@
+"""Patch masks: BEiT block-wise masks (MimCo) and uniform random masks (MAE).
+
+Every mask here masks *exactly* `round(mask_ratio * N)` patches of each image, so a batch of masked
+tokens reshapes to (B, K, D) without padding.
+"""
+import math
+import random
+
+import torch
+
+
+def num_masked(num_patches: int, mask_ratio: float) -> int:
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f'--mask_ratio must lie in (0, 1), got {mask_ratio}: '
+                         f'use e.g. 0.4 (MimCo, block) or 0.75 (MAE, random).')
+    return max(1, min(num_patches - 1, round(mask_ratio * num_patches)))
+
+
+class BlockMaskGenerator:
+    """BEiT's block-wise masking (Bao et al., 2022, Alg. 1), topped up to an exact count.
+
+    Blocks of at least `min_patches` patches with log-uniform aspect ratio are added until no block
+    fits the remaining budget; the few patches still missing are then masked at random.
+    Uses Python's `random`, which DataLoader seeds per worker and the checkpoint restores.
+    """
+
+    def __init__(self, grid_size: tuple, mask_ratio: float, min_patches: int = 4,
+                 min_aspect: float = 0.3):
+        self.height, self.width = grid_size
+        self.num_masked = num_masked(self.height * self.width, mask_ratio)
+        self.min_patches = min_patches
+        self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+
+    def _add_block(self, mask: torch.Tensor, budget: int) -> int:
+        for _ in range(10):
+            area = random.uniform(self.min_patches, budget)
+            aspect = math.exp(random.uniform(*self.log_aspect))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            if 0 < h <= self.height and 0 < w <= self.width:
+                top = random.randint(0, self.height - h)
+                left = random.randint(0, self.width - w)
+                block = mask[top:top + h, left:left + w]
+                added = h * w - int(block.sum())
+                if 0 < added <= budget:
+                    block.fill_(True)
+                    return added
+        return 0
+
+    def __call__(self) -> torch.Tensor:
+        mask = torch.zeros(self.height, self.width, dtype=torch.bool)
+        count = 0
+        while self.num_masked - count >= self.min_patches:
+            added = self._add_block(mask, self.num_masked - count)
+            if added == 0:
+                break
+            count += added
+        free = (~mask).flatten().nonzero().flatten().tolist()
+        for index in random.sample(free, self.num_masked - count):
+            mask.view(-1)[index] = True
+        return mask.flatten()  # (N,) True = masked
+
+
+class RandomMaskGenerator:
+    """Uniform random masks of an exact count (SimMIM-style random masking for the mask-token student)."""
+
+    def __init__(self, grid_size: tuple, mask_ratio: float):
+        self.num_patches = grid_size[0] * grid_size[1]
+        self.num_masked = num_masked(self.num_patches, mask_ratio)
+
+    def __call__(self) -> torch.Tensor:
+        mask = torch.zeros(self.num_patches, dtype=torch.bool)
+        mask[random.sample(range(self.num_patches), self.num_masked)] = True
+        return mask  # (N,)
+
+
+def build_mask_generator(mask_type: str, grid_size: tuple, mask_ratio: float):
+    if mask_type == 'block':
+        return BlockMaskGenerator(grid_size, mask_ratio)
+    if mask_type == 'random':
+        return RandomMaskGenerator(grid_size, mask_ratio)
+    raise ValueError(f'unknown --mask_type {mask_type!r}: use block or random')
+
+
+def random_masking_indices(batch_size: int, num_patches: int, mask_ratio: float,
+                           device=None) -> tuple:
+    """MAE's per-sample random masking by sorting noise (He et al., 2022, Sec. 3).
+
+    Returns ids_keep (B, N_keep), ids_restore (B, N) and mask (B, N) with 1 = masked, 0 = kept, in
+    the original patch order: `gather(cat(kept, masked), ids_restore)` undoes the shuffle.
+    """
+    num_keep = num_patches - num_masked(num_patches, mask_ratio)
+    noise = torch.rand(batch_size, num_patches, device=device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :num_keep]
+    mask = torch.ones(batch_size, num_patches, device=device)
+    mask[:, :num_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return ids_keep, ids_restore, mask
