@@ -4,6 +4,7 @@ import contextlib
 import math
 
 import torch
+from timm.scheduler import CosineLRScheduler
 from timm.utils import accuracy
 
 from util.logging import MetricLogger, SmoothedValue
@@ -15,6 +16,15 @@ def autocast(device: torch.device, amp: str):
     if amp in AMP_DTYPES:
         return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
     return contextlib.nullcontext()
+
+
+def cosine_lr_scheduler(optimizer, args, updates_per_epoch: int) -> CosineLRScheduler:
+    """Linear warm-up for --warmup_epochs, then a half cosine to --min_lr, set per optimizer update
+    (`step_update`); each group's `lr_scale` (layer decay) multiplies it."""
+    warmup = args.warmup_epochs * updates_per_epoch
+    return CosineLRScheduler(
+        optimizer, t_initial=max(1, args.epochs * updates_per_epoch - warmup), lr_min=args.min_lr,
+        warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
 
 
 def to_device(x, device):

@@ -1,6 +1,9 @@
-"""Pre-training: MimCo, MoCo v3 (and the teachers MimCo learns from), chosen by --method.
+"""Pre-training: MimCo, MAE, MoCo v3 (and the teachers MimCo learns from), chosen by --method;
+Layer Grafted Pre-training is MAE, then MoCo v3 with --graft_pretrained and --lr_layer_wise.
 
 One process:  python main_pretrain.py --method mocov3 --epochs 100
+Grafting:     python main_pretrain.py --method mocov3 --graft_pretrained mae/checkpoint-last.pth \
+                  --lr_layer_wise 0.1,0.1,1
 Many GPUs:    torchrun --nproc_per_node 8 main_pretrain.py --method mimco --teacher mocov3_vits.pth ...
 """
 import argparse
@@ -9,6 +12,7 @@ import functools
 import json
 import os
 import random
+import re
 import time
 
 import numpy as np
@@ -23,7 +27,7 @@ from util import checkpoint, data
 from util.dist import init_distributed_mode, is_main_process, get_world_size
 from util.errors import InputError, run_main
 from util.logging import log_json, tensorboard_writer
-from util.masking import build_mask_generator
+from util.masking import build_mask_generator, check_mask_ratio
 from util.schedules import moco_momentum
 
 # Per-method defaults where the papers differ; a flag given on the command line always wins.
@@ -32,13 +36,20 @@ METHOD_DEFAULTS = {
                   warmup_epochs=10, crop_min=0.2, drop_path=0.1),
     'mocov3': dict(weight_decay=0.1, opt_betas=(0.9, 0.999), warmup_epochs=40, crop_min=0.08,
                    drop_path=0.0),
+    'mae': dict(mask_type='random', mask_ratio=0.75, weight_decay=0.05, opt_betas=(0.9, 0.95),
+                warmup_epochs=40, crop_min=0.2, drop_path=0.0),
 }
+# Layer Grafted stage 2: which parameters train with the first third of the blocks (the rest of
+# the non-block parameters - final norm, projector, predictor - train with the last third).
+BLOCK_INDEX = re.compile(r'(?:^|\.)blocks\.(\d+)\.')
+EMBEDDINGS = re.compile(r'(?:^|\.)(cls_token|reg_token|pos_embed|patch_embed|norm_pre)(?:\.|$)')
 
 
 def get_args_parser():
     p = argparse.ArgumentParser('mimco pre-training', add_help=False)
-    p.add_argument('--method', default='mimco', choices=['mimco', 'mocov3'],
-                   help='mimco: MIM from a frozen contrastive teacher; mocov3: contrastive (makes teachers)')
+    p.add_argument('--method', default='mimco', choices=['mimco', 'mae', 'mocov3'],
+                   help='mimco: MIM from a frozen contrastive teacher; mae: masked autoencoder (Layer '
+                        'Grafted stage 1); mocov3: contrastive (makes teachers; Layer Grafted stage 2)')
     p.add_argument('--batch_size', default=128, type=int, help='images per GPU (per process)')
     p.add_argument('--epochs', default=100, type=int, help='training epochs')
     p.add_argument('--accum_iter', default=1, type=int, help='batches of gradient accumulated per step')
@@ -56,8 +67,9 @@ def get_args_parser():
                    help="image-level target: the teacher's projector on its CLS token when the file has one "
                         '(auto), the raw CLS token (backbone), or the projector, required (head)')
     p.add_argument('--mask_type', default=None, choices=['block', 'random'],
-                   help='block: BEiT block-wise (mimco default); random: uniform')
-    p.add_argument('--mask_ratio', default=None, type=float, help='fraction of patches masked (mimco 0.4)')
+                   help='block: BEiT block-wise (mimco default); random: uniform (mae, always)')
+    p.add_argument('--mask_ratio', default=None, type=float,
+                   help='fraction of patches masked (mimco 0.4, mae 0.75)')
     p.add_argument('--patch_loss', default='infonce', choices=['infonce', 'smoothl1', 'cosine'],
                    help='patch-level loss: intra-image InfoNCE, or the regression ablations')
     p.add_argument('--img_loss', default='infonce', choices=['infonce', 'cosine', 'none'],
@@ -67,6 +79,12 @@ def get_args_parser():
     p.add_argument('--img_temp', default=0.2, type=float, help='temperature of the image InfoNCE')
     p.add_argument('--head_dim', default=2048, type=int, help='hidden width of the patch and CLS heads')
     p.add_argument('--head_layers', default=2, type=int, help='linear layers in each head')
+    # MAE
+    p.add_argument('--decoder_embed_dim', default=512, type=int, help='width of the MAE decoder')
+    p.add_argument('--decoder_depth', default=8, type=int, help='transformer blocks in the MAE decoder')
+    p.add_argument('--decoder_num_heads', default=16, type=int, help='attention heads in the MAE decoder')
+    p.add_argument('--norm_pix_loss', default=True, action=argparse.BooleanOptionalAction,
+                   help='MAE target: pixels normalised per patch (MAE, Sec. 3; on by default)')
     # MoCo v3
     p.add_argument('--moco_dim', default=256, type=int, help='projector / predictor output dim')
     p.add_argument('--moco_mlp_dim', default=4096, type=int, help='projector / predictor hidden dim')
@@ -76,15 +94,31 @@ def get_args_parser():
     p.add_argument('--moco_t', default=0.2, type=float, help='InfoNCE temperature')
     p.add_argument('--stop_grad_conv1', default=True, action=argparse.BooleanOptionalAction,
                    help='freeze the random patch projection (MoCo v3, Sec. 5)')
+    # Layer Grafted Pre-training, stage 2 (--method mocov3)
+    p.add_argument('--graft_pretrained', default=None, type=str,
+                   help='start the base and momentum encoders from this stage-1 backbone (an MAE '
+                        'checkpoint of ours or the official format; any format util/checkpoint reads)')
+    p.add_argument('--lr_layer_wise', default=None, type=str,
+                   help='lr multipliers a,b,c of three equal groups of blocks (embeddings with the '
+                        'first, final norm and heads with the last); default 0.1,0.1,1 with '
+                        '--graft_pretrained, else one lr for all')
+    p.add_argument('--graft_freeze_blocks', default=0, type=int,
+                   help='freeze the first N grafted blocks (the paper\'s ablation; 0 = none)')
+    p.add_argument('--graft_l1_weight', default=0.0, type=float,
+                   help='weight of an L1 pull towards the grafted weights (official ViT-L: 1e-5; 0 = off)')
+    p.add_argument('--graft_l1_blocks', default=0, type=int,
+                   help='the L1 pull covers the embeddings and the first N blocks (official ViT-L: 12)')
     # Optimisation
     p.add_argument('--optimizer', default='adamw', choices=['adamw', 'lars'], help='optimizer')
     p.add_argument('--opt_betas', default=None, type=float, nargs=2,
-                   help='AdamW betas (mimco 0.9 0.98, mocov3 0.9 0.999)')
-    p.add_argument('--weight_decay', default=None, type=float, help='weight decay (mimco 0.05, mocov3 0.1)')
+                   help='AdamW betas (mimco 0.9 0.98, mae 0.9 0.95, mocov3 0.9 0.999)')
+    p.add_argument('--weight_decay', default=None, type=float,
+                   help='weight decay (mimco 0.05, mae 0.05, mocov3 0.1)')
     p.add_argument('--lr', default=None, type=float, help='absolute lr (default: blr * total batch / 256)')
     p.add_argument('--blr', default=1.5e-4, type=float, help='base lr for a total batch of 256')
     p.add_argument('--min_lr', default=0.0, type=float, help='lr at the end of the cosine')
-    p.add_argument('--warmup_epochs', default=None, type=int, help='linear warm-up (mimco 10, mocov3 40)')
+    p.add_argument('--warmup_epochs', default=None, type=int,
+                   help='linear warm-up (mimco 10, mae 40, mocov3 40)')
     p.add_argument('--clip_grad', default=None, type=float, help='clip the gradient norm (off by default)')
     p.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
                    help='mixed precision (default: bf16 on CUDA, none on CPU)')
@@ -119,18 +153,46 @@ def resolve_defaults(args) -> None:
         args.input_size = timm.get_pretrained_cfg(args.model).input_size[-1]
     if args.amp is None:
         args.amp = 'bf16' if args.device.startswith('cuda') else 'none'
+    if getattr(args, 'mask_ratio', None) is not None:
+        check_mask_ratio(args.mask_ratio)
     if args.accum_iter < 1:
         raise InputError(f'--accum_iter must be at least 1, got {args.accum_iter}')
     args.log_dir = args.log_dir or args.output_dir
     args.opt_betas = list(args.opt_betas)
+    check_mae_and_graft_args(args)
+
+
+def check_mae_and_graft_args(args) -> None:
+    if args.method == 'mae' and args.mask_type != 'random':
+        raise InputError(f'--method mae masks uniformly at random (MAE, Sec. 3): drop --mask_type '
+                         f'{args.mask_type}')
+    if args.method == 'mae' and args.decoder_embed_dim % args.decoder_num_heads:
+        raise InputError(f'--decoder_embed_dim {args.decoder_embed_dim} is not divisible by '
+                         f'--decoder_num_heads {args.decoder_num_heads}: pick e.g. 512 and 16, or 64 and 4')
+    grafting = [f for f in ('graft_pretrained', 'lr_layer_wise', 'graft_freeze_blocks', 'graft_l1_weight')
+                if getattr(args, f)]
+    if grafting and args.method != 'mocov3':
+        raise InputError(f'--{grafting[0]} is for Layer Grafted stage 2: use it with --method mocov3')
+    if not args.graft_pretrained and (args.graft_freeze_blocks or args.graft_l1_weight):
+        raise InputError('--graft_freeze_blocks and --graft_l1_weight act on grafted weights: add '
+                         '--graft_pretrained (an MAE checkpoint)')
+    if args.graft_pretrained and args.lr_layer_wise is None:
+        args.lr_layer_wise = '0.1,0.1,1'  # the paper's ViT-B setting
+    if args.lr_layer_wise is not None:
+        parse_lr_layer_wise(args.lr_layer_wise)
 
 
 def create_vit(args, **kwargs):
     try:
-        return timm.create_model(args.model, num_classes=0, img_size=args.input_size,
-                                 drop_path_rate=args.drop_path, **kwargs)
+        vit = timm.create_model(args.model, num_classes=0, img_size=args.input_size,
+                                drop_path_rate=args.drop_path, **kwargs)
     except RuntimeError as e:
         raise InputError(f'--model {args.model}: {e}') from None
+    patch = vit.patch_embed.patch_size[0]
+    if args.input_size % patch:
+        raise InputError(f'--input_size {args.input_size} is not a multiple of the patch size {patch} '
+                         f'of --model {args.model}: use e.g. {args.input_size // patch * patch}')
+    return vit
 
 
 def build_teacher(args, student) -> models_mimco.Teacher:
@@ -144,9 +206,13 @@ def build_teacher(args, student) -> models_mimco.Teacher:
     found = checkpoint.vit_kwargs(state_dict, info)
     grid = student.patch_embed.grid_size
     img_size = grid[0] * found['patch_size']
-    if grid[0] != grid[1] or 'cls_token' not in state_dict:
+    if 'cls_token' not in state_dict or found['in_chans'] != student.patch_embed.proj.in_channels:
         raise InputError(f'the teacher {args.teacher} cannot give targets for this student: it needs a '
-                         f'CLS token and a square patch grid (student grid {grid})')
+                         f'CLS token (the image-level target) and {student.patch_embed.proj.in_channels} '
+                         f'input channels (it has {found["in_chans"]}); use a ViT teacher of RGB images')
+    if grid[0] != grid[1]:
+        raise InputError(f'the student\'s patch grid {tuple(grid)} is not square, so no teacher input '
+                         f'size gives the teacher the same grid: use a square --input_size')
     model = (timm.create_model(args.teacher_model, num_classes=0, img_size=img_size)
              if args.teacher_model else None)
     backbone = checkpoint.load_backbone(args.teacher, model, img_size=img_size, flag='--teacher_model')
@@ -167,7 +233,19 @@ def build_model(args) -> tuple:
     if args.method == 'mocov3':
         encoder = create_vit(args)
         models_mimco.mocov3_init(encoder, args.stop_grad_conv1)
+        if args.graft_pretrained:
+            graft_encoder(args, encoder)
+        # The momentum encoder is a copy of the (grafted) encoder: both start from stage 1.
         model = models_mimco.MoCoV3(encoder, args.moco_dim, args.moco_mlp_dim, args.moco_t)
+        if args.graft_l1_weight:  # official ViT-L runs: embeddings and the first blocks
+            pulled = [p for n, p in encoder.named_parameters() if p.requires_grad and (
+                graft_group(n, args.graft_l1_blocks or 1, 1) == 0 if BLOCK_INDEX.search(n)
+                else EMBEDDINGS.search(n))]
+            model.l1_pull = models_mimco.L1Pull(pulled, args.graft_l1_weight)
+        return model, None
+    if args.method == 'mae':
+        model = models_mimco.MAE(create_vit(args), args.decoder_embed_dim, args.decoder_depth,
+                                 args.decoder_num_heads, args.mask_ratio, args.norm_pix_loss)
         return model, None
     student = create_vit(args)
     teacher = build_teacher(args, student)
@@ -181,9 +259,72 @@ def build_model(args) -> tuple:
     return model, teacher
 
 
+def graft_encoder(args, encoder) -> None:
+    """Layer Grafted stage 2 (Jiang et al., 2023, Sec. 3): the encoder starts from the stage-1 (MIM)
+    encoder, its patch and position embeddings frozen. load_backbone raises on any missing block."""
+    checkpoint.load_backbone(args.graft_pretrained, encoder, flag='--model')
+    encoder.train()
+    depth = len(encoder.blocks)
+    if not 0 <= args.graft_freeze_blocks <= depth:
+        raise InputError(f'--graft_freeze_blocks {args.graft_freeze_blocks}: the encoder has {depth} '
+                         f'blocks, pick 0..{depth}')
+    encoder.patch_embed.requires_grad_(False)
+    encoder.pos_embed.requires_grad_(False)
+    encoder.blocks[:args.graft_freeze_blocks].requires_grad_(False)
+    frozen = f', blocks 0..{args.graft_freeze_blocks - 1}' if args.graft_freeze_blocks else ''
+    print(f'grafted {depth} blocks from {args.graft_pretrained}; frozen: patch_embed, pos_embed{frozen}')
+
+
+def parse_lr_layer_wise(text: str) -> list:
+    try:
+        multipliers = [float(v) for v in text.split(',')]
+    except ValueError:
+        multipliers = []
+    if len(multipliers) != 3 or any(m < 0 for m in multipliers):
+        raise InputError(f'--lr_layer_wise {text!r}: give three non-negative lr multipliers, one per '
+                         f'third of the blocks from the bottom, e.g. 0.1,0.1,1 (the paper\'s ViT-B setting)')
+    return multipliers
+
+
+def graft_group(name: str, depth: int, num_groups: int) -> int:
+    """The group of contiguous blocks a parameter trains with: a block's own; the embeddings with
+    the first; everything else (final norm, projector, predictor) with the last."""
+    found = BLOCK_INDEX.search(name)
+    if found:
+        return int(found.group(1)) // (depth // num_groups)
+    return 0 if EMBEDDINGS.search(name) else num_groups - 1
+
+
+def graft_param_groups(model, multipliers: list, weight_decay: float,
+                       no_weight_decay_list=()) -> list:
+    """timm's weight-decay groups, each split by `graft_group`, with `lr_scale` = the group's
+    multiplier (timm's schedulers multiply each group's lr by its `lr_scale`)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    depth = 1 + max((int(m.group(1)) for n in names.values() if (m := BLOCK_INDEX.search(n))), default=-1)
+    if depth == 0 or depth % len(multipliers):
+        raise InputError(f'--lr_layer_wise splits the blocks into {len(multipliers)} equal groups, but '
+                         f'the encoder has {depth} blocks: pick a --model whose depth is divisible by '
+                         f'{len(multipliers)} (e.g. 6, 12, 24)')
+    groups = []
+    for decay_group in param_groups_weight_decay(model, weight_decay,
+                                                 no_weight_decay_list=no_weight_decay_list):
+        split = {}
+        for param in decay_group['params']:
+            split.setdefault(graft_group(names[id(param)], depth, len(multipliers)), []).append(param)
+        groups += [{'params': params, 'weight_decay': decay_group['weight_decay'],
+                    'lr_scale': multipliers[g], 'graft_group': g} for g, params in sorted(split.items())]
+    return groups
+
+
 def build_optimizer(args, model):
-    groups = param_groups_weight_decay(model, args.weight_decay,
-                                       no_weight_decay_list=getattr(model, 'no_weight_decay', set)())
+    no_weight_decay = getattr(model, 'no_weight_decay', set)()
+    if args.lr_layer_wise:
+        multipliers = parse_lr_layer_wise(args.lr_layer_wise)
+        groups = graft_param_groups(model, multipliers, args.weight_decay, no_weight_decay)
+        print('lr multipliers per group of blocks (Layer Grafted): '
+              + ', '.join(f'group {g} x{m:g}' for g, m in enumerate(multipliers)))
+    else:
+        groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=no_weight_decay)
     if args.optimizer == 'lars':
         return Lars(groups, lr=args.lr, momentum=0.9)
     fused = args.device.startswith('cuda')
@@ -201,10 +342,7 @@ def main(args):
     resolve_defaults(args)
     device = torch.device(args.device)
     seed_everything(args.seed + args.rank)
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-        if not os.access(args.output_dir, os.W_OK):
-            raise InputError(f'--output_dir {args.output_dir} is not writable: pick another folder')
+    checkpoint.prepare_output_dir(args.output_dir)
     print(json.dumps({k: v for k, v in vars(args).items()}, default=str))
 
     model, teacher = build_model(args)
@@ -214,7 +352,8 @@ def main(args):
     print(f'{len(dataset)} training images, {len(loader)} steps per epoch')
 
     if args.grad_ckpt:
-        (model.student if args.method == 'mimco' else model.base_encoder).set_grad_checkpointing(True)
+        backbone = {'mimco': 'student', 'mae': 'encoder', 'mocov3': 'base_encoder'}[args.method]
+        getattr(model, backbone).set_grad_checkpointing(True)
     model.to(device)
     if teacher is not None:
         teacher.to(device)

@@ -1,5 +1,41 @@
+"""Shared pieces of the tests: small pre-training settings and a MoCo v3 teacher trained once."""
+import json
 import os
+import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import main_pretrain  # noqa: E402
+
+FAST = ['--num_workers', '0', '--print_freq', '5', '--batch_size', '128']
+MOCO = ['--method', 'mocov3', '--moco_mlp_dim', '256', '--moco_dim', '64'] + FAST
+MIMCO = ['--method', 'mimco', '--head_dim', '256', '--mask_ratio', '0.5'] + FAST
+
+
+def parse(argv):
+    return main_pretrain.get_args_parser().parse_args(argv)
+
+
+def epoch_losses(output_dir):
+    with open(os.path.join(output_dir, 'log.txt')) as f:
+        return [json.loads(line)['train_loss'] for line in f]
+
+
+def run_script(argv, **kwargs):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'main_pretrain.py')] + argv,
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+@pytest.fixture(scope='session')
+def teacher_path(tmp_path_factory):
+    """A MoCo v3 teacher trained on digits for a few epochs (shared by the MimCo tests)."""
+    out = tmp_path_factory.mktemp('mocov3')
+    main_pretrain.main(parse(MOCO + ['--epochs', '6', '--warmup_epochs', '1', '--blr', '1e-3',
+                                     '--output_dir', str(out)]))
+    return str(out)
+
+

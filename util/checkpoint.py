@@ -33,10 +33,13 @@ def load_file(path: str) -> dict:
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
-        raise InputError(f'{path} is refused: its pickle holds more than tensors and plain data and '
-                         f'could run code ({first[:160]}). Re-save it as a plain state dict, or '
-                         f'use a checkpoint from a source you trust') from None
+        found = re.search(r'GLOBAL (\S+)', str(e))
+        if found:
+            raise InputError(f'{path} is refused: loading it would call {found.group(1)}, which a '
+                             f'checkpoint of tensors and plain data never needs (it could run code). '
+                             f'Re-save it as a plain state dict from a source you trust') from None
+        raise InputError(f'{path} is not a readable PyTorch checkpoint (corrupt, truncated, or '
+                         f'another kind of file): re-download or re-save it') from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise InputError(f'{path} is not a readable PyTorch checkpoint (corrupt or truncated?): '
                          f'{str(e).splitlines()[0][:160]}') from None
@@ -79,6 +82,20 @@ def training_state(args, epoch: int, model, optimizer, scaler, **extra) -> dict:
              'rng': rng_state()}
     state.update({k: v.state_dict() if hasattr(v, 'state_dict') else v for k, v in extra.items()})
     return state
+
+
+def prepare_output_dir(path: str) -> None:
+    """Create --output_dir and make sure a checkpoint can be written there, before any training."""
+    if not path or not is_main_process():
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f'.write-test.{os.getpid()}')
+        with open(probe, 'w'):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise InputError(f'--output_dir {path} is not writable ({e.strerror}): pick another folder') from None
 
 
 def resume_path(args) -> str:
@@ -164,7 +181,11 @@ def read_backbone(path: str) -> tuple:
         projector = None  # a classifier or nothing, not a MoCo v3 projector
     skipped = sorted(k for k in backbone if NON_BACKBONE.match(k))
     backbone = {k: v for k, v in backbone.items() if not NON_BACKBONE.match(k)}
-    info.update(prefix=prefix, skipped=skipped)
+    # What the file holds besides the backbone, by top-level name (decoder_blocks, predictor, ...).
+    outside = sorted({k[len(prefix):].split('.')[0] if k.startswith(prefix)
+                      else k.removeprefix('module.').split('.')[0]
+                      for k in sd if not k.startswith(prefix) or NON_BACKBONE.match(k[len(prefix):])})
+    info.update(prefix=prefix, skipped=skipped, outside=outside)
     return backbone, projector, info
 
 
@@ -201,19 +222,20 @@ def _check_shapes(state_dict: dict, model: VisionTransformer, path: str, flag: s
 
 
 def load_backbone(path: str, model: VisionTransformer = None, img_size: int = None,
-                  flag: str = '--model', verbose: bool = True) -> VisionTransformer:
+                  flag: str = '--model', verbose: bool = True, **model_kwargs) -> VisionTransformer:
     """A timm VisionTransformer in eval() holding the backbone weights of `path` (any format above).
 
-    `model=None` builds the architecture the file holds; `img_size` resamples the position
-    embeddings to another grid. `forward_features(x)` then gives final-normed tokens (B, 1+N, D).
+    `model=None` builds the architecture the file holds (with `model_kwargs`, e.g. drop_path_rate);
+    `img_size` resamples the position embeddings to another grid. `forward_features(x)` then gives
+    final-normed tokens (B, 1+N, D).
     """
     state_dict, _, info = read_backbone(path)
     if model is None:
         kwargs = vit_kwargs(state_dict, info)
         if img_size:
             kwargs['img_size'] = img_size
-        model = (timm.create_model(info['model'], num_classes=0, img_size=kwargs['img_size'])
-                 if info['model'] else VisionTransformer(**kwargs))
+        model = (timm.create_model(info['model'], num_classes=0, img_size=kwargs['img_size'], **model_kwargs)
+                 if info['model'] else VisionTransformer(**kwargs, **model_kwargs))
     _check_shapes(state_dict, model, path, flag)
     if state_dict['pos_embed'].shape != model.pos_embed.shape:
         state_dict['pos_embed'] = resample_abs_pos_embed(
@@ -221,8 +243,8 @@ def load_backbone(path: str, model: VisionTransformer = None, img_size: int = No
             num_prefix_tokens=model.num_prefix_tokens, verbose=verbose)
     model.load_state_dict(state_dict)
     if verbose:
-        print(f'loaded a {info["format"]} backbone from {path} (prefix {info["prefix"]!r}); '
-              f'not part of the backbone: {", ".join(info["skipped"]) or "nothing"}')
+        print(f'loaded the backbone of a {info["format"]} checkpoint {path} (prefix {info["prefix"]!r}); '
+              f'not part of the backbone: {", ".join(info["outside"]) or "nothing"}')
     return model.eval()
 
 

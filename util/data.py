@@ -48,6 +48,14 @@ class Digits(Dataset):
         return image, self.targets[index]
 
 
+def load_image(path: str) -> Image.Image:
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise InputError(f'{path} is not a readable image ({e}): remove or replace the file') from None
+
+
 def dataset_name(args) -> str:
     if getattr(args, 'dataset', 'auto') != 'auto':
         return args.dataset
@@ -74,7 +82,7 @@ def build_dataset(args, is_train: bool, transform) -> Dataset:
         raise InputError(f'data folder {root} does not exist: --data_path must hold train/ and '
                          f'val/ with one sub-folder per class (the ImageNet layout)')
     try:
-        dataset = datasets.ImageFolder(root, transform=transform)
+        dataset = datasets.ImageFolder(root, transform=transform, loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise InputError(f'no images in {root}: {e}') from None
     return dataset
@@ -184,3 +192,91 @@ def build_loader(dataset, args, is_train: bool, batch_size: int = None) -> DataL
                                  shuffle=is_train, seed=args.seed, drop_last=is_train)
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
                       pin_memory=torch.cuda.is_available(), drop_last=is_train)
+
+
+# --------------------------------------------------------------------------- label-efficient subsets
+
+def add_data_args(p) -> None:
+    """Data and labelled-subset flags shared by the evaluation scripts."""
+    p.add_argument('--data_path', default=None, type=str,
+                   help='ImageFolder root with train/ and val/ (default: none, use the built-in digits)')
+    p.add_argument('--dataset', default='auto', choices=['auto', 'digits', 'imagefolder', 'cifar10', 'cifar100'],
+                   help='auto: imagefolder with --data_path, digits without')
+    p.add_argument('--download', action='store_true', help='download CIFAR into --data_path')
+    p.add_argument('--subset_file', default=None, type=str,
+                   help="labelled subset as SimCLR's 1percent.txt / 10percent.txt: one training file name a "
+                        'line (<wnid>_<id>.JPEG); digits and CIFAR samples are named <dataset>_<index>')
+    p.add_argument('--train_fraction', default=None, type=float,
+                   help='keep this fraction of each class of the training set (e.g. 0.01, 0.1), seeded by --seed')
+    p.add_argument('--shots_per_class', default=None, type=int,
+                   help='keep this many training images per class, seeded by --seed')
+
+
+def sample_names(dataset) -> list:
+    """One name per sample: the file name for ImageFolder (what SimCLR's subset lists hold),
+    `<dataset>_<index>` for sets without files (digits_0, digits_1, ... in Digits' train order)."""
+    if hasattr(dataset, 'samples'):
+        return [os.path.basename(path) for path, _ in dataset.samples]
+    prefix = type(dataset).__name__.lower()
+    return [f'{prefix}_{i}' for i in range(len(dataset))]
+
+
+def stratified_subset(targets, fraction: float = None, shots: int = None, seed: int = 0) -> list:
+    """Sorted indices holding round(fraction * n_c) (at least 1) or `shots` images of each class c,
+    drawn without replacement by a generator seeded with `seed` alone."""
+    rng = np.random.default_rng(seed)
+    targets = np.asarray(targets)
+    chosen = []
+    for c in np.unique(targets):
+        members = np.flatnonzero(targets == c)
+        k = shots if shots is not None else max(1, int(round(fraction * len(members))))
+        chosen.append(rng.choice(members, size=min(k, len(members)), replace=False))
+    return sorted(np.concatenate(chosen).tolist())
+
+
+def read_subset_file(path: str, names: list) -> list:
+    """Sorted indices of the samples named in `path` (one name a line, blank lines skipped)."""
+    if not os.path.isfile(path):
+        raise InputError(f'--subset_file {path} does not exist: give a SimCLR-style list of file names')
+    with open(path) as f:
+        wanted = [line.strip() for line in f if line.strip()]
+    index = {name: i for i, name in enumerate(names)}
+    if len(index) < len(names):
+        raise InputError(f'--subset_file needs unique training file names, but {len(names) - len(index)} '
+                         f'names repeat across class folders: use --train_fraction instead')
+    unknown = [name for name in wanted if name not in index]
+    if unknown:
+        raise InputError(f'--subset_file {path}: {len(unknown)} of {len(wanted)} names are not training '
+                         f'images ({", ".join(unknown[:3])} ...); check that --data_path is the set the '
+                         f'list was made for (samples of sets without files are named {names[0]!r} ...)')
+    return sorted({index[name] for name in wanted})
+
+
+def label_subset(dataset, args) -> Dataset:
+    """The labelled training subset chosen by --subset_file / --train_fraction / --shots_per_class, or
+    the whole set. Its names go to output_dir/subset.txt, which --subset_file reads back."""
+    given = [flag for flag in ('subset_file', 'train_fraction', 'shots_per_class')
+             if getattr(args, flag, None) is not None]
+    if not given:
+        return dataset
+    if len(given) > 1:
+        raise InputError(f'--{" and --".join(given)} both choose the labelled subset: give only one')
+    if args.train_fraction is not None and not 0 < args.train_fraction <= 1:
+        raise InputError(f'--train_fraction must be in (0, 1], got {args.train_fraction}')
+    if args.shots_per_class is not None and args.shots_per_class < 1:
+        raise InputError(f'--shots_per_class must be at least 1, got {args.shots_per_class}')
+    names = sample_names(dataset)
+    if args.subset_file:
+        indices = read_subset_file(args.subset_file, names)
+    else:
+        indices = stratified_subset(dataset.targets, args.train_fraction, args.shots_per_class, args.seed)
+    if args.output_dir and get_rank() == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, 'subset.txt'), 'w') as f:
+            f.writelines(f'{names[i]}\n' for i in indices)
+    print(f'labelled subset: {len(indices)} of {len(dataset)} training images (--{given[0]}); '
+          f'names in {os.path.join(args.output_dir or ".", "subset.txt")}')
+    subset = torch.utils.data.Subset(dataset, indices)
+    subset.targets = [dataset.targets[i] for i in indices]
+    subset.classes = dataset.classes
+    return subset

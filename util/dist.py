@@ -23,9 +23,13 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+_builtin_print = builtins.print
+
+
 def setup_for_distributed(is_master: bool) -> None:
-    """Silence print() on every rank but 0; `print(..., force=True)` still prints."""
-    builtin_print = builtins.print
+    """Silence print() on every rank but 0; `print(..., force=True)` still prints. Wraps the
+    original print each time, so calling main() twice in one process does not stack wrappers."""
+    builtin_print = _builtin_print
 
     def print(*args, **kwargs):
         force = kwargs.pop('force', False)

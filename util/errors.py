@@ -6,12 +6,21 @@ class InputError(ValueError):
     """Raised for a wrong flag, file or data folder; the message says how to fix it."""
 
 
+def one_line(error: Exception) -> str:
+    """The message itself, also when a DataLoader worker wrapped it in its traceback."""
+    text = str(error).strip()
+    marker = f'{type(error).__name__}: '
+    if 'Original Traceback' in text and marker in text:
+        text = text[text.rindex(marker) + len(marker):]
+    return ' '.join(text.split())
+
+
 def run_main(main, args) -> None:
     """Run a script's `main(args)`, turning an InputError into `error: ...` and exit status 2."""
     try:
         main(args)
     except InputError as e:
-        sys.stderr.write(f'error: {e}\n')
+        sys.stderr.write(f'error: {one_line(e)}\n')
         sys.exit(2)
     except FloatingPointError as e:  # a non-finite loss: the message holds step, terms and lr
         sys.stderr.write(f'error: {e}\n')

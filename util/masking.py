@@ -8,11 +8,17 @@ import random
 
 import torch
 
+from util.errors import InputError
+
+
+def check_mask_ratio(mask_ratio: float) -> None:
+    if not 0.0 < mask_ratio < 1.0:
+        raise InputError(f'--mask_ratio must lie in (0, 1), got {mask_ratio}: '
+                         f'use e.g. 0.4 (MimCo, block) or 0.75 (MAE, random)')
+
 
 def num_masked(num_patches: int, mask_ratio: float) -> int:
-    if not 0.0 < mask_ratio < 1.0:
-        raise ValueError(f'--mask_ratio must lie in (0, 1), got {mask_ratio}: '
-                         f'use e.g. 0.4 (MimCo, block) or 0.75 (MAE, random).')
+    check_mask_ratio(mask_ratio)
     return max(1, min(num_patches - 1, round(mask_ratio * num_patches)))
 
 

@@ -1,0 +1,288 @@
+"""End-to-end fine-tuning of a pre-trained ViT (the BEiT/MAE recipe), also the 10 % semi-supervised
+protocol (`--train_fraction 0.1` or `--subset_file 10percent.txt`, with `--init_from_projector` for
+Layer Grafted's version).
+
+One process:  python main_finetune.py --finetune output/mimco/checkpoint-last.pth
+Many GPUs:    torchrun --nproc_per_node 8 main_finetune.py --model vit_small_patch16_224 \
+                  --finetune mimco_vits.pth --data_path /data/imagenet --batch_size 128
+"""
+import argparse
+import datetime
+import json
+import os
+import time
+
+import timm
+import torch
+from timm.data import Mixup, create_transform
+from timm.layers import trunc_normal_
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay
+from timm.utils import ModelEmaV3
+
+from engine import cosine_lr_scheduler, evaluate, train_one_epoch
+from main_pretrain import seed_everything
+from util import checkpoint, data
+from util.dist import get_world_size, init_distributed_mode
+from util.errors import InputError, run_main
+from util.logging import log_json, tensorboard_writer
+
+DIGITS_MODEL = 'vit_digits_patch4_16'
+# ImageNet gets the full BEiT/MAE recipe; the 8x8 digits get their own light view (util/data.py) and
+# no Mixup/CutMix/erasing by default. A flag given on the command line always wins.
+DATASET_DEFAULTS = {
+    'imagenet': dict(mixup=0.8, cutmix=1.0, reprob=0.25),
+    'digits': dict(mixup=0.0, cutmix=0.0, reprob=0.0),
+}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('mimco fine-tuning', add_help=False)
+    p.add_argument('--batch_size', default=64, type=int, help='images per GPU (per process)')
+    p.add_argument('--epochs', default=100, type=int, help='training epochs')
+    p.add_argument('--accum_iter', default=1, type=int, help='batches of gradient accumulated per step')
+    # Model
+    p.add_argument('--model', default=None, type=str,
+                   help=f"timm ViT name (default: the --finetune file's architecture; {DIGITS_MODEL} "
+                        'without --finetune)')
+    p.add_argument('--input_size', default=None, type=int, help="image size (default: the model's)")
+    p.add_argument('--drop_path', default=0.1, type=float, help='stochastic depth rate')
+    p.add_argument('--global_pool', default=True, action='store_true',
+                   help='classify the average of the patch tokens (default; MAE)')
+    p.add_argument('--cls_token', dest='global_pool', action='store_false',
+                   help='classify the CLS token instead of the pooled patch tokens')
+    p.add_argument('--finetune', default='', type=str,
+                   help='pre-trained backbone (MoCo v3, DINO, MAE, timm or ours); none: from scratch')
+    p.add_argument('--init_from_projector', action='store_true',
+                   help="Layer Grafted's 10 %% protocol: a linear layer initialised from the first layer "
+                        'of the MoCo v3 projector in --finetune, in front of the classifier')
+    # Optimisation
+    p.add_argument('--opt_betas', default=(0.9, 0.999), type=float, nargs=2, help='AdamW betas')
+    p.add_argument('--weight_decay', default=0.05, type=float, help='weight decay')
+    p.add_argument('--lr', default=None, type=float, help='absolute lr (default: blr * total batch / 256)')
+    p.add_argument('--blr', default=5e-4, type=float, help='base lr for a total batch of 256')
+    p.add_argument('--layer_decay', default=0.75, type=float, help='layer-wise lr decay (BEiT)')
+    p.add_argument('--min_lr', default=1e-6, type=float, help='lr at the end of the cosine')
+    p.add_argument('--warmup_epochs', default=5, type=int, help='linear warm-up epochs')
+    p.add_argument('--clip_grad', default=None, type=float, help='clip the gradient norm (off by default)')
+    p.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
+                   help='mixed precision (default: bf16 on CUDA, none on CPU)')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    # Augmentation and regularisation (the RandAugment / erasing flags act on ImageNet-style data only)
+    p.add_argument('--aa', default='rand-m9-mstd0.5-inc1', type=str, help='timm RandAugment policy')
+    p.add_argument('--color_jitter', default=None, type=float, help='colour jitter (off when --aa is set)')
+    p.add_argument('--reprob', default=None, type=float, help='random erasing probability (0.25; digits 0)')
+    p.add_argument('--remode', default='pixel', type=str, help='random erasing mode')
+    p.add_argument('--recount', default=1, type=int, help='random erasing count')
+    p.add_argument('--smoothing', default=0.1, type=float, help='label smoothing')
+    p.add_argument('--mixup', default=None, type=float, help='Mixup alpha (0.8; digits 0 = off)')
+    p.add_argument('--cutmix', default=None, type=float, help='CutMix alpha (1.0; digits 0 = off)')
+    p.add_argument('--cutmix_minmax', default=None, type=float, nargs=2, help='CutMix min/max ratio')
+    p.add_argument('--mixup_prob', default=1.0, type=float, help='probability of Mixup or CutMix per batch')
+    p.add_argument('--mixup_switch_prob', default=0.5, type=float, help='probability of CutMix over Mixup')
+    p.add_argument('--mixup_mode', default='batch', choices=['batch', 'pair', 'elem'], help='Mixup mode')
+    p.add_argument('--model_ema', action='store_true', help='keep (and evaluate) an EMA of the weights')
+    p.add_argument('--model_ema_decay', default=0.9999, type=float, help='EMA decay')
+    # Data
+    data.add_data_args(p)
+    p.add_argument('--num_workers', default=4, type=int, help='data loader workers per process')
+    # Run
+    p.add_argument('--output_dir', default='./output_dir', help='checkpoints and log.txt go here')
+    p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: output_dir)')
+    p.add_argument('--print_freq', default=20, type=int, help='log every N steps')
+    p.add_argument('--resume', default='', help='checkpoint to resume (default: output_dir/checkpoint-last.pth)')
+    p.add_argument('--start_epoch', default=0, type=int, help='first epoch (set by --resume)')
+    p.add_argument('--eval', action='store_true', help='only evaluate (the --resume or --finetune model)')
+    p.add_argument('--seed', default=0, type=int, help='random seed')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
+    p.add_argument('--dist_url', default='env://', help='url of the torch.distributed rendezvous')
+    return p
+
+
+def setup_run(args) -> torch.device:
+    """torchrun, AMP default, output folder, seed; shared with main_linprobe.py."""
+    init_distributed_mode(args)
+    if args.amp is None:
+        args.amp = 'bf16' if args.device.startswith('cuda') else 'none'
+    if getattr(args, 'accum_iter', 1) < 1:
+        raise InputError(f'--accum_iter must be at least 1, got {args.accum_iter}')
+    args.log_dir = args.log_dir or args.output_dir
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if not os.access(args.output_dir, os.W_OK):
+            raise InputError(f'--output_dir {args.output_dir} is not writable: pick another folder')
+    seed_everything(args.seed + args.rank)
+    print(json.dumps(vars(args), default=str))
+    return torch.device(args.device)
+
+
+def build_backbone(args) -> torch.nn.Module:
+    """A timm ViT without classifier, from --finetune (any format) or random; sets --input_size."""
+    kwargs = dict(drop_path_rate=args.drop_path)
+    if args.input_size:
+        kwargs['img_size'] = args.input_size
+    try:
+        model = timm.create_model(args.model, num_classes=0, **kwargs) if args.model else None
+    except RuntimeError as e:
+        raise InputError(f'--model {args.model}: {e}') from None
+    if args.finetune:
+        model = checkpoint.load_backbone(args.finetune, model, img_size=args.input_size, **kwargs)
+    elif model is None:
+        args.model = DIGITS_MODEL
+        model = timm.create_model(DIGITS_MODEL, num_classes=0, **kwargs)
+    args.input_size = model.patch_embed.img_size[0]
+    return model
+
+
+def add_classifier(model, args, num_classes: int) -> torch.nn.Module:
+    if args.global_pool:
+        # MAE pools the un-normed patch tokens and then applies a LayerNorm (fc_norm); ours starts
+        # from the pre-trained final norm's weights instead of from scratch.
+        model.fc_norm, model.norm = model.norm, torch.nn.Identity()
+    model.reset_classifier(num_classes, 'avg' if args.global_pool else 'token')
+    if args.init_from_projector:
+        layer = projector_layer(args)  # (D -> mlp_dim), then the classifier on mlp_dim
+        model.head = torch.nn.Sequential(layer, torch.nn.Linear(layer.out_features, num_classes))
+    if args.finetune:
+        classifier = model.head[-1] if args.init_from_projector else model.head
+        trunc_normal_(classifier.weight, std=2e-5)  # MAE: a near-zero start for the new classifier
+    return model
+
+
+def projector_layer(args) -> torch.nn.Linear:
+    """Layer Grafted's 10 % protocol: the first Linear of the MoCo v3 projector (D -> mlp_dim)."""
+    projector = checkpoint.load_projector(args.finetune) if args.finetune else None
+    if projector is None:
+        raise InputError(f'--init_from_projector needs a --finetune checkpoint with a MoCo v3 projector '
+                         f'(base_encoder.head); {args.finetune or "no --finetune"} has none: drop the '
+                         f'flag, or fine-tune a MoCo v3 or grafted checkpoint')
+    first = projector[0]  # (mlp_dim, D), no bias in MoCo v3's projector
+    head = torch.nn.Linear(first.in_features, first.out_features, bias=True)
+    head.weight.data.copy_(first.weight.data)
+    torch.nn.init.zeros_(head.bias)
+    return head
+
+
+def resolve_defaults(args) -> None:
+    digits = data.dataset_name(args) == 'digits'
+    for name, value in DATASET_DEFAULTS['digits' if digits else 'imagenet'].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def build_datasets(args) -> tuple:
+    if data.dataset_name(args) == 'digits':
+        train_transform = data.digits_view(args)
+    else:
+        train_transform = create_transform(
+            args.input_size, is_training=True, color_jitter=args.color_jitter, auto_augment=args.aa,
+            interpolation='bicubic', re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+    train_set = data.label_subset(data.build_dataset(args, True, train_transform), args)
+    val_set = data.build_dataset(args, False, data.eval_transform(args))
+    return train_set, val_set
+
+
+def build_mixup(args, num_classes: int):
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax):
+        return None
+    if args.batch_size % 2:
+        raise InputError(f'Mixup/CutMix pair images within a batch: --batch_size {args.batch_size} must '
+                         f'be even (or turn them off with --mixup 0 --cutmix 0)')
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=num_classes)
+
+
+def main(args):
+    device = setup_run(args)
+    resolve_defaults(args)
+    model = build_backbone(args)
+    train_set, val_set = build_datasets(args)
+    num_classes = len(val_set.classes)
+    model = add_classifier(model, args, num_classes)
+    loader = data.build_loader(train_set, args, is_train=True)
+    val_loader = data.build_loader(val_set, args, is_train=False)
+    print(f'{len(train_set)} training / {len(val_set)} val images, {num_classes} classes')
+
+    model.to(device)
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+        model_without_ddp = model.module
+    train_model = torch.compile(model) if args.compile else model
+
+    total_batch = args.batch_size * args.accum_iter * get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * total_batch / 256
+    groups = param_groups_layer_decay(model_without_ddp, args.weight_decay, layer_decay=args.layer_decay,
+                                      no_weight_decay_list=model_without_ddp.no_weight_decay())
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.opt_betas),
+                                  fused=device.type == 'cuda')
+    lr_scheduler = cosine_lr_scheduler(optimizer, args, len(loader) // args.accum_iter)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    mixup_fn = build_mixup(args, num_classes)
+    if mixup_fn is not None:
+        criterion = SoftTargetCrossEntropy()  # Mixup makes the (smoothed) soft targets itself
+    elif args.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+    extra = {'model_ema': model_ema} if model_ema is not None else {}
+    checkpoint.resume(args, model_without_ddp, optimizer, scaler, **extra)
+    best_path = os.path.join(args.output_dir, 'checkpoint-best.pth')
+    resumed = args.start_epoch > 0 and os.path.isfile(best_path)
+    best_acc1 = checkpoint.load_file(best_path).get('acc1', 0.0) if resumed else 0.0
+
+    if args.eval:
+        stats = evaluate(model, val_loader, device, args)
+        metrics = {'acc1': stats['acc1'], 'acc5': stats['acc5'], 'eval_only': True}
+        return summarize(args, 'finetune', args.resume or args.finetune or 'random init', metrics)
+
+    print(f'lr {args.lr:.3g} (blr {args.blr:.3g} x total batch {total_batch} / 256), layer decay '
+          f'{args.layer_decay}, mixup {args.mixup}, cutmix {args.cutmix}; epochs {args.start_epoch}..'
+          f'{args.epochs - 1}')
+    log_writer = tensorboard_writer(args.log_dir)
+    start, stats = time.time(), {}
+    for epoch in range(args.start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(train_model, loader, optimizer, lr_scheduler, scaler, device, epoch,
+                                      args, log_writer, criterion=criterion, mixup_fn=mixup_fn,
+                                      model_ema=model_ema)
+        stats = {f'test_{k}': v for k, v in evaluate(model, val_loader, device, args).items()}
+        if model_ema is not None:
+            stats.update({f'test_ema_{k}': v for k, v in
+                          evaluate(model_ema.module, val_loader, device, args).items()})
+        state = checkpoint.training_state(args, epoch, model_without_ddp, optimizer, scaler,
+                                          acc1=stats['test_acc1'], **extra)
+        checkpoint.save_checkpoint(state, os.path.join(args.output_dir, 'checkpoint-last.pth'))
+        if stats['test_acc1'] > best_acc1:
+            best_acc1 = stats['test_acc1']
+            checkpoint.save_checkpoint(state, best_path)
+        print(f'epoch {epoch}: top-1 {stats["test_acc1"]:.2f} (best {best_acc1:.2f})')
+        if log_writer is not None:
+            for name, value in stats.items():
+                log_writer.add_scalar(f'test/{name[5:]}', value, epoch)
+        log_json(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()}, **stats,
+                                   'epoch': epoch})
+    if log_writer is not None:
+        log_writer.close()
+    print(f'training time {datetime.timedelta(seconds=int(time.time() - start))}')
+    metrics = {'acc1': stats.get('test_acc1'), 'acc5': stats.get('test_acc5'), 'best_acc1': best_acc1,
+               'n_train': len(train_set)}
+    return summarize(args, 'finetune', args.finetune or 'from scratch', metrics)
+
+
+def summarize(args, protocol: str, backbone: str, metrics: dict) -> dict:
+    """The run's one summary line, and its metrics with its arguments as a JSON line in log.txt
+    (shared with main_linprobe.py)."""
+    shown = ', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in metrics.items())
+    print(f'{protocol} | {backbone} ({args.model or "model of the file"}) | {shown}')
+    log_json(args.output_dir, {'summary': protocol, **metrics, 'args': vars(args)})
+    return metrics
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser('mimco fine-tuning', parents=[get_args_parser()])
+    run_main(main, parser.parse_args())

@@ -1,0 +1,300 @@
+"""Frozen-feature evaluation of a pre-trained ViT backbone, chosen by --protocol:
+
+- linear: BatchNorm (no affine) + Linear head on the frozen features, LARS (MAE) or SGD (MoCo v3).
+- logreg: few-shot L2-regularised multinomial logistic regression by L-BFGS (Layer Grafted's 1 %).
+- knn:    DINO's weighted k-nearest-neighbour vote.
+
+One process:  python main_linprobe.py --checkpoint output/mimco/checkpoint-last.pth --protocol knn
+Many GPUs:    torchrun --nproc_per_node 8 main_linprobe.py --checkpoint mimco_vits.pth \
+                  --data_path /data/imagenet --batch_size 2048
+"""
+import argparse
+import os
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.optim import Lars
+from timm.utils import accuracy
+from torch.utils.data import Dataset, TensorDataset
+
+from engine import autocast, cosine_lr_scheduler, evaluate, train_one_epoch
+from main_finetune import DIGITS_MODEL, setup_run, summarize
+from util import checkpoint, data
+from util.dist import all_gather, get_world_size
+from util.errors import InputError, run_main
+from util.logging import MetricLogger, log_json, tensorboard_writer
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('mimco frozen-feature evaluation', add_help=False)
+    p.add_argument('--protocol', default='linear', choices=['linear', 'logreg', 'knn'],
+                   help='linear probe (MAE), few-shot logistic regression (Layer Grafted), weighted kNN (DINO)')
+    p.add_argument('--checkpoint', default='random', type=str,
+                   help='backbone to evaluate (MoCo v3, DINO, MAE, timm or ours), or `random` for the '
+                        'random-init baseline of --model')
+    p.add_argument('--model', default=None, type=str,
+                   help=f"timm ViT name (default: the checkpoint's architecture; {DIGITS_MODEL} for random)")
+    p.add_argument('--input_size', default=None, type=int, help="image size (default: the model's)")
+    p.add_argument('--global_pool', action='store_true',
+                   help='features = mean of the final-normed patch tokens (default: the CLS token)')
+    p.add_argument('--batch_size', default=256, type=int, help='images (or cached features) per GPU')
+    # Linear probe (MAE: LARS, blr 0.1, no weight decay, 90 epochs, 10 warm-up, total batch 16384)
+    p.add_argument('--epochs', default=90, type=int, help='linear probe epochs')
+    p.add_argument('--warmup_epochs', default=10, type=int, help='linear probe warm-up epochs')
+    p.add_argument('--optimizer', default='lars', choices=['lars', 'sgd'],
+                   help='lars (MAE) or sgd with momentum (MoCo v3 style; sweep --blr/--weight_decay)')
+    p.add_argument('--blr', default=0.1, type=float, help='base lr for a total batch of 256')
+    p.add_argument('--lr', default=None, type=float, help='absolute lr (default: blr * total batch / 256)')
+    p.add_argument('--min_lr', default=0.0, type=float, help='lr at the end of the cosine')
+    p.add_argument('--weight_decay', default=0.0, type=float, help='weight decay of the linear head')
+    p.add_argument('--cache_features', default=None, action=argparse.BooleanOptionalAction,
+                   help='extract the features once and train the head on them (default: on for digits, '
+                        'which has no augmentation here; off elsewhere: RandomResizedCrop + flip per epoch)')
+    p.add_argument('--crop_min', default=0.08, type=float, help='RandomResizedCrop min scale (no cache)')
+    # Logistic regression (Layer Grafted's few-shot protocol)
+    p.add_argument('--logreg_wd', default=None, type=float,
+                   help='L2 weight lambda in mean CE + lambda/2 |W|^2 (default 2.5e-4 / n_train, as in '
+                        "the Layer Grafted code; sklearn's C = 1 / (lambda n_train))")
+    p.add_argument('--logreg_iters', default=1000, type=int, help='L-BFGS iterations at most')
+    # kNN (DINO)
+    p.add_argument('--knn_k', default=20, type=int, help='neighbours that vote')
+    p.add_argument('--knn_t', default=0.07, type=float, help='temperature of the exp(similarity / T) weights')
+    p.add_argument('--knn_chunk', default=256, type=int,
+                   help='val features per similarity block (chunk x N_train floats in memory at once)')
+    # Data
+    data.add_data_args(p)
+    p.add_argument('--num_workers', default=4, type=int, help='data loader workers per process')
+    # Run
+    p.add_argument('--output_dir', default='./output_dir', help='log.txt and subset.txt go here')
+    p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: output_dir)')
+    p.add_argument('--print_freq', default=20, type=int, help='log every N steps')
+    p.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
+                   help='mixed precision of the backbone (default: bf16 on CUDA, none on CPU)')
+    p.add_argument('--seed', default=0, type=int, help='random seed (subsets, random init, head)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
+    p.add_argument('--dist_url', default='env://', help='url of the torch.distributed rendezvous')
+    return p
+
+
+def build_backbone(args) -> nn.Module:
+    """The frozen backbone in eval(), whose forward gives one feature vector per image (B, D)."""
+    kwargs = {'img_size': args.input_size} if args.input_size else {}
+    name = args.model or (DIGITS_MODEL if args.checkpoint == 'random' else None)
+    try:
+        model = timm.create_model(name, num_classes=0, **kwargs) if name else None
+    except RuntimeError as e:
+        raise InputError(f'--model {name}: {e}') from None
+    if args.checkpoint != 'random':
+        model = checkpoint.load_backbone(args.checkpoint, model, img_size=args.input_size)
+    args.model = args.model or name
+    args.input_size = model.patch_embed.img_size[0]
+    model.reset_classifier(0, 'avg' if args.global_pool else 'token')
+    return model.eval().requires_grad_(False)
+
+
+class WithIndex(Dataset):
+    """(image, (target, index)): the index puts features gathered from every rank back in order."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, target = self.dataset[index]
+        return image, (target, index)
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, device, args) -> tuple:
+    """(features (N, D) float32, labels (N,)) of a whole data set in its order, on every rank."""
+    loader = data.build_loader(WithIndex(dataset), args, is_train=False)
+    n = len(dataset)
+    features, labels, indices = [], [], []
+    for images, (targets, index) in MetricLogger().log_every(loader, args.print_freq, 'Features:'):
+        with autocast(device, args.amp):
+            features.append(backbone(images.to(device, non_blocking=True)).float())  # (B, D)
+        labels.append(targets.to(device))
+        indices.append(index.to(device))
+    features = all_gather(torch.cat(features), keep_local_grad=False)
+    labels, indices = all_gather(torch.cat(labels), False), all_gather(torch.cat(indices), False)
+    # DistributedSampler pads the last ranks with repeats; writing by index drops them.
+    out = torch.empty(n, features.shape[1], device=device)
+    out[indices] = features
+    out_labels = torch.empty(n, dtype=torch.long, device=device)
+    out_labels[indices] = labels
+    return out, out_labels
+
+
+# --------------------------------------------------------------------------- kNN
+
+@torch.no_grad()
+def knn_scores(train_x, train_y, test_x, num_classes: int, k: int = 20, t: float = 0.07,
+               chunk: int = 256) -> torch.Tensor:
+    """DINO's weighted kNN: each of the k most cosine-similar training features votes for its class
+    with weight exp(sim / t). Blocks of `chunk` test features keep memory at chunk x N_train.
+    Returns the votes (N_test, C)."""
+    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+    k = min(k, train_x.shape[0])
+    scores = []
+    for block in test_x.split(chunk):
+        sim = block @ train_x.T  # (b, N_train)
+        top_sim, top_idx = sim.topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(block.shape[0], num_classes, device=block.device)
+        scores.append(votes.scatter_add_(1, train_y[top_idx], (top_sim / t).exp()))  # (b, C)
+    return torch.cat(scores)
+
+
+# --------------------------------------------------------------------------- logistic regression
+
+def center_normalize(train_x, *others) -> tuple:
+    """Subtract the training mean, then scale every feature vector to unit length."""
+    mean = train_x.mean(dim=0, keepdim=True)
+    return tuple(F.normalize(x - mean, dim=1) for x in (train_x, *others))
+
+
+def logistic_regression(train_x, train_y, num_classes: int, weight_decay: float,
+                        max_iter: int = 1000) -> nn.Linear:
+    """argmin_{W,b} mean_i CE(W x_i + b, y_i) + weight_decay / 2 |W|^2 by full-batch L-BFGS in
+    float64 (the bias is not penalised, as in scikit-learn)."""
+    x, y = train_x.double(), train_y
+    linear = nn.Linear(x.shape[1], num_classes, dtype=torch.float64, device=x.device)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=1e-9, tolerance_change=1e-12,
+                                  line_search_fn='strong_wolfe')
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(linear(x), y) + 0.5 * weight_decay * linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return linear.requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- linear probe
+
+class FrozenProbe(nn.Module):
+    """Frozen backbone (always in eval(), no grad) + trainable head, for per-epoch augmented images."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # no dropout / drop path / BN updates in the frozen part
+        return self
+
+    def forward(self, images):
+        with torch.no_grad():
+            features = self.backbone(images)  # (B, D)
+        return self.head(features.float())
+
+
+def linear_head(dim: int, num_classes: int) -> nn.Sequential:
+    """MAE's probe head: BatchNorm without affine (a per-feature standardisation) + Linear."""
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dict:
+    head = linear_head(backbone.num_features, num_classes).to(device)
+    if args.cache_features:
+        # Without augmentation the features are the same every epoch: compute them once.
+        train_x, train_y = extract_features(backbone, train_set, device, args)
+        val_x, val_y = extract_features(backbone, val_set, device, args)
+        train_set, val_set = TensorDataset(train_x.cpu(), train_y.cpu()), TensorDataset(val_x.cpu(), val_y.cpu())
+        model = head
+    else:
+        model = FrozenProbe(backbone, head).to(device)
+    # Tensors in memory need no worker processes.
+    loader_args = argparse.Namespace(**{**vars(args), 'num_workers': 0}) if args.cache_features else args
+    loader = data.build_loader(train_set, loader_args, is_train=True)
+    val_loader = data.build_loader(val_set, loader_args, is_train=False)
+    train_model = model
+    if args.distributed:
+        if device.type == 'cuda':
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+    total_batch = args.batch_size * get_world_size()
+    args.lr = args.lr or args.blr * total_batch / 256
+    if args.optimizer == 'lars':
+        optimizer = Lars(head.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    lr_scheduler = cosine_lr_scheduler(optimizer, args, len(loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    log_writer = tensorboard_writer(args.log_dir)
+    print(f'linear probe: lr {args.lr:.3g} ({args.optimizer}, total batch {total_batch}), '
+          f'{"cached features" if args.cache_features else "images through the frozen backbone"}')
+    best, stats = 0.0, {}
+    for epoch in range(args.epochs):
+        loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(train_model, loader, optimizer, lr_scheduler, scaler, device, epoch,
+                                      args, log_writer, criterion=nn.CrossEntropyLoss())
+        stats = evaluate(model, val_loader, device, args)
+        best = max(best, stats['acc1'])
+        if log_writer is not None:
+            log_writer.add_scalar('test/acc1', stats['acc1'], epoch)
+        log_json(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
+                                   **{f'test_{k}': v for k, v in stats.items()}, 'epoch': epoch})
+    if log_writer is not None:
+        log_writer.close()
+    return {'acc1': stats['acc1'], 'acc5': stats['acc5'], 'best_acc1': best}
+
+
+# --------------------------------------------------------------------------- main
+
+def main(args):
+    device = setup_run(args)
+    args.accum_iter, args.clip_grad = 1, None  # what engine.train_one_epoch reads
+    if args.cache_features is None:
+        args.cache_features = data.dataset_name(args) == 'digits'
+    if args.knn_k < 1 or args.knn_t <= 0 or args.knn_chunk < 1:
+        raise InputError(f'--knn_k {args.knn_k}, --knn_t {args.knn_t}, --knn_chunk {args.knn_chunk}: '
+                         f'k and the chunk must be at least 1 and the temperature positive')
+    backbone = build_backbone(args).to(device)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()} if args.protocol == 'linear' else None
+    train_view = (data.crop_flip_view(args) if args.protocol == 'linear' and not args.cache_features
+                  and data.dataset_name(args) != 'digits' else data.eval_transform(args))
+    train_set = data.label_subset(data.build_dataset(args, True, train_view), args)
+    val_set = data.build_dataset(args, False, data.eval_transform(args))
+    num_classes = len(val_set.classes)
+    if args.protocol == 'linear':
+        metrics = linear_probe(backbone, train_set, val_set, num_classes, device, args)
+        changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v, before[k])]
+        if changed:  # a bug, not a user error: the protocol's premise is broken
+            raise RuntimeError(f'the linear probe changed the frozen backbone: {changed[:4]}')
+    else:
+        train_x, train_y = extract_features(backbone, train_set, device, args)
+        val_x, val_y = extract_features(backbone, val_set, device, args)
+        if args.protocol == 'knn':
+            scores = knn_scores(train_x, train_y, val_x, num_classes, args.knn_k, args.knn_t, args.knn_chunk)
+        else:
+            train_x, val_x = center_normalize(train_x, val_x)
+            if args.logreg_wd is None:
+                args.logreg_wd = 2.5e-4 / len(train_set)
+            classifier = logistic_regression(train_x, train_y, num_classes, args.logreg_wd, args.logreg_iters)
+            scores = classifier(val_x.double())
+        top1, top5 = accuracy(scores, val_y, topk=(1, min(5, num_classes)))
+        metrics = {'acc1': top1.item(), 'acc5': top5.item()}
+    metrics.update(n_train=len(train_set), n_val=len(val_set))
+    pooled = 'avg pool' if args.global_pool else 'CLS'
+    return summarize(args, args.protocol, f'{args.checkpoint}, {pooled}', metrics)
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser('mimco frozen-feature evaluation', parents=[get_args_parser()])
+    run_main(main, parser.parse_args())

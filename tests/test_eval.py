@@ -1,0 +1,250 @@
+"""Evaluation protocols: kNN and logistic regression against references, label subsets, and real runs
+of main_finetune.py / main_linprobe.py on digits with a tiny ViT."""
+import argparse
+import builtins
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from timm.models.vision_transformer import VisionTransformer
+
+import main_finetune
+import main_linprobe
+import main_pretrain
+import models_mimco
+from util import data
+from util.errors import InputError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared cores: one thread runs these tiny models several times faster than two fighting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(module, *argv):
+    """A script's main() on a command line; the print() it wraps (util.dist) is put back after."""
+    parser = argparse.ArgumentParser(parents=[module.get_args_parser()])
+    print_ = builtins.print
+    try:
+        return module.main(parser.parse_args([str(a) for a in argv]))
+    finally:
+        builtins.print = print_
+
+
+def clustered(n_train: int, n_test: int, dim: int, classes: int, seed: int) -> tuple:
+    """Gaussian blobs around random class means, split train/test: a learnable, imperfect task."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(classes, dim, generator=g)
+    y = torch.randint(0, classes, (n_train + n_test,), generator=g)
+    x = means[y] + 1.5 * torch.randn(n_train + n_test, dim, generator=g)
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+# --------------------------------------------------------------------------- references
+
+def test_knn_matches_brute_force():
+    train_x, train_y, test_x, test_y = clustered(300, 70, 16, 5, seed=0)
+    k, t = 20, 0.07
+    scores = main_linprobe.knn_scores(train_x, train_y, test_x, 5, k, t, chunk=16)  # 5 blocks
+    # Naive reference: one test image at a time, full sort of cosine similarities, votes summed in a loop.
+    a = train_x.numpy() / np.linalg.norm(train_x.numpy(), axis=1, keepdims=True)
+    expected = np.zeros((70, 5))
+    for i, q in enumerate(test_x.numpy()):
+        sim = a @ (q / np.linalg.norm(q))
+        for j in np.argsort(-sim)[:k]:
+            expected[i, train_y[j]] += np.exp(sim[j] / t)
+    np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-4)
+    assert torch.equal(scores.argmax(1), torch.from_numpy(expected.argmax(1)))
+    assert torch.equal(scores, main_linprobe.knn_scores(train_x, train_y, test_x, 5, k, t, chunk=1000))
+    assert 40 < (scores.argmax(1) == test_y).float().mean() * 100 < 100  # a real, imperfect task
+
+
+def test_logreg_matches_sklearn():
+    train_x, train_y, test_x, test_y = clustered(150, 100, 12, 4, seed=1)
+    train_x, test_x = main_linprobe.center_normalize(train_x, test_x)
+    wd = 0.01
+    ours = main_linprobe.logistic_regression(train_x, train_y, 4, wd)
+    # sklearn minimises C * sum_i CE_i + |W|^2 / 2, ours mean_i CE_i + wd / 2 |W|^2: C = 1 / (wd n).
+    ref = LogisticRegression(C=1 / (wd * len(train_y)), tol=1e-10, max_iter=10000)
+    ref.fit(train_x.double().numpy(), train_y.numpy())
+    np.testing.assert_allclose(ours.weight.numpy(), ref.coef_, atol=2e-4)
+    np.testing.assert_allclose(ours.bias.numpy() - ours.bias.numpy().mean(),
+                               ref.intercept_ - ref.intercept_.mean(), atol=2e-4)
+    pred = ours(test_x.double()).argmax(1).numpy()
+    assert (pred == ref.predict(test_x.double().numpy())).all()
+    assert 40 < (pred == test_y.numpy()).mean() * 100 < 100
+
+
+# --------------------------------------------------------------------------- label subsets
+
+def subset_args(tmp_path, **kwargs):
+    base = dict(subset_file=None, train_fraction=None, shots_per_class=None, seed=0,
+                output_dir=str(tmp_path))
+    return argparse.Namespace(**{**base, **kwargs})
+
+
+def test_train_fraction_is_stratified_seeded_and_saved(tmp_path):
+    digits = data.Digits(train=True)
+    subset = data.label_subset(digits, subset_args(tmp_path, train_fraction=0.1))
+    counts, full = np.bincount(subset.targets, minlength=10), np.bincount(digits.targets, minlength=10)
+    assert (np.abs(counts - 0.1 * full) <= 0.5).all() and counts.sum() == len(subset.indices)
+    assert data.label_subset(digits, subset_args(tmp_path / 'b', train_fraction=0.1)).indices == subset.indices
+    assert data.label_subset(digits, subset_args(tmp_path / 'c', train_fraction=0.1, seed=1)).indices != subset.indices
+    # The saved list repeats the run.
+    saved = tmp_path / 'subset.txt'
+    again = data.label_subset(digits, subset_args(tmp_path / 'd', subset_file=str(saved)))
+    assert again.indices == subset.indices and saved.read_text().splitlines()[0].startswith('digits_')
+    shots = data.label_subset(digits, subset_args(tmp_path / 'e', shots_per_class=3))
+    assert (np.bincount(shots.targets) == 3).all()
+    with pytest.raises(InputError, match='only one'):
+        data.label_subset(digits, subset_args(tmp_path, train_fraction=0.1, shots_per_class=3))
+
+
+def image_folder(root, size: int = 8, per_class: int = 4):
+    """An ImageNet-layout folder: train/ and val/, classes n001 and n002, files <wnid>_<i>.JPEG."""
+    for c, wnid in enumerate(('n001', 'n002')):
+        for split in ('train', 'val'):
+            os.makedirs(root / split / wnid)
+            for i in range(per_class):
+                color = (i * 60, 200 * c, 0)
+                Image.new('RGB', (size, size), color=color).save(root / split / wnid / f'{wnid}_{i}.JPEG')
+    return root
+
+
+def test_subset_file_reads_simclr_list(tmp_path):
+    root = image_folder(tmp_path / 'data')
+    listing = tmp_path / '1percent.txt'
+    listing.write_text('n001_2.JPEG\n\nn002_0.JPEG\nn002_3.JPEG\n')
+    args = subset_args(tmp_path / 'out', subset_file=str(listing), data_path=str(root), dataset='auto')
+    subset = data.label_subset(data.build_dataset(args, True, None), args)
+    names = [os.path.basename(subset.dataset.samples[i][0]) for i in subset.indices]
+    assert names == ['n001_2.JPEG', 'n002_0.JPEG', 'n002_3.JPEG'] and subset.targets == [0, 1, 1]
+    assert (tmp_path / 'out' / 'subset.txt').read_text().split() == names
+    listing.write_text('n001_2.JPEG\nn009_1.JPEG\n')
+    with pytest.raises(InputError, match='n009_1.JPEG'):
+        data.label_subset(data.build_dataset(args, True, None), args)
+
+
+# --------------------------------------------------------------------------- real runs on digits
+
+@pytest.fixture(scope='session')
+def pretrained(tmp_path_factory):
+    """A short MoCo v3 run on digits: the pre-trained backbone the protocols must tell from random."""
+    out = tmp_path_factory.mktemp('eval_mocov3')
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run(main_pretrain, '--method', 'mocov3', '--epochs', 4, '--moco_mlp_dim', 256, '--warmup_epochs', 1,
+        '--batch_size', 128, '--num_workers', 0, '--print_freq', 100, '--output_dir', out)
+    torch.set_num_threads(threads)
+    return out / 'checkpoint-last.pth'
+
+
+def probe(tmp_path, checkpoint, protocol, *extra):
+    return run(main_linprobe, '--checkpoint', checkpoint, '--protocol', protocol, '--num_workers', 0,
+               '--print_freq', 1000, '--output_dir', tmp_path / f'{protocol}{len(os.listdir(tmp_path))}',
+               *extra)
+
+
+def test_protocols_tell_pretrained_from_random(tmp_path, pretrained):
+    results = {}
+    for name, ckpt in (('random', 'random'), ('mocov3', pretrained)):
+        results[name] = {
+            'linear': probe(tmp_path, ckpt, 'linear', '--epochs', 30, '--warmup_epochs', 3)['acc1'],
+            'knn': probe(tmp_path, ckpt, 'knn')['acc1'],
+            'logreg10': probe(tmp_path, ckpt, 'logreg', '--train_fraction', 0.1)['acc1']}
+    print(json.dumps(results))
+    for protocol in ('linear', 'knn', 'logreg10'):
+        assert results['mocov3'][protocol] > results['random'][protocol] + 5, (protocol, results)
+    log = [json.loads(line) for line in open(tmp_path / 'knn1' / 'log.txt')]
+    assert log[-1]['summary'] == 'knn' and log[-1]['args']['knn_k'] == 20
+
+
+def test_linear_probe_leaves_backbone_identical(tmp_path):
+    """The per-epoch image path (no cache): the backbone runs inside the trained module."""
+    args = argparse.ArgumentParser(parents=[main_linprobe.get_args_parser()]).parse_args(
+        ['--checkpoint', 'random', '--epochs', '8', '--warmup_epochs', '0', '--blr', '2',
+         '--num_workers', '0', '--no-cache_features', '--shots_per_class', '20', '--batch_size', '50',
+         '--output_dir', str(tmp_path)])
+    print_ = builtins.print
+    device = main_finetune.setup_run(args)
+    builtins.print = print_
+    args.accum_iter, args.clip_grad = 1, None
+    backbone = main_linprobe.build_backbone(args)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    train_set = data.label_subset(data.build_dataset(args, True, data.eval_transform(args)), args)
+    val_set = data.build_dataset(args, False, data.eval_transform(args))
+    metrics = main_linprobe.linear_probe(backbone, train_set, val_set, 10, device, args)
+    assert not backbone.training and metrics['acc1'] > 25, metrics  # the head did learn
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+
+
+def test_finetune_from_scratch_learns_and_keeps_best(tmp_path):
+    out = tmp_path / 'ft'
+    metrics = run(main_finetune, '--epochs', 4, '--warmup_epochs', 1, '--blr', 2e-3, '--layer_decay', 1,
+                  '--drop_path', 0, '--batch_size', 64, '--num_workers', 0, '--print_freq', 1000,
+                  '--output_dir', out)
+    assert metrics['best_acc1'] > 25, metrics  # chance is 10 %; 38 % measured
+    again = run(main_finetune, '--eval', '--resume', out / 'checkpoint-best.pth', '--num_workers', 0,
+                '--output_dir', tmp_path / 'eval')
+    assert again['acc1'] == pytest.approx(metrics['best_acc1'])
+
+
+def official_mocov3(tmp_path, with_projector: bool = True):
+    """A tiny ViT saved as MoCo v3's official files are: module.base_encoder.* with its projector
+    as `head`, a momentum encoder and a predictor; 12 heads as read_backbone assumes."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=96, depth=2, num_heads=12, num_classes=0)
+    vit.head = models_mimco.build_mlp(3, 96, 64, 32)
+    torch.nn.init.uniform_(vit.norm.weight)  # not LayerNorm's default, so loading it shows
+    sd = {f'module.base_encoder.{k}': v for k, v in vit.state_dict().items()}
+    sd.update({f'module.momentum_encoder.{k}': v.clone() for k, v in vit.state_dict().items()})
+    sd.update({f'module.predictor.{k}': v for k, v in models_mimco.build_mlp(2, 32, 64, 32).state_dict().items()})
+    path = tmp_path / 'vit_small.pth.tar'
+    torch.save({'state_dict': sd, 'arch': 'vit_small', 'epoch': 300}, path)
+    plain = tmp_path / 'plain.pth'
+    torch.save({k: v for k, v in vit.state_dict().items() if not k.startswith('head')}, plain)
+    return vit, path, plain
+
+
+def test_finetune_reads_official_mocov3_format(tmp_path):
+    vit, path, plain = official_mocov3(tmp_path)
+    args = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()]).parse_args(
+        ['--finetune', str(path), '--init_from_projector', '--output_dir', str(tmp_path / 'out')])
+    model = main_finetune.add_classifier(main_finetune.build_backbone(args), args, 10)
+    assert torch.equal(model.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
+    assert model.blocks[0].attn.num_heads == 12 and torch.equal(model.fc_norm.weight, vit.norm.weight)
+    assert torch.equal(model.head[0].weight, vit.head[0].weight)  # (64, 96) from the projector
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    metrics = run(main_finetune, '--finetune', path, '--eval', '--cls_token', '--num_workers', 0,
+                  '--output_dir', tmp_path / 'eval')
+    assert 0 <= metrics['acc1'] <= 100 and metrics['eval_only']
+    with pytest.raises(InputError, match='projector'):
+        run(main_finetune, '--finetune', plain, '--init_from_projector', '--eval', '--num_workers', 0,
+            '--output_dir', tmp_path / 'bad')
+
+
+def test_imagefolder_paths_run_the_full_recipe(tmp_path):
+    """ImageNet-style data: RandAugment + erasing + Mixup/CutMix for fine-tuning, per-epoch crops
+    through the frozen backbone for the linear probe."""
+    root = image_folder(tmp_path / 'data', size=24, per_class=8)
+    args = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()]).parse_args(
+        ['--data_path', str(root), '--input_size', '16'])
+    main_finetune.resolve_defaults(args)
+    train_set, _ = main_finetune.build_datasets(args)
+    shown = repr(train_set.transform)
+    assert 'RandAugment' in shown and 'RandomErasing' in shown and (args.mixup, args.cutmix) == (0.8, 1.0)
+    metrics = run(main_finetune, '--data_path', root, '--input_size', 16, '--epochs', 1, '--batch_size', 8,
+                  '--num_workers', 0, '--output_dir', tmp_path / 'ft')
+    assert metrics['n_train'] == 16 and 0 <= metrics['acc1'] <= 100
+    metrics = run(main_linprobe, '--data_path', root, '--input_size', 16, '--epochs', 1, '--batch_size', 8,
+                  '--num_workers', 0, '--output_dir', tmp_path / 'lin')
+    log = [json.loads(line) for line in open(tmp_path / 'lin' / 'log.txt')]
+    assert log[-1]['args']['cache_features'] is False and metrics['n_val'] == 16

@@ -1,0 +1,104 @@
+"""MoCo v3 and MimCo pre-training on digits, end to end: the real scripts, small settings."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main_pretrain
+import models_mimco
+from engine import train_one_epoch
+from tests.conftest import FAST, MIMCO, MOCO, ROOT, epoch_losses, parse, run_script
+from util import data
+
+
+def test_mocov3_loss_falls(teacher_path):
+    losses = epoch_losses(teacher_path)
+    assert len(losses) == 6
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_momentum_update_follows_m():
+    torch.manual_seed(0)
+    encoder = main_pretrain.create_vit(parse(MOCO + ['--drop_path', '0']))
+    moco = models_mimco.MoCoV3(encoder, dim=16, mlp_dim=32)
+    with torch.no_grad():
+        for p in moco.base_encoder.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in moco.momentum_encoder.parameters()]
+    moco.update_momentum_encoder(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, moco.momentum_encoder.parameters()))
+    moco.update_momentum_encoder(0.5)
+    for k0, q, k in zip(before, moco.base_encoder.parameters(), moco.momentum_encoder.parameters()):
+        torch.testing.assert_close(k, 0.5 * k0 + 0.5 * q)
+    moco.update_momentum_encoder(0.0)
+    assert all(torch.equal(q, k) for q, k in zip(moco.base_encoder.parameters(),
+                                                  moco.momentum_encoder.parameters()))
+    # The schedule: base_m at the start, 1 at the end (MoCo v3's half cosine).
+    from util.schedules import moco_momentum
+    assert moco_momentum(0, 0.99, 100) == pytest.approx(0.99)
+    assert moco_momentum(100, 0.99, 100) == pytest.approx(1.0)
+    assert moco_momentum(50, 0.99, 100) == pytest.approx(0.995)
+
+
+def test_teacher_frozen_and_gets_no_gradient(teacher_path):
+    args = parse(MIMCO + ['--teacher', os.path.join(teacher_path, 'checkpoint-last.pth'),
+                          '--epochs', '1', '--warmup_epochs', '0', '--output_dir', ''])
+    main_pretrain.resolve_defaults(args)
+    args.distributed, args.lr = False, 1e-3
+    model, teacher = main_pretrain.build_model(args)
+    assert teacher.projector is not None  # --teacher_target auto: the MoCo v3 projector
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student_before = model.student.blocks[0].attn.qkv.weight.clone()
+    dataset = data.build_dataset(args, True, data.pretrain_transform(args, model.mask_generator))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(256)), batch_size=64)
+    optimizer = main_pretrain.build_optimizer(args, model)
+    from timm.scheduler import CosineLRScheduler
+    scheduler = CosineLRScheduler(optimizer, t_initial=10, t_in_epochs=False)
+    teacher.train()  # a stray train() must not put the teacher's BatchNorm in training mode
+    train_one_epoch(model, loader, optimizer, scheduler, torch.amp.GradScaler('cpu', enabled=False),
+                    torch.device('cpu'), 0, args, teacher=teacher)
+    assert not teacher.training and not teacher.projector.training
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert not torch.equal(model.student.blocks[0].attn.qkv.weight, student_before)
+
+
+def test_mimco_script_trains_logs_and_resumes(teacher_path, tmp_path):
+    teacher = os.path.join(teacher_path, 'checkpoint-last.pth')
+    out = str(tmp_path / 'mimco')
+    argv = MIMCO + ['--teacher', teacher, '--warmup_epochs', '1', '--blr', '1e-3', '--output_dir', out]
+    result = run_script(argv + ['--epochs', '3'])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'its projector on the CLS token' in result.stdout
+    losses = epoch_losses(out)
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert os.path.isfile(os.path.join(out, 'checkpoint-last.pth'))
+    logged = json.loads(open(os.path.join(out, 'log.txt')).readline())
+    assert {'train_patch_loss', 'train_img_loss', 'train_lr', 'epoch'} <= set(logged)
+    result = run_script(argv + ['--epochs', '4'])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'resumed from' in result.stdout and 'epochs 3..3' in result.stdout
+    assert len(epoch_losses(out)) == 4
+
+
+def test_mimco_without_teacher_explains(tmp_path):
+    result = run_script(['--method', 'mimco', '--output_dir', str(tmp_path)])
+    assert result.returncode == 2
+    assert 'needs --teacher' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_torchrun_two_processes_on_cpu(teacher_path, tmp_path):
+    teacher = os.path.join(teacher_path, 'checkpoint-last.pth')
+    out = str(tmp_path / 'ddp')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           'main_pretrain.py'] + MIMCO + ['--teacher', teacher, '--epochs', '1',
+                                               '--batch_size', '64', '--output_dir', out]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'rank 1 of 2' in result.stdout + result.stderr
+    assert len(epoch_losses(out)) == 1

@@ -1,0 +1,137 @@
+"""Exact resume, whole checkpoints after SIGKILL, non-finite losses, and one clear line per bad input."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import main_pretrain
+from tests.conftest import MIMCO, MOCO, ROOT, parse, run_script
+from util import checkpoint
+
+SMALL = ['--warmup_epochs', '1', '--blr', '1e-3', '--save_freq', '0']
+
+
+def train(argv, out, epochs):
+    main_pretrain.main(parse(argv + SMALL + ['--epochs', str(epochs), '--output_dir', str(out)]))
+    return checkpoint.load_file(os.path.join(out, 'checkpoint-last.pth'))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f'{k} differs after resume'
+
+
+def subset(argv):
+    """A quarter of digits per epoch keeps the resume tests fast (--train_fraction is not a
+    pre-training flag, so cut the epoch with a larger batch instead)."""
+    return argv + ['--batch_size', '256']
+
+
+@pytest.mark.parametrize('method', ['mocov3', 'mimco'])
+def test_resume_equals_uninterrupted(method, tmp_path, teacher_path):
+    argv = subset(MOCO if method == 'mocov3' else MIMCO + ['--teacher', os.path.join(teacher_path, 'checkpoint-last.pth')])
+    whole = train(argv, tmp_path / 'whole', 2)
+    train(argv, tmp_path / 'split', 1)
+    resumed = train(argv, tmp_path / 'split', 2)
+    assert resumed['epoch'] == whole['epoch'] == 1
+    assert_same_weights(whole['model'], resumed['model'])
+    assert_same_weights(whole['optimizer']['state'][0], resumed['optimizer']['state'][0])
+
+
+def test_sigkill_leaves_a_checkpoint_that_resumes(tmp_path):
+    out = str(tmp_path / 'killed')
+    argv = [sys.executable, os.path.join(ROOT, 'main_pretrain.py')] + MOCO + SMALL + [
+        '--epochs', '50', '--batch_size', '256', '--output_dir', out]
+    last = os.path.join(out, 'checkpoint-last.pth')
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not os.path.isfile(last) and time.time() < deadline:
+            time.sleep(0.2)
+        assert os.path.isfile(last), 'no checkpoint within 5 minutes'
+        # Kill as the next epochs' checkpoints are being written: poll the folder and kill at once
+        # when a temporary file appears (or after a while, mid-epoch).
+        deadline = time.time() + 60
+        while time.time() < deadline and not any('.tmp.' in f for f in os.listdir(out)):
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    state = checkpoint.load_file(last)  # whole, whatever the moment of the kill
+    result = run_script(MOCO + SMALL + ['--epochs', str(state['epoch'] + 2), '--batch_size', '256',
+                                        '--output_dir', out])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f'continuing at epoch {state["epoch"] + 1}' in result.stdout
+    assert checkpoint.load_file(last)['epoch'] == state['epoch'] + 1
+
+
+def test_non_finite_loss_stops_with_step_terms_and_lr(tmp_path, teacher_path):
+    out = str(tmp_path / 'nan')
+    argv = MIMCO + ['--teacher', os.path.join(teacher_path, 'checkpoint-last.pth'), '--output_dir', out,
+                    '--batch_size', '256', '--warmup_epochs', '0']
+    assert run_script(argv + ['--epochs', '1']).returncode == 0
+    good = checkpoint.load_file(os.path.join(out, 'checkpoint-last.pth'))
+    result = run_script(argv + ['--epochs', '2', '--lr', '1e12'])
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert 'non-finite loss' in message and 'epoch 1, step' in message
+    assert 'patch_loss' in message and 'img_loss' in message and 'lr 1e+12' in message
+    after = checkpoint.load_file(os.path.join(out, 'checkpoint-last.pth'))
+    assert after['epoch'] == 0
+    assert_same_weights(good['model'], after['model'])
+
+
+def make_image_folder(root, classes=2, images=2, corrupt=False):
+    from PIL import Image
+    for c in range(classes):
+        folder = root / 'train' / f'class{c}'
+        folder.mkdir(parents=True)
+        for i in range(images):
+            Image.new('RGB', (20, 20), (40 * c, 10 * i, 0)).save(folder / f'{i}.png')
+    if corrupt:
+        (root / 'train' / 'class0' / 'broken.png').write_bytes(b'no image in here')
+
+
+def bad_inputs(tmp_path):
+    """(name, argv, a piece of the expected message) for each bad input."""
+    resnet = tmp_path / 'resnet.pth'
+    import timm
+    torch.save(timm.create_model('resnet10t').state_dict(), resnet)
+    corrupt = tmp_path / 'corrupt.pth'
+    corrupt.write_bytes(b'\x80\x02garbage')
+    (tmp_path / 'empty' / 'train').mkdir(parents=True)
+    (tmp_path / 'no_images' / 'train' / 'class0').mkdir(parents=True)
+    make_image_folder(tmp_path / 'corrupt_images', corrupt=True)
+    a_file = tmp_path / 'a_file'
+    a_file.write_text('x')
+    out = ['--output_dir', str(tmp_path / 'out')]
+    return [
+        ('missing data folder', MOCO + ['--data_path', str(tmp_path / 'nowhere')] + out, 'does not exist'),
+        ('empty data folder', MOCO + ['--data_path', str(tmp_path / 'empty')] + out, 'no images in'),
+        ('folder without images', MOCO + ['--data_path', str(tmp_path / 'no_images')] + out, 'no images in'),
+        ('corrupt image', MOCO + ['--data_path', str(tmp_path / 'corrupt_images'), '--batch_size', '5',
+                                  '--input_size', '16'] + out, 'broken.png is not a readable image'),
+        ('corrupt checkpoint', MIMCO + ['--teacher', str(corrupt)] + out, 'not a readable PyTorch checkpoint'),
+        ('a ResNet as teacher', MIMCO + ['--teacher', str(resnet)] + out, 'holds no Vision Transformer'),
+        ('a ResNet to resume', MOCO + ['--resume', str(resnet)] + out, 'not a training checkpoint'),
+        ('mask ratio outside (0, 1)', MIMCO + ['--teacher', str(resnet), '--mask_ratio', '1.5'] + out, 'must lie in (0, 1)'),
+        ('batch larger than the data', MOCO + ['--batch_size', '5000'] + out, 'larger than the 1437 training images'),
+        ('output dir not writable', MOCO + ['--output_dir', str(a_file / 'out')], 'is not writable'),
+        ('input size not a multiple of the patch', MOCO + ['--input_size', '18'] + out, 'not a multiple of the patch size'),
+    ]
+
+
+def test_bad_inputs_get_one_clear_line(tmp_path):
+    for name, argv, expected in bad_inputs(tmp_path):
+        result = run_script(argv)
+        assert result.returncode == 2, (name, result.stderr[-1500:])
+        lines = result.stderr.strip().splitlines()
+        assert 'Traceback' not in result.stderr, (name, result.stderr[-1500:])
+        assert lines[-1].startswith('error: ') and expected in lines[-1], (name, lines[-1])

@@ -1,0 +1,175 @@
+"""Gradient conflict between MIM and contrastive learning, block by block (the Layer Grafted paper's
+motivating observation, Jiang et al., 2023, Sec. 1): the cosine similarity between the gradient of
+the MAE loss and the gradient of the MoCo v3 loss, both taken on the *same* encoder weights.
+
+python tools/grad_conflict.py --checkpoint output/mae/checkpoint-last.pth
+
+The decoder (MAE) and the projector/predictor (MoCo v3) come from the checkpoint when it holds them
+(ours, official MAE, official MoCo v3), else they are freshly initialised; the table says which.
+"""
+import argparse
+import copy
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import models_mimco  # noqa: E402
+from util import checkpoint, data  # noqa: E402
+from util.errors import InputError, run_main  # noqa: E402
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('MIM vs CL gradient conflict per block', add_help=False)
+    p.add_argument('--checkpoint', default=None, type=str,
+                   help='encoder weights (any format util/checkpoint reads; default: none, a randomly '
+                        'initialised encoder, the baseline)')
+    p.add_argument('--model', default=None, type=str,
+                   help='timm name of the encoder (default: inferred from the file, else vit_digits_patch4_16)')
+    p.add_argument('--batch_size', default=128, type=int, help='images per batch')
+    p.add_argument('--num_batches', default=4, type=int, help='batches whose gradients are summed')
+    p.add_argument('--mask_ratio', default=0.75, type=float, help='MAE mask ratio')
+    p.add_argument('--norm_pix_loss', default=True, action=argparse.BooleanOptionalAction,
+                   help='MAE target: pixels normalised per patch')
+    p.add_argument('--decoder_embed_dim', default=None, type=int,
+                   help="MAE decoder width (default: the checkpoint's, else 512)")
+    p.add_argument('--decoder_depth', default=None, type=int,
+                   help="MAE decoder depth (default: the checkpoint's, else 8)")
+    p.add_argument('--decoder_num_heads', default=None, type=int,
+                   help="MAE decoder heads (default: the checkpoint's, else 16)")
+    p.add_argument('--moco_dim', default=None, type=int,
+                   help="MoCo v3 projector output (default: the checkpoint's, else 256)")
+    p.add_argument('--moco_mlp_dim', default=None, type=int,
+                   help="MoCo v3 projector hidden width (default: the checkpoint's, else 4096)")
+    p.add_argument('--moco_t', default=0.2, type=float, help='MoCo v3 temperature')
+    p.add_argument('--data_path', default=None, type=str,
+                   help='ImageFolder root with train/ (default: the built-in digits)')
+    p.add_argument('--dataset', default='auto', choices=['auto', 'digits', 'imagefolder', 'cifar10', 'cifar100'],
+                   help='auto: imagefolder with --data_path, digits without')
+    p.add_argument('--download', action='store_true', help='download CIFAR into --data_path')
+    p.add_argument('--num_workers', default=2, type=int, help='data loader workers')
+    p.add_argument('--output', default='output_dir/grad_conflict.png', type=str, help='the plot')
+    p.add_argument('--seed', default=0, type=int, help='random seed (heads, masks, augmentations)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
+    return p
+
+
+DEFAULTS = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, moco_dim=256, moco_mlp_dim=4096)
+
+
+def read_file(args) -> dict:
+    """The checkpoint's state dict without 'module.' (empty without one); fills unset head sizes
+    from the args saved in our checkpoints, then from DEFAULTS."""
+    state, saved = {}, {}
+    if args.checkpoint:
+        raw = checkpoint.load_file(args.checkpoint)
+        state = raw.get('model', raw.get('state_dict', {})) if isinstance(raw, dict) else {}
+        state = {k.removeprefix('module.'): v for k, v in state.items()}
+        saved = raw.get('args', {}) if isinstance(raw.get('args'), dict) else {}
+    for name, value in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, saved.get(name, value))
+    return state
+
+
+def build_encoder(args) -> torch.nn.Module:
+    if args.checkpoint:
+        model = timm.create_model(args.model, num_classes=0) if args.model else None
+        return checkpoint.load_backbone(args.checkpoint, model)
+    return timm.create_model(args.model or 'vit_digits_patch4_16', num_classes=0)
+
+
+def load_heads(state: dict, mae: models_mimco.MAE, moco: models_mimco.MoCoV3, path: str) -> list:
+    """Load the decoder / projector / predictor that the file holds; returns what was loaded."""
+    loaded = []
+    parts = [(mae, lambda k: k.startswith('decoder') or k == 'mask_token', '', 'MAE decoder'),
+             (moco.predictor, lambda k: k.startswith('predictor.'), 'predictor.', 'MoCo v3 predictor'),
+             (moco.base_encoder.head, lambda k: k.startswith('base_encoder.head.'), 'base_encoder.head.',
+              'MoCo v3 projector')]
+    for module, wanted, prefix, what in parts:
+        found = {k[len(prefix):]: v for k, v in state.items() if wanted(k)}
+        if not found:
+            continue
+        own = module.state_dict()
+        if prefix == '':  # the MAE: only its decoder part
+            own = {k: v for k, v in own.items() if not k.startswith('encoder.')}
+        if set(found) != set(own) or any(found[k].shape != own[k].shape for k in own):
+            raise InputError(f'the {what} in {path} does not fit the one built here: give the sizes it '
+                             f'was trained with (--decoder_embed_dim/--decoder_depth/--decoder_num_heads, '
+                             f'--moco_dim/--moco_mlp_dim)')
+        for k, v in found.items():
+            own[k].copy_(v)
+        loaded.append(what)
+    return loaded
+
+
+def block_gradients(encoder) -> list:
+    """Each block's gradient as one flat vector (the parameters' .grad, concatenated)."""
+    return [torch.cat([p.grad.flatten() for p in block.parameters()]) for block in encoder.blocks]
+
+
+def per_block_cosine(mae, moco, loader, num_batches: int, device) -> tuple:
+    """(cosines, |g_MIM|, |g_CL|) per block, gradients summed over `num_batches` batches."""
+    mae.train(), moco.train()
+    for step, ((view1, view2), _) in enumerate(loader):
+        if step == num_batches:
+            break
+        view1, view2 = view1.to(device), view2.to(device)
+        mae(view1)[0].backward()  # MIM gradients accumulate in mae.encoder
+        moco(view1, view2, m=1.0)[0].backward()  # m = 1: the key encoder stays the loaded weights
+    g_mim, g_cl = block_gradients(mae.encoder), block_gradients(moco.base_encoder)
+    cosines = [F.cosine_similarity(a, b, dim=0).item() for a, b in zip(g_mim, g_cl)]
+    return cosines, [g.norm().item() for g in g_mim], [g.norm().item() for g in g_cl]
+
+
+def plot(cosines: list, path: str, title: str) -> None:
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(range(len(cosines)), cosines, color=['tab:red' if c < 0 else 'tab:blue' for c in cosines])
+    ax.axhline(0, color='black', linewidth=0.8)
+    ax.set_xlabel('block')
+    ax.set_ylabel('cos(grad MIM, grad CL)')
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args) -> list:
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    state = read_file(args)
+    encoder = build_encoder(args)
+    mae = models_mimco.MAE(copy.deepcopy(encoder), args.decoder_embed_dim, args.decoder_depth,
+                           args.decoder_num_heads, args.mask_ratio, args.norm_pix_loss)
+    mae.encoder.load_state_dict(encoder.state_dict())  # MAE's own init must not replace the weights
+    moco = models_mimco.MoCoV3(copy.deepcopy(encoder), args.moco_dim, args.moco_mlp_dim, args.moco_t)
+    loaded = load_heads(state, mae, moco, args.checkpoint)
+    mae.to(device), moco.to(device)
+
+    args.method, args.crop_min = 'mocov3', 0.08  # two views; MIM takes the first
+    args.input_size = encoder.patch_embed.img_size[0]
+    loader = data.build_loader(data.build_dataset(args, True, data.pretrain_transform(args)), args, True)
+    cosines, norm_mim, norm_cl = per_block_cosine(mae, moco, loader, args.num_batches, device)
+
+    source = args.checkpoint or 'random initialisation'
+    print(f'encoder: {source}; trained heads from the file: {", ".join(loaded) or "none (all fresh)"}')
+    print(f'{"block":>5}  {"cos(MIM, CL)":>12}  {"|g_MIM|":>9}  {"|g_CL|":>9}')
+    for i, (c, a, b) in enumerate(zip(cosines, norm_mim, norm_cl)):
+        print(f'{i:>5}  {c:>12.4f}  {a:>9.3e}  {b:>9.3e}')
+    plot(cosines, args.output, f'MIM vs CL gradient per block\n{os.path.basename(source)}')
+    print(f'plot: {args.output}')
+    return cosines
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser('MIM vs CL gradient conflict per block', parents=[get_args_parser()])
+    run_main(main, parser.parse_args())
