@@ -94,7 +94,8 @@ def get_args_parser():
     p.add_argument('--start_epoch', default=0, type=int, help='first epoch (set by --resume)')
     p.add_argument('--eval', action='store_true', help='only evaluate (the --resume or --finetune model)')
     p.add_argument('--seed', default=0, type=int, help='random seed')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='cuda or cpu (default: cuda when available)')
     p.add_argument('--dist_url', default='env://', help='url of the torch.distributed rendezvous')
     return p
 

@@ -74,7 +74,8 @@ def get_args_parser():
     p.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
                    help='mixed precision of the backbone (default: bf16 on CUDA, none on CPU)')
     p.add_argument('--seed', default=0, type=int, help='random seed (subsets, random init, head)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='cuda or cpu (default: cuda when available)')
     p.add_argument('--dist_url', default='env://', help='url of the torch.distributed rendezvous')
     return p
 

@@ -12,18 +12,18 @@ import functools
 import json
 import os
 import random
-import re
 import time
 
 import numpy as np
 import timm
 import torch
 from timm.optim import Lars, param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
 
 import models_mimco
-from engine import train_one_epoch
-from util import checkpoint, data
+from engine import cosine_lr_scheduler, train_one_epoch
+from util import checkpoint, data, figures
+from util.graft import (EMBEDDINGS, block_index, graft_encoder, graft_param_groups,
+                        parse_lr_layer_wise)
 from util.dist import init_distributed_mode, is_main_process, get_world_size
 from util.errors import InputError, run_main
 from util.logging import log_json, tensorboard_writer
@@ -41,8 +41,6 @@ METHOD_DEFAULTS = {
 }
 # Layer Grafted stage 2: which parameters train with the first third of the blocks (the rest of
 # the non-block parameters - final norm, projector, predictor - train with the last third).
-BLOCK_INDEX = re.compile(r'(?:^|\.)blocks\.(\d+)\.')
-EMBEDDINGS = re.compile(r'(?:^|\.)(cls_token|reg_token|pos_embed|patch_embed|norm_pre)(?:\.|$)')
 
 
 def get_args_parser():
@@ -137,10 +135,14 @@ def get_args_parser():
     p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: output_dir)')
     p.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
     p.add_argument('--print_freq', default=20, type=int, help='log every N steps')
+    p.add_argument('--log_images_freq', default=0, type=int,
+                   help='every N epochs, CLS attention maps and MAE reconstructions / MimCo masks to '
+                        'TensorBoard (0 = off)')
     p.add_argument('--resume', default='', help='checkpoint to resume (default: output_dir/checkpoint-last.pth)')
     p.add_argument('--start_epoch', default=0, type=int, help='first epoch (set by --resume)')
     p.add_argument('--seed', default=0, type=int, help='random seed')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='cuda or cpu (default: cuda when available)')
     p.add_argument('--dist_url', default='env://', help='url of the torch.distributed rendezvous')
     return p
 
@@ -237,10 +239,9 @@ def build_model(args) -> tuple:
             graft_encoder(args, encoder)
         # The momentum encoder is a copy of the (grafted) encoder: both start from stage 1.
         model = models_mimco.MoCoV3(encoder, args.moco_dim, args.moco_mlp_dim, args.moco_t)
-        if args.graft_l1_weight:  # official ViT-L runs: embeddings and the first blocks
+        if args.graft_l1_weight:  # official ViT-L runs: the embeddings and the first blocks
             pulled = [p for n, p in encoder.named_parameters() if p.requires_grad and (
-                graft_group(n, args.graft_l1_blocks or 1, 1) == 0 if BLOCK_INDEX.search(n)
-                else EMBEDDINGS.search(n))]
+                0 <= block_index(n) < args.graft_l1_blocks or EMBEDDINGS.search(n))]
             model.l1_pull = models_mimco.L1Pull(pulled, args.graft_l1_weight)
         return model, None
     if args.method == 'mae':
@@ -257,63 +258,6 @@ def build_model(args) -> tuple:
         img_temp=args.img_temp, img_loss_weight=args.img_loss_weight)
     model.mask_generator = mask_generator
     return model, teacher
-
-
-def graft_encoder(args, encoder) -> None:
-    """Layer Grafted stage 2 (Jiang et al., 2023, Sec. 3): the encoder starts from the stage-1 (MIM)
-    encoder, its patch and position embeddings frozen. load_backbone raises on any missing block."""
-    checkpoint.load_backbone(args.graft_pretrained, encoder, flag='--model')
-    encoder.train()
-    depth = len(encoder.blocks)
-    if not 0 <= args.graft_freeze_blocks <= depth:
-        raise InputError(f'--graft_freeze_blocks {args.graft_freeze_blocks}: the encoder has {depth} '
-                         f'blocks, pick 0..{depth}')
-    encoder.patch_embed.requires_grad_(False)
-    encoder.pos_embed.requires_grad_(False)
-    encoder.blocks[:args.graft_freeze_blocks].requires_grad_(False)
-    frozen = f', blocks 0..{args.graft_freeze_blocks - 1}' if args.graft_freeze_blocks else ''
-    print(f'grafted {depth} blocks from {args.graft_pretrained}; frozen: patch_embed, pos_embed{frozen}')
-
-
-def parse_lr_layer_wise(text: str) -> list:
-    try:
-        multipliers = [float(v) for v in text.split(',')]
-    except ValueError:
-        multipliers = []
-    if len(multipliers) != 3 or any(m < 0 for m in multipliers):
-        raise InputError(f'--lr_layer_wise {text!r}: give three non-negative lr multipliers, one per '
-                         f'third of the blocks from the bottom, e.g. 0.1,0.1,1 (the paper\'s ViT-B setting)')
-    return multipliers
-
-
-def graft_group(name: str, depth: int, num_groups: int) -> int:
-    """The group of contiguous blocks a parameter trains with: a block's own; the embeddings with
-    the first; everything else (final norm, projector, predictor) with the last."""
-    found = BLOCK_INDEX.search(name)
-    if found:
-        return int(found.group(1)) // (depth // num_groups)
-    return 0 if EMBEDDINGS.search(name) else num_groups - 1
-
-
-def graft_param_groups(model, multipliers: list, weight_decay: float,
-                       no_weight_decay_list=()) -> list:
-    """timm's weight-decay groups, each split by `graft_group`, with `lr_scale` = the group's
-    multiplier (timm's schedulers multiply each group's lr by its `lr_scale`)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    depth = 1 + max((int(m.group(1)) for n in names.values() if (m := BLOCK_INDEX.search(n))), default=-1)
-    if depth == 0 or depth % len(multipliers):
-        raise InputError(f'--lr_layer_wise splits the blocks into {len(multipliers)} equal groups, but '
-                         f'the encoder has {depth} blocks: pick a --model whose depth is divisible by '
-                         f'{len(multipliers)} (e.g. 6, 12, 24)')
-    groups = []
-    for decay_group in param_groups_weight_decay(model, weight_decay,
-                                                 no_weight_decay_list=no_weight_decay_list):
-        split = {}
-        for param in decay_group['params']:
-            split.setdefault(graft_group(names[id(param)], depth, len(multipliers)), []).append(param)
-        groups += [{'params': params, 'weight_decay': decay_group['weight_decay'],
-                    'lr_scale': multipliers[g], 'graft_group': g} for g, params in sorted(split.items())]
-    return groups
 
 
 def build_optimizer(args, model):
@@ -361,8 +305,11 @@ def main(args):
     if args.distributed:
         if args.method == 'mocov3' and device.type == 'cuda':
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN in the MLP heads
+        # The graph is the same every step (static_graph; it does not mix with no_sync, which
+        # --accum_iter uses), and gradients live in DDP's buckets (gradient_as_bucket_view).
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None,
+            static_graph=args.accum_iter == 1, gradient_as_bucket_view=True)
         model_without_ddp = model.module
     train_model = torch.compile(model) if args.compile else model
     if teacher is not None and args.compile:
@@ -373,11 +320,7 @@ def main(args):
         args.lr = args.blr * total_batch / 256
     print(f'lr {args.lr:.3g} (blr {args.blr:.3g} x total batch {total_batch} / 256)')
     optimizer = build_optimizer(args, model_without_ddp)
-    updates_per_epoch = len(loader) // args.accum_iter
-    warmup = args.warmup_epochs * updates_per_epoch
-    lr_scheduler = CosineLRScheduler(
-        optimizer, t_initial=max(1, args.epochs * updates_per_epoch - warmup), lr_min=args.min_lr,
-        warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    lr_scheduler = cosine_lr_scheduler(optimizer, args, len(loader) // args.accum_iter)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     momentum_schedule = (functools.partial(moco_momentum, base_m=args.moco_m, epochs=args.epochs,
                                            cosine=args.moco_m_cos)
@@ -396,6 +339,8 @@ def main(args):
         if args.save_freq and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):
             checkpoint.save_checkpoint(state, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
         log_json(args.output_dir, {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch})
+        if log_writer is not None and args.log_images_freq and (epoch + 1) % args.log_images_freq == 0:
+            figures.log_images(log_writer, model_without_ddp, args, epoch)
     if log_writer is not None:
         log_writer.close()
     print(f'training time {datetime.timedelta(seconds=int(time.time() - start))}')

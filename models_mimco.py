@@ -201,16 +201,18 @@ class Teacher(nn.Module):
             return self.backbone.embed_dim
         return [m for m in self.projector if isinstance(m, nn.Linear)][-1].out_features
 
-    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple:
-        if tuple(images.shape[-2:]) != self.img_size:  # give the teacher the student's patch grid
-            images = F.interpolate(images, size=self.img_size, mode='bicubic', align_corners=False)
-        tokens = self.backbone.forward_features(images)  # (B, 1+N, D_t)
-        cls_token = tokens[:, 0]
+        # inference_mode skips autograd's bookkeeping entirely; the clones (outside it) turn the
+        # targets into ordinary tensors, which the student's loss may save for its backward.
+        with torch.inference_mode():
+            if tuple(images.shape[-2:]) != self.img_size:  # give the teacher the student's patch grid
+                images = F.interpolate(images, size=self.img_size, mode='bicubic', align_corners=False)
+            tokens = self.backbone.forward_features(images)  # (B, 1+N, D_t)
+            cls_token = tokens[:, 0]
+            if self.projector is not None:
+                cls_token = self.projector(cls_token)
         patch_tokens = tokens[:, self.backbone.num_prefix_tokens:]  # (B, N, D_t)
-        if self.projector is not None:
-            cls_token = self.projector(cls_token)
-        return cls_token, patch_tokens
+        return cls_token.clone(), patch_tokens.clone()
 
 
 class MimCo(nn.Module):

@@ -14,7 +14,7 @@ import main_pretrain
 import models_mimco
 from engine import train_one_epoch
 from tools import grad_conflict
-from util import checkpoint, data
+from util import checkpoint, data, graft
 from util.errors import InputError
 from util.masking import random_masking_indices
 
@@ -145,7 +145,7 @@ def test_graft_param_groups_map_blocks_to_groups(depth):
     models_mimco.mocov3_init(encoder, stop_grad_conv1=True)
     model = models_mimco.MoCoV3(encoder, dim=16, mlp_dim=32)
     multipliers = [0.1, 0.5, 1.0]
-    groups = main_pretrain.graft_param_groups(model, multipliers, weight_decay=0.1)
+    groups = graft.graft_param_groups(model, multipliers, weight_decay=0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     seen = {}
     for group in groups:
@@ -179,7 +179,7 @@ def test_graft_bad_multipliers_and_depth_are_named(official_mae_path):
                                               f'--lr_layer_wise={bad}']))
     encoder = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=0)
     with pytest.raises(InputError, match='divisible by 3'):
-        main_pretrain.graft_param_groups(models_mimco.MoCoV3(encoder, 16, 32), [1, 1, 1], 0.1)
+        graft.graft_param_groups(models_mimco.MoCoV3(encoder, 16, 32), [1, 1, 1], 0.1)
     with pytest.raises(InputError, match='--method mocov3'):
         main_pretrain.main(parse(MAE + ['--graft_pretrained', str(official_mae_path)]))
 

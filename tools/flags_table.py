@@ -14,7 +14,8 @@ def flags_table(parser: argparse.ArgumentParser) -> str:
         if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == 'help':
             continue
         names = ', '.join(f'`{s}`' for s in action.option_strings)
-        default = '' if action.default in (None, '', False) else f'`{action.default}`'
+        stated = '(default' in (action.help or '')  # the help says it better (e.g. 'cuda when available')
+        default = '' if stated or action.default in (None, '', False) else f'`{action.default}`'
         choices = f' ({", ".join(map(str, action.choices))})' if action.choices else ''
         rows.append(f'| {names} | {default} | {action.help}{choices} |')
     return '\n'.join(rows)

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The papers in miniature (DESIGN.md, "The miniature pipeline"), on the built-in digits, on CPU:
+#   MoCo v3 teacher -> MimCo student;  MAE -> grafted MoCo v3 (--lr_layer_wise 0.1,0.1,1);
+#   a random-init baseline; each evaluated by kNN, linear probe, 1 % / 10 % logistic regression and
+#   a short fine-tune (tools/eval_all.py); one Markdown table at the end (tools/demo_table.py), also
+#   written to <output_dir>/results.md.
+#
+#   scripts/demo.sh                        # sized for <= 15 min on 2 CPU cores
+#   scripts/demo.sh --quick                # 1 epoch a stage: an end-to-end check (about 1.5 min alone on 2 cores)
+#   scripts/demo.sh --output_dir DIR       # default output/demo; the demo's sub-folders are replaced
+#   MOCO_EPOCHS=100 MIMCO_EPOCHS=60 scripts/demo.sh   # longer (DESIGN.md's prototype sizes)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=output/demo
+QUICK=0
+COMMAND="scripts/demo.sh${*:+ $*}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --output_dir) OUT="$2"; shift ;;
+    *) echo "usage: scripts/demo.sh [--quick] [--output_dir DIR]" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+PYTHON=${PYTHON:-python}
+WORKERS=${WORKERS:-0}  # loading is ~4 % of a MoCo v3 step here (measured): workers would only take cores
+if [ "$QUICK" = 1 ]; then
+  MOCO_EPOCHS=1 MIMCO_EPOCHS=1 MAE_EPOCHS=1 GRAFT_EPOCHS=1 FT_EPOCHS=1 LINEAR_EPOCHS=2 WARMUP=0
+fi
+MOCO_EPOCHS=${MOCO_EPOCHS:-40}    # DESIGN.md prototype: 100 (6.5 s/epoch on 2 cores)
+MIMCO_EPOCHS=${MIMCO_EPOCHS:-25}  # prototype: 60 (3.4 s/epoch)
+MAE_EPOCHS=${MAE_EPOCHS:-50}      # prototype: 100 (2 s/epoch)
+GRAFT_EPOCHS=${GRAFT_EPOCHS:-20}  # prototype: 40
+FT_EPOCHS=${FT_EPOCHS:-8}
+LINEAR_EPOCHS=${LINEAR_EPOCHS:-90}
+WARMUP=${WARMUP:-}                # empty: about a tenth of each stage's epochs
+
+START=$(date +%s)
+STAGE=0
+stage() {
+  STAGE=$((STAGE + 1))
+  echo "[demo $(date +%H:%M:%S), $(( $(date +%s) - START )) s] stage $STAGE/9: $*"
+}
+warmup() { echo "${WARMUP:-$(( ($1 + 9) / 10 ))}"; }
+pretrain() {  # pretrain <folder> <epochs> <flags...>: quiet, the log goes to <folder>/console.txt
+  local dir="$OUT/$1" epochs="$2"; shift 2
+  mkdir -p "$dir"
+  "$PYTHON" main_pretrain.py --epochs "$epochs" --warmup_epochs "$(warmup "$epochs")" \
+      --num_workers "$WORKERS" --print_freq 100 --output_dir "$dir" "$@" > "$dir/console.txt" 2>&1 \
+    || { tail -20 "$dir/console.txt"; exit 1; }
+  echo "    $(grep -o 'training time.*' "$dir/console.txt")"
+}
+evaluate() {  # evaluate <row> <checkpoint>
+  mkdir -p "$OUT/eval/$1"
+  "$PYTHON" tools/eval_all.py --checkpoint "$2" --output_dir "$OUT/eval/$1" --num_workers "$WORKERS" \
+      --linear_epochs "$LINEAR_EPOCHS" --finetune_epochs "$FT_EPOCHS" \
+      --finetune_warmup "$(warmup "$FT_EPOCHS")" > "$OUT/eval/$1/console.txt" 2>&1 \
+    || { tail -20 "$OUT/eval/$1/console.txt"; exit 1; }
+  echo "    $(grep '\[eval_all\] .*: knn ' "$OUT/eval/$1/console.txt" | sed 's/^\[[0-9:]*\] //')"
+}
+
+rm -rf "$OUT/mocov3" "$OUT/mimco" "$OUT/mae" "$OUT/grafted" "$OUT/eval" "$OUT/results.md"
+mkdir -p "$OUT"
+echo "[demo] digits, CPU; output in $OUT; epochs: MoCo v3 $MOCO_EPOCHS, MimCo $MIMCO_EPOCHS, MAE $MAE_EPOCHS," \
+     "grafted $GRAFT_EPOCHS, fine-tune $FT_EPOCHS"
+
+stage "MoCo v3 teacher, $MOCO_EPOCHS epochs"
+pretrain mocov3 "$MOCO_EPOCHS" --method mocov3 --moco_mlp_dim 1024
+stage "MimCo student of that teacher, $MIMCO_EPOCHS epochs"
+pretrain mimco "$MIMCO_EPOCHS" --method mimco --teacher "$OUT/mocov3/checkpoint-last.pth" --head_dim 512
+stage "MAE, $MAE_EPOCHS epochs (Layer Grafted stage 1)"
+pretrain mae "$MAE_EPOCHS" --method mae --decoder_embed_dim 64 --decoder_depth 2 --decoder_num_heads 4
+stage "grafted MoCo v3 from the MAE, $GRAFT_EPOCHS epochs, --lr_layer_wise 0.1,0.1,1 (stage 2)"
+pretrain grafted "$GRAFT_EPOCHS" --method mocov3 --moco_mlp_dim 1024 \
+    --graft_pretrained "$OUT/mae/checkpoint-last.pth" --lr_layer_wise 0.1,0.1,1
+
+stage "evaluate random init (kNN, linear, 1 %, 10 %, fine-tune from scratch)"
+evaluate random random
+for row in mocov3 mimco mae grafted; do
+  stage "evaluate $row (kNN, linear, 1 %, 10 %, fine-tune)"
+  evaluate "$row" "$OUT/$row/checkpoint-last.pth"
+done
+
+echo "[demo] done in $(( $(date +%s) - START )) s"
+"$PYTHON" tools/demo_table.py --output_dir "$OUT" --command "$COMMAND" --wall_time "$(( $(date +%s) - START ))"
+echo "[demo] table in $OUT/results.md; pictures: $PYTHON tools/visualize.py --checkpoints random" \
+     "$OUT/mocov3/checkpoint-last.pth $OUT/mimco/checkpoint-last.pth $OUT/mae/checkpoint-last.pth" \
+     "$OUT/grafted/checkpoint-last.pth --output_dir $OUT/pictures"

@@ -1,0 +1,96 @@
+"""Export a pre-trained backbone as a plain timm state dict, and check that timm loads it.
+
+python tools/export.py --checkpoint output/demo/mimco/checkpoint-last.pth --output mimco_digits.pth
+
+then, anywhere (`import models_mimco` first for the names this repository registers):
+
+    model = timm.create_model('vit_digits_patch4_16', pretrained=True,
+                              pretrained_cfg_overlay=dict(file='mimco_digits.pth'), num_classes=0)
+
+Any file util/checkpoint reads can be exported (ours, MoCo v3, DINO, MAE, timm). Heads, decoders,
+projectors and mask tokens are left out: the file holds exactly the keys of timm's ViT without a
+classifier. The export is checked by loading it through timm and comparing features with
+`util.checkpoint.load_backbone` on the original file.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import models_mimco  # noqa: E402,F401  registers vit_digits_patch4_16 and mocov3_vit_small with timm
+from util import checkpoint  # noqa: E402
+from util.errors import InputError, run_main  # noqa: E402
+
+TOLERANCE = 1e-5
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('export a backbone as a timm state dict', add_help=False)
+    p.add_argument('--checkpoint', required=True, type=str,
+                   help='backbone to export (ours, MoCo v3, DINO, MAE or timm)')
+    p.add_argument('--output', default='output_dir/backbone_timm.pth', type=str,
+                   help='the plain state dict to write')
+    p.add_argument('--model', default=None, type=str,
+                   help='timm name the weights are for (default: the name saved in our checkpoints; '
+                        'official MoCo v3 ViT-S: mocov3_vit_small, which has its 12 heads)')
+    p.add_argument('--check', default=True, action=argparse.BooleanOptionalAction,
+                   help='load the file with timm.create_model(..., pretrained=True) and compare features')
+    return p
+
+
+def model_name(args, info: dict) -> str:
+    name = args.model or info['model']
+    if not name:
+        raise InputError(f'{args.checkpoint} ({info["format"]}) does not say which timm model it is: give '
+                         f'--model, e.g. vit_small_patch16_224, vit_base_patch16_224, or mocov3_vit_small '
+                         f'for the official MoCo v3 ViT-S (12 heads)')
+    if name not in timm.list_models():
+        raise InputError(f'--model {name} is not a timm model name: see timm.list_models()')
+    return name
+
+
+def load_with_timm(name: str, path: str, img_size: int):
+    """What a user of the exported file runs, on the file's own image size."""
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=os.path.abspath(path)),
+                             num_classes=0, img_size=img_size).eval()
+
+
+@torch.no_grad()
+def max_feature_difference(a, b, img_size: int, in_chans: int) -> float:
+    images = torch.randn(2, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    return (a.forward_features(images) - b.forward_features(images)).abs().max().item()
+
+
+def main(args):
+    _, _, info = checkpoint.read_backbone(args.checkpoint)
+    name = model_name(args, info)
+    # The architecture as the file describes it (heads from `arch`, size from the weights) ...
+    reference = checkpoint.load_backbone(args.checkpoint)
+    img_size = reference.patch_embed.img_size[0]
+    # ... and the same weights in the named timm model, shape-checked key by key.
+    named = timm.create_model(name, num_classes=0, img_size=img_size)
+    backbone = checkpoint.load_backbone(args.checkpoint, named, flag='--model', verbose=False)
+    state_dict = {k: v.detach().clone().contiguous() for k, v in backbone.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    checkpoint.save_checkpoint(state_dict, args.output)
+    print(f'wrote {args.output}: {len(state_dict)} tensors of {name} ({img_size} px), a plain timm state dict')
+    if args.check:
+        in_chans = backbone.patch_embed.proj.in_channels
+        difference = max_feature_difference(load_with_timm(name, args.output, img_size), reference,
+                                            img_size, in_chans)
+        if difference > TOLERANCE:
+            raise InputError(f'{name} loaded from {args.output} gives other features than {args.checkpoint} '
+                             f'(max difference {difference:.2e}): the architectures differ (heads?); the '
+                             f'official MoCo v3 ViT-S is mocov3_vit_small (12 heads), not vit_small_patch16_224')
+        print(f'checked: timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file='
+              f'{args.output!r}), num_classes=0) gives the same features (max difference {difference:.1e})')
+    return name
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser('export a backbone as a timm state dict', parents=[get_args_parser()])
+    run_main(main, parser.parse_args())

@@ -1,0 +1,158 @@
+"""Pictures and separability of pre-trained backbones, side by side (PNG files, matplotlib Agg):
+
+- tsne.png: a t-SNE map of each backbone's val features (the MimCo paper's motivation: contrastive
+  features separate classes, MIM features less so), titled with two separability numbers that are
+  also printed: the val accuracy of a logistic regression on the frozen train features, and the
+  Fisher ratio tr(S_between) / tr(S_within) of the centred, L2-normalised val features.
+- attention.png: the last block's CLS attention (head average) of every backbone on a few val images.
+- mae_reconstruction_<name>.png for our MAE checkpoints (original, masked, reconstructed) and
+  mimco_masks_<name>.png for our MimCo checkpoints (the student's block masks).
+
+python tools/visualize.py --checkpoints random output/demo/mocov3/checkpoint-last.pth \
+    output/demo/mimco/checkpoint-last.pth --output_dir output/demo/pictures
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from sklearn.manifold import TSNE  # noqa: E402
+
+import main_linprobe  # noqa: E402
+import main_pretrain  # noqa: E402
+from util import checkpoint, data, figures  # noqa: E402
+from util.errors import InputError, run_main  # noqa: E402
+from util.masking import build_mask_generator  # noqa: E402
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('mimco pictures and separability', add_help=False)
+    p.add_argument('--checkpoints', nargs='+', default=['random'],
+                   help='backbones (any format util/checkpoint reads), `random` for the random-init '
+                        'baseline of --model; each gets a t-SNE panel and an attention row')
+    p.add_argument('--names', nargs='+', default=None,
+                   help="a short name per checkpoint (default: the checkpoint's folder name, or random)")
+    p.add_argument('--model', default=None, type=str,
+                   help="timm name (default: each file's architecture; vit_digits_patch4_16 for random)")
+    p.add_argument('--output_dir', default='output_dir/pictures', help='where the PNG files go')
+    p.add_argument('--num_images', default=8, type=int, help='val images in the attention and MAE/MimCo rows')
+    p.add_argument('--perplexity', default=30.0, type=float, help='t-SNE perplexity')
+    p.add_argument('--max_points', default=2000, type=int,
+                   help='val images in the t-SNE maps and the Fisher ratio at most (a seeded sample)')
+    p.add_argument('--data_path', default=None, type=str,
+                   help='ImageFolder root with train/ and val/ (default: none, use the built-in digits)')
+    p.add_argument('--dataset', default='auto', choices=['auto', 'digits', 'imagefolder', 'cifar10', 'cifar100'],
+                   help='auto: imagefolder with --data_path, digits without')
+    p.add_argument('--batch_size', default=256, type=int, help='images per feature-extraction batch')
+    p.add_argument('--num_workers', default=0, type=int, help='data loader workers')
+    p.add_argument('--seed', default=0, type=int, help='random seed (random init, t-SNE, masks)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
+    return p
+
+
+def probe_args(args, path: str) -> argparse.Namespace:
+    """main_linprobe's arguments for one backbone, so its loading and feature extraction are reused."""
+    argv = ['--checkpoint', path, '--batch_size', str(args.batch_size), '--num_workers',
+            str(args.num_workers), '--seed', str(args.seed), '--device', args.device,
+            '--dataset', args.dataset, '--output_dir', '', '--amp', 'none', '--print_freq', '1000']
+    argv += ['--model', args.model] * bool(args.model) + ['--data_path', args.data_path] * bool(args.data_path)
+    lp_args = main_linprobe.get_args_parser().parse_args(argv)
+    lp_args.distributed = False
+    return lp_args
+
+
+def fisher_ratio(x: torch.Tensor, y: torch.Tensor) -> float:
+    """tr(S_between) / tr(S_within): between-class over within-class scatter (Fisher, 1936), of
+    features centred and L2-normalised so that the ratio does not depend on their scale."""
+    x = F.normalize(x - x.mean(0, keepdim=True), dim=1).double()
+    mean = x.mean(0)
+    between, within = 0.0, 0.0
+    for c in y.unique():
+        members = x[y == c]
+        between += len(members) * (members.mean(0) - mean).square().sum().item()
+        within += (members - members.mean(0)).square().sum().item()
+    return between / within
+
+
+def logreg_accuracy(train_x, train_y, val_x, val_y) -> float:
+    """Val top-1 (%) of Layer Grafted's logistic regression on all the frozen train features."""
+    train_x, val_x = main_linprobe.center_normalize(train_x, val_x)
+    classifier = main_linprobe.logistic_regression(train_x, train_y, int(train_y.max()) + 1,
+                                                   2.5e-4 / len(train_x))
+    return (classifier(val_x.double()).argmax(1) == val_y).double().mean().item() * 100
+
+
+def separability(backbone, lp_args, device) -> tuple:
+    """(val features, val labels, logreg val top-1 %, Fisher ratio)."""
+    train_set = data.build_dataset(lp_args, True, data.eval_transform(lp_args))
+    val_set = data.build_dataset(lp_args, False, data.eval_transform(lp_args))
+    train_x, train_y = main_linprobe.extract_features(backbone, train_set, device, lp_args)
+    val_x, val_y = main_linprobe.extract_features(backbone, val_set, device, lp_args)
+    return val_x.cpu(), val_y.cpu(), logreg_accuracy(train_x, train_y, val_x, val_y), fisher_ratio(val_x, val_y)
+
+
+def default_name(path: str) -> str:
+    if path == 'random':
+        return 'random init'
+    return os.path.basename(os.path.dirname(os.path.abspath(path))) or os.path.basename(path)
+
+
+def method_pictures(path: str, name: str, backbone, images, args) -> list:
+    """MAE reconstructions / MimCo masks for our own MAE / MimCo checkpoints; the files written."""
+    if path == 'random':
+        return []
+    saved = checkpoint.load_file(path)
+    run = saved.get('args') if isinstance(saved, dict) and isinstance(saved.get('args'), dict) else {}
+    if run.get('method') == 'mae':
+        mae, _ = main_pretrain.build_model(argparse.Namespace(**run))
+        mae.load_state_dict(saved['model'])
+        fig, kind = figures.reconstruction_figure(mae.to(images.device).eval(), images, args.seed), 'mae_reconstruction'
+    elif run.get('method') == 'mimco':
+        masks = build_mask_generator(run['mask_type'], backbone.patch_embed.grid_size, run['mask_ratio'])
+        fig, kind = figures.masks_figure(images, masks, backbone.patch_embed.patch_size[0], args.seed), 'mimco_masks'
+    else:
+        return []
+    out = os.path.join(args.output_dir, f'{kind}_{name.replace(" ", "_")}.png')
+    figures.save(fig, out)
+    return [out]
+
+
+def main(args):
+    names = args.names or [default_name(p) for p in args.checkpoints]
+    if len(names) != len(args.checkpoints):
+        raise InputError(f'--names gives {len(names)} names for {len(args.checkpoints)} --checkpoints: '
+                         f'give one per checkpoint, or leave --names out')
+    if args.num_images < 1 or args.max_points < 10:
+        raise InputError('--num_images must be at least 1 and --max_points at least 10')
+    os.makedirs(args.output_dir, exist_ok=True)
+    device = torch.device(args.device)
+    panels, maps, written = [], {}, []
+    for path, name in zip(args.checkpoints, names):
+        lp_args = probe_args(args, path)
+        torch.manual_seed(args.seed)  # the random-init baseline is the same every run
+        backbone = main_linprobe.build_backbone(lp_args).to(device)
+        val_x, val_y, accuracy, fisher = separability(backbone, lp_args, device)
+        print(f'separability | {name} | logreg val top-1 {accuracy:.1f} % | Fisher ratio {fisher:.3f}')
+        keep = np.random.default_rng(args.seed).permutation(len(val_x))[:args.max_points]
+        tsne = TSNE(n_components=2, perplexity=min(args.perplexity, (len(keep) - 1) / 3), init='pca',
+                    random_state=args.seed)
+        embedding = tsne.fit_transform(F.normalize(val_x[keep], dim=1).numpy())
+        panels.append((f'{name}\nlogreg {accuracy:.1f} %, Fisher {fisher:.2f}', embedding, val_y[keep].numpy()))
+        images, _ = figures.sample_images(lp_args, args.num_images)
+        images = images.to(device)
+        maps[name] = figures.cls_attention(backbone, images)
+        written += method_pictures(path, name, backbone, images, args)
+    figures.save(figures.tsne_figure(panels), os.path.join(args.output_dir, 'tsne.png'))
+    figures.save(figures.attention_figure(images, maps), os.path.join(args.output_dir, 'attention.png'))
+    written = [os.path.join(args.output_dir, f) for f in ('tsne.png', 'attention.png')] + written
+    print('wrote ' + ', '.join(written))
+    return written
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser('mimco pictures and separability', parents=[get_args_parser()])
+    run_main(main, parser.parse_args())

@@ -1,0 +1,73 @@
+"""Layer Grafted Pre-training's stage 2 (Jiang et al., ICLR 2023): the MoCo v3 encoder starts from the
+stage-1 MIM encoder, and three contiguous groups of blocks train at their own learning rates."""
+import re
+
+from timm.optim import param_groups_weight_decay
+
+from util import checkpoint
+from util.errors import InputError
+
+BLOCK_INDEX = re.compile(r'(?:^|\.)blocks\.(\d+)\.')
+EMBEDDINGS = re.compile(r'(?:^|\.)(cls_token|reg_token|pos_embed|patch_embed|norm_pre)(?:\.|$)')
+
+
+def graft_encoder(args, encoder) -> None:
+    """Layer Grafted stage 2 (Jiang et al., 2023, Sec. 3): the encoder starts from the stage-1 (MIM)
+    encoder, its patch and position embeddings frozen. load_backbone raises on any missing block."""
+    checkpoint.load_backbone(args.graft_pretrained, encoder, flag='--model')
+    encoder.train()
+    depth = len(encoder.blocks)
+    if not 0 <= args.graft_freeze_blocks <= depth:
+        raise InputError(f'--graft_freeze_blocks {args.graft_freeze_blocks}: the encoder has {depth} '
+                         f'blocks, pick 0..{depth}')
+    encoder.patch_embed.requires_grad_(False)
+    encoder.pos_embed.requires_grad_(False)
+    encoder.blocks[:args.graft_freeze_blocks].requires_grad_(False)
+    frozen = f', blocks 0..{args.graft_freeze_blocks - 1}' if args.graft_freeze_blocks else ''
+    print(f'grafted {depth} blocks from {args.graft_pretrained}; frozen: patch_embed, pos_embed{frozen}')
+
+
+def parse_lr_layer_wise(text: str) -> list:
+    try:
+        multipliers = [float(v) for v in text.split(',')]
+    except ValueError:
+        multipliers = []
+    if len(multipliers) != 3 or any(m < 0 for m in multipliers):
+        raise InputError(f'--lr_layer_wise {text!r}: give three non-negative lr multipliers, one per '
+                         f'third of the blocks from the bottom, e.g. 0.1,0.1,1 (the paper\'s ViT-B setting)')
+    return multipliers
+
+
+def block_index(name: str) -> int:
+    """The encoder block a parameter belongs to, -1 outside the blocks."""
+    found = BLOCK_INDEX.search(name)
+    return int(found.group(1)) if found else -1
+
+
+def graft_group(name: str, depth: int, num_groups: int) -> int:
+    """The group of contiguous blocks a parameter trains with: a block's own; the embeddings with
+    the first; everything else (final norm, projector, predictor) with the last."""
+    if block_index(name) >= 0:
+        return block_index(name) // (depth // num_groups)
+    return 0 if EMBEDDINGS.search(name) else num_groups - 1
+
+
+def graft_param_groups(model, multipliers: list, weight_decay: float,
+                       no_weight_decay_list=()) -> list:
+    """timm's weight-decay groups, each split by `graft_group`, with `lr_scale` = the group's
+    multiplier (timm's schedulers multiply each group's lr by its `lr_scale`)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    depth = 1 + max(block_index(n) for n in names.values())
+    if depth == 0 or depth % len(multipliers):
+        raise InputError(f'--lr_layer_wise splits the blocks into {len(multipliers)} equal groups, but '
+                         f'the encoder has {depth} blocks: pick a --model whose depth is divisible by '
+                         f'{len(multipliers)} (e.g. 6, 12, 24)')
+    groups = []
+    for decay_group in param_groups_weight_decay(model, weight_decay,
+                                                 no_weight_decay_list=no_weight_decay_list):
+        split = {}
+        for param in decay_group['params']:
+            split.setdefault(graft_group(names[id(param)], depth, len(multipliers)), []).append(param)
+        groups += [{'params': params, 'weight_decay': decay_group['weight_decay'],
+                    'lr_scale': multipliers[g], 'graft_group': g} for g, params in sorted(split.items())]
+    return groups
