@@ -27,7 +27,7 @@ from util.graft import (EMBEDDINGS, block_index, graft_encoder, graft_param_grou
 from util.dist import init_distributed_mode, is_main_process, get_world_size
 from util.errors import InputError, run_main
 from util.logging import log_json, tensorboard_writer
-from util.masking import build_mask_generator, check_mask_ratio
+from util.masking import MaskNoiseGenerator, build_mask_generator, check_mask_ratio
 from util.schedules import moco_momentum
 
 # Per-method defaults where the papers differ; a flag given on the command line always wins.
@@ -247,6 +247,7 @@ def build_model(args) -> tuple:
     if args.method == 'mae':
         model = models_mimco.MAE(create_vit(args), args.decoder_embed_dim, args.decoder_depth,
                                  args.decoder_num_heads, args.mask_ratio, args.norm_pix_loss)
+        model.mask_generator = MaskNoiseGenerator(model.encoder.patch_embed.grid_size)
         return model, None
     student = create_vit(args)
     teacher = build_teacher(args, student)

@@ -367,18 +367,20 @@ class MAE(nn.Module):
         std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
         return (target - mean) / std, (mean, std)
 
-    def predict(self, images: torch.Tensor) -> tuple:
-        """(loss, prediction (B, N, p*p*C) in the target's space, mask (B, N) with 1 = masked)."""
+    def predict(self, images: torch.Tensor, noise: torch.Tensor = None) -> tuple:
+        """(loss, prediction (B, N, p*p*C) in the target's space, mask (B, N) with 1 = masked).
+        `noise` (B, N) picks the masked patches (the lowest 1 - mask_ratio are kept); drawn here
+        when not given."""
         B, N = images.shape[0], self.encoder.patch_embed.num_patches
-        ids_keep, ids_restore, mask = random_masking_indices(B, N, self.mask_ratio, images.device)
+        ids_keep, ids_restore, mask = random_masking_indices(B, N, self.mask_ratio, images.device, noise)
         pred = self.forward_decoder(self.forward_encoder(images, ids_keep), ids_restore)
         target, _ = self.target(images)
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, N)
         loss = (per_patch * mask).sum() / mask.sum()  # masked patches only (Sec. 3, "as in BERT")
         return loss, pred, mask
 
-    def forward(self, images: torch.Tensor) -> tuple:
-        loss, _, _ = self.predict(images)
+    def forward(self, images: torch.Tensor, noise: torch.Tensor = None) -> tuple:
+        loss, _, _ = self.predict(images, noise)
         return loss, {}
 
     @torch.no_grad()

@@ -66,6 +66,8 @@ def get_args_parser():
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
     p.add_argument('--pretrain_args', default='', type=str,
                    help='more main_pretrain.py flags for ours and the reference, e.g. "--grad_ckpt --head_dim 1024"')
+    p.add_argument('--threads', default=0, type=int,
+                   help="torch CPU threads (0: torch's default; 1 is steadier on a shared machine)")
     p.add_argument('--seed', default=0, type=int, help='random seed of weights and batches')
     return p
 
@@ -371,6 +373,8 @@ def main(bench) -> str:
     if unknown or not methods:
         raise SystemExit(f'error: --methods {bench.methods!r}: choose from {", ".join(METHODS)}')
     device = torch.device(bench.device)
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         teacher_path = write_teacher(bench, folder) if 'mimco' in methods else None

@@ -1,5 +1,6 @@
 """Exact resume, whole checkpoints after SIGKILL, non-finite losses, and one clear line per bad input."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -60,7 +61,7 @@ def test_sigkill_leaves_a_checkpoint_that_resumes(tmp_path):
         assert os.path.isfile(last), 'no checkpoint within 5 minutes'
         # Kill as the next epochs' checkpoints are being written: poll the folder and kill at once
         # when a temporary file appears (or after a while, mid-epoch).
-        deadline = time.time() + 60
+        deadline = time.time() + 20
         while time.time() < deadline and not any('.tmp.' in f for f in os.listdir(out)):
             time.sleep(0.005)
         process.send_signal(signal.SIGKILL)
@@ -86,7 +87,7 @@ def test_non_finite_loss_stops_with_step_terms_and_lr(tmp_path, teacher_path):
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
     assert 'non-finite loss' in message and 'epoch 1, step' in message
-    assert 'patch_loss' in message and 'img_loss' in message and 'lr 1e+12' in message
+    assert 'patch_loss' in message and 'img_loss' in message and re.search(r'lr \d\.\d+e\+\d+', message)
     after = checkpoint.load_file(os.path.join(out, 'checkpoint-last.pth'))
     assert after['epoch'] == 0
     assert_same_weights(good['model'], after['model'])
@@ -144,3 +145,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     result = run_script(MOCO + ['--batch_size', '5000', '--output_dir', str(tmp_path)])
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith('error: --batch_size 5000')
+
+
+def test_mae_two_processes_equal_one_process(tmp_path):
+    """Same global batch (2 x 64 vs 1 x 128): the same loss curve. Augmentations and masks are seeded
+    per sample, the masked-patch counts are equal, and DDP averages the gradients."""
+    argv = ['--method', 'mae', '--decoder_embed_dim', '32', '--decoder_depth', '1', '--decoder_num_heads',
+            '2', '--epochs', '2', '--warmup_epochs', '1', '--blr', '1e-3', '--num_workers', '0']
+    single = run_script(argv + ['--batch_size', '128', '--output_dir', str(tmp_path / 'one')])
+    assert single.returncode == 0, single.stderr[-2000:]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+           'main_pretrain.py'] + argv + ['--batch_size', '64', '--output_dir', str(tmp_path / 'two')]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    double = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert double.returncode == 0, double.stderr[-2000:]
+    one, two = epoch_losses(tmp_path / 'one'), epoch_losses(tmp_path / 'two')
+    assert len(one) == len(two) == 2 and one[1] < one[0]
+    assert two == pytest.approx(one, rel=1e-5, abs=1e-6)

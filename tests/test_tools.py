@@ -120,7 +120,7 @@ def test_visualize(teacher_path, mae_path, tmp_path, capsys):
                    os.path.join(mae_path, 'checkpoint-last.pth')]
     args = visualize.get_args_parser().parse_args(
         ['--checkpoints', *checkpoints, '--names', 'random', 'mocov3', 'mae', '--output_dir', out,
-         '--num_images', '4'])
+         '--num_images', '4', '--tsne_iters', '250', '--logreg_iters', '100'])
     written = visualize.main(args)
     expected = {'tsne.png': (3 * 400, 400), 'attention.png': (4 * 150, 4 * 150),
                 'mae_reconstruction_mae.png': (4 * 150, 3 * 150)}

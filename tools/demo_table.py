@@ -10,7 +10,6 @@ import argparse
 import datetime
 import json
 import os
-import sys
 
 # (row label, pre-training folders in order, folder of its evaluations): the layout of scripts/demo.sh.
 ROWS = [
@@ -72,7 +71,7 @@ def main(args):
               + (f' by `{args.command}`' if args.command else '')
               + (f', wall time {datetime.timedelta(seconds=int(args.wall_time))}' if args.wall_time else '')
               + '. Val top-1 (%) on the 360 val digits; 1 % = 1 labelled image per class, 10 % = 14.', '']
-    result = '\n'.join(header) + text + '\n'
+    result = '\n'.join(header) + '\n' + text + '\n'  # a blank line before the table (Markdown)
     with open(os.path.join(args.output_dir, 'results.md'), 'w') as f:
         f.write(result)
     print(result, end='')

@@ -41,6 +41,9 @@ def get_args_parser():
     p.add_argument('--output_dir', default='output_dir/pictures', help='where the PNG files go')
     p.add_argument('--num_images', default=8, type=int, help='val images in the attention and MAE/MimCo rows')
     p.add_argument('--perplexity', default=30.0, type=float, help='t-SNE perplexity')
+    p.add_argument('--tsne_iters', default=1000, type=int, help='t-SNE optimisation steps (at least 250)')
+    p.add_argument('--logreg_iters', default=200, type=int,
+                   help='L-BFGS steps of the logistic regression (its accuracy settles long before 1000)')
     p.add_argument('--max_points', default=2000, type=int,
                    help='val images in the t-SNE maps and the Fisher ratio at most (a seeded sample)')
     p.add_argument('--data_path', default=None, type=str,
@@ -78,21 +81,22 @@ def fisher_ratio(x: torch.Tensor, y: torch.Tensor) -> float:
     return between / within
 
 
-def logreg_accuracy(train_x, train_y, val_x, val_y) -> float:
+def logreg_accuracy(train_x, train_y, val_x, val_y, max_iter: int = 200) -> float:
     """Val top-1 (%) of Layer Grafted's logistic regression on all the frozen train features."""
     train_x, val_x = main_linprobe.center_normalize(train_x, val_x)
     classifier = main_linprobe.logistic_regression(train_x, train_y, int(train_y.max()) + 1,
-                                                   2.5e-4 / len(train_x))
+                                                   2.5e-4 / len(train_x), max_iter)
     return (classifier(val_x.double()).argmax(1) == val_y).double().mean().item() * 100
 
 
-def separability(backbone, lp_args, device) -> tuple:
+def separability(backbone, lp_args, device, logreg_iters: int = 200) -> tuple:
     """(val features, val labels, logreg val top-1 %, Fisher ratio)."""
     train_set = data.build_dataset(lp_args, True, data.eval_transform(lp_args))
     val_set = data.build_dataset(lp_args, False, data.eval_transform(lp_args))
     train_x, train_y = main_linprobe.extract_features(backbone, train_set, device, lp_args)
     val_x, val_y = main_linprobe.extract_features(backbone, val_set, device, lp_args)
-    return val_x.cpu(), val_y.cpu(), logreg_accuracy(train_x, train_y, val_x, val_y), fisher_ratio(val_x, val_y)
+    accuracy = logreg_accuracy(train_x, train_y, val_x, val_y, logreg_iters)
+    return val_x.cpu(), val_y.cpu(), accuracy, fisher_ratio(val_x, val_y)
 
 
 def default_name(path: str) -> str:
@@ -135,11 +139,11 @@ def main(args):
         lp_args = probe_args(args, path)
         torch.manual_seed(args.seed)  # the random-init baseline is the same every run
         backbone = main_linprobe.build_backbone(lp_args).to(device)
-        val_x, val_y, accuracy, fisher = separability(backbone, lp_args, device)
+        val_x, val_y, accuracy, fisher = separability(backbone, lp_args, device, args.logreg_iters)
         print(f'separability | {name} | logreg val top-1 {accuracy:.1f} % | Fisher ratio {fisher:.3f}')
         keep = np.random.default_rng(args.seed).permutation(len(val_x))[:args.max_points]
         tsne = TSNE(n_components=2, perplexity=min(args.perplexity, (len(keep) - 1) / 3), init='pca',
-                    random_state=args.seed)
+                    max_iter=args.tsne_iters, random_state=args.seed)
         embedding = tsne.fit_transform(F.normalize(val_x[keep], dim=1).numpy())
         panels.append((f'{name}\nlogreg {accuracy:.1f} %, Fisher {fisher:.2f}', embedding, val_y[keep].numpy()))
         images, _ = figures.sample_images(lp_args, args.num_images)

@@ -5,12 +5,13 @@ With no `--data_path` every script uses `digits`: scikit-learn's 1,797 real 8x8 
 runs on a fresh machine with no download.
 """
 import os
+import random
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets
 from torchvision.transforms import v2 as T
 
@@ -179,10 +180,53 @@ def pretrain_transform(args, mask_generator=None):
     return OneView(view)
 
 
+class EpochIndices(Sampler):
+    """Yields (epoch, index) pairs of a DistributedSampler, so each sample can know its epoch."""
+
+    def __init__(self, sampler: DistributedSampler):
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededSamples(Dataset):
+    """Draws each sample's augmentation (and mask) from its own seed, a function of (--seed, epoch,
+    index) alone: the same images whatever the number of workers or processes, and after a resume.
+    The caller's RNG states are left as they were."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2 ** 63
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2 ** 32)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
+
+
 def build_loader(dataset, args, is_train: bool, batch_size: int = None) -> DataLoader:
     """DistributedSampler in every case (one replica without torchrun): its per-epoch shuffle is a
-    function of (--seed, epoch) alone, which makes resumed runs exact. Workers are re-made each epoch
-    so their seeds come from the (restored) main-process RNG."""
+    function of (--seed, epoch) alone. Training samples are seeded one by one (SeededSamples), so
+    resumed runs are exact and the workers can persist between epochs."""
     batch_size = batch_size or args.batch_size
     world_size = get_world_size()
     if is_train and batch_size * world_size > len(dataset):
@@ -190,8 +234,11 @@ def build_loader(dataset, args, is_train: bool, batch_size: int = None) -> DataL
                          f'{len(dataset)} training images: lower --batch_size')
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=get_rank(),
                                  shuffle=is_train, seed=args.seed, drop_last=is_train)
+    if is_train:
+        dataset, sampler = SeededSamples(dataset, args.seed), EpochIndices(sampler)
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=is_train)
+                      pin_memory=torch.cuda.is_available(), drop_last=is_train,
+                      persistent_workers=is_train and args.num_workers > 0)
 
 
 # --------------------------------------------------------------------------- label-efficient subsets

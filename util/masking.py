@@ -88,15 +88,27 @@ def build_mask_generator(mask_type: str, grid_size: tuple, mask_ratio: float):
     raise ValueError(f'unknown --mask_type {mask_type!r}: use block or random')
 
 
+class MaskNoiseGenerator:
+    """MAE's per-image masking noise, drawn in the data pipeline so that it is seeded per sample
+    (util.data.SeededSamples): the masks then do not depend on the number of processes."""
+
+    def __init__(self, grid_size: tuple):
+        self.num_patches = grid_size[0] * grid_size[1]
+
+    def __call__(self) -> torch.Tensor:
+        return torch.rand(self.num_patches)  # (N,)
+
+
 def random_masking_indices(batch_size: int, num_patches: int, mask_ratio: float,
-                           device=None) -> tuple:
+                           device=None, noise: torch.Tensor = None) -> tuple:
     """MAE's per-sample random masking by sorting noise (He et al., 2022, Sec. 3).
 
-    Returns ids_keep (B, N_keep), ids_restore (B, N) and mask (B, N) with 1 = masked, 0 = kept, in
+    `noise` (B, N), uniform in [0, 1), may come from the data loader. Returns ids_keep (B, N_keep), ids_restore (B, N) and mask (B, N) with 1 = masked, 0 = kept, in
     the original patch order: `gather(cat(kept, masked), ids_restore)` undoes the shuffle.
     """
     num_keep = num_patches - num_masked(num_patches, mask_ratio)
-    noise = torch.rand(batch_size, num_patches, device=device)
+    if noise is None:
+        noise = torch.rand(batch_size, num_patches, device=device)  # (B, N)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :num_keep]

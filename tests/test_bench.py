@@ -1,0 +1,109 @@
+"""The benchmarks run end to end on CPU, and the CUDA-first flags (--amp bf16, --compile) fall back
+cleanly there. No timing is asserted: that is the benchmarks' job, on an idle machine."""
+import functools
+import math
+import os
+import shlex
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main_pretrain
+from tests.conftest import ROOT, epoch_losses, parse
+
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+import bench_data  # noqa: E402
+import bench_step  # noqa: E402
+
+# Heads and decoder as scripts/demo.sh sizes them for digits, so that a step takes milliseconds.
+SMALL = '--moco_mlp_dim 256 --head_dim 256 --decoder_embed_dim 64 --decoder_depth 2 --decoder_num_heads 4'
+TINY_BENCH = ['--steps', '2', '--warmup', '1', '--batch_size', '8', '--threads', '1', '--pretrain_args', SMALL]
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine's cores are shared: one thread is faster and steadier
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile with the eager backend: Dynamo traces the real graphs (graph breaks and wiring
+    errors show up) without Inductor's C++ build, which takes minutes per model on 2 CPU cores."""
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='eager'))
+
+
+def table_rows(text: str) -> dict:
+    """{first cell: cells} of the Markdown table rows in `text`, header and rule left out."""
+    lines = [line for line in text.splitlines() if line.startswith('| ')][1:]
+    return {cells[0]: cells for cells in ([c.strip() for c in line.strip('|').split('|')] for line in lines)}
+
+
+def number(cell: str) -> float:
+    return float(cell.split()[0])
+
+
+def check_step_rows(rows: dict, methods: list) -> None:
+    for method in methods:
+        cells = dict(zip(bench_step.HEADER, rows[method]))
+        assert cells['batch'] == '8'
+        for name in ('step ms', 'img/s', 'reference ms', 'time ratio'):
+            assert number(cells[name]) > 0, (method, name, cells[name])
+        assert number(cells['img/s']) == pytest.approx(8000 / number(cells['step ms']), rel=0.02, abs=0.6)
+        assert number(cells['peak MiB']) >= 0 and number(cells['reference MiB']) >= 0, cells
+
+
+def run_bench(module, argv: list, capsys) -> str:
+    parser = module.get_args_parser()
+    module.main(parser.parse_args(argv))
+    return capsys.readouterr().out
+
+
+def test_bench_step_measures_every_method_on_cpu(one_thread, capsys):
+    out = run_bench(bench_step, TINY_BENCH + ['--device', 'cpu'], capsys)
+    assert out.startswith('device: ') and 'amp none' in out
+    rows = table_rows(out)
+    check_step_rows(rows, list(bench_step.METHODS))
+    assert 'mimco: teacher fwd / step' in rows and 'mae / full-sequence ViT' in rows
+    share = number(dict(zip(bench_step.HEADER, rows['mimco: teacher fwd / step']))['time ratio'])
+    assert 0 < share < 1  # the teacher's forward is a part of the MimCo step
+
+
+def test_bench_step_bf16_and_compile_on_cpu(one_thread, eager_compile, capsys):
+    out = run_bench(bench_step, TINY_BENCH + ['--device', 'cpu', '--methods', 'mimco',
+                                              '--amp', 'bf16', '--compile'], capsys)
+    assert 'amp bf16; compile True' in out
+    check_step_rows(table_rows(out), ['mimco'])
+
+
+def test_bench_data_reads_each_method(capsys):
+    out = run_bench(bench_data, ['--batches', '2', '--batch_size', '16', '--num_workers', '0'], capsys)
+    rows = table_rows(out)
+    for method in bench_step.METHODS:
+        assert rows[method][1] == 'digits' and float(rows[method][7]) > 0, rows[method]
+
+
+def test_pretrain_bf16_and_compile_fall_back_on_cpu(one_thread, eager_compile, tmp_path):
+    """main() with the GPU defaults forced on a CPU: bf16 autocast and torch.compile run and train.
+
+    A 32-image ImageFolder keeps the epoch to 2 steps: bf16 matmuls are emulated, slowly, on CPUs
+    without AVX512-BF16/AMX."""
+    for i in range(32):
+        folder = tmp_path / 'data' / 'train' / str(i % 2)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+            folder / f'{i}.png')
+    out = str(tmp_path / 'mae')
+    args = parse(['--method', 'mae', '--device', 'cpu', '--amp', 'bf16', '--compile', '--epochs', '1',
+                  '--batch_size', '16', '--num_workers', '0', '--warmup_epochs', '0',
+                  '--data_path', str(tmp_path / 'data'), '--output_dir', out] + shlex.split(SMALL))
+    main_pretrain.main(args)
+    assert args.amp == 'bf16'
+    [loss] = epoch_losses(out)
+    assert math.isfinite(loss) and 0 < loss < 10, loss  # a normalised-pixel MSE, not bf16 garbage
+    assert os.path.isfile(os.path.join(out, 'checkpoint-last.pth'))
