@@ -39,3 +39,21 @@ def teacher_path(tmp_path_factory):
     return str(out)
 
 
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: over ~30 s alone; runs in CI (CI=true) or with --runslow')
+
+
+def pytest_addoption(parser):
+    parser.addoption('--runslow', action='store_true', help='also run the tests marked slow')
+
+
+def pytest_collection_modifyitems(config, items):
+    """A developer's `pytest tests` stays under 10 minutes; CI (CI=true) runs the slow tests too."""
+    if config.getoption('--runslow') or os.environ.get('CI', '').lower() == 'true':
+        return
+    skip = pytest.mark.skip(reason='slow: set CI=true or pass --runslow')
+    for item in items:
+        if 'slow' in item.keywords:
+            item.add_marker(skip)

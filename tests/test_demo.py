@@ -4,12 +4,15 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 ROWS = ['random init', 'MoCo v3 (the teacher): MoCo v3 1 ep', 'MimCo ← MoCo v3 teacher: MoCo v3 1 ep → MimCo 1 ep',
         'MAE: MAE 1 ep', 'Layer Grafted: MAE → MoCo v3 (0.1,0.1,1): MAE 1 ep → grafted MoCo v3 1 ep']
 
 
+@pytest.mark.slow
 def test_demo_quick(tmp_path):
     out = str(tmp_path / 'demo')
     env = dict(os.environ, PYTHON=sys.executable)

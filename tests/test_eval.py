@@ -136,15 +136,10 @@ def test_subset_file_reads_simclr_list(tmp_path):
 # --------------------------------------------------------------------------- real runs on digits
 
 @pytest.fixture(scope='session')
-def pretrained(tmp_path_factory):
-    """A short MoCo v3 run on digits: the pre-trained backbone the protocols must tell from random."""
-    out = tmp_path_factory.mktemp('eval_mocov3')
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    run(main_pretrain, '--method', 'mocov3', '--epochs', 4, '--moco_mlp_dim', 256, '--warmup_epochs', 1,
-        '--batch_size', 128, '--num_workers', 0, '--print_freq', 100, '--output_dir', out)
-    torch.set_num_threads(threads)
-    return out / 'checkpoint-last.pth'
+def pretrained(teacher_path):
+    """The session's short MoCo v3 run on digits (tests/conftest.py): the pre-trained backbone the
+    protocols must tell from random."""
+    return os.path.join(teacher_path, 'checkpoint-last.pth')
 
 
 def probe(tmp_path, checkpoint, protocol, *extra):
@@ -153,6 +148,7 @@ def probe(tmp_path, checkpoint, protocol, *extra):
                *extra)
 
 
+@pytest.mark.slow
 def test_protocols_tell_pretrained_from_random(tmp_path, pretrained):
     results = {}
     for name, ckpt in (('random', 'random'), ('mocov3', pretrained)):

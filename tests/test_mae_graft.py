@@ -222,6 +222,7 @@ def test_graft_zero_lr_keeps_lower_blocks_bit_identical(official_mae_path, tmp_p
     assert lrs[0] == lrs[1] == (0.0, 0.0) and lrs[2][0] > 0
 
 
+@pytest.mark.slow
 def test_grafted_loss_falls_and_every_block_moves(mae_dir, tmp_path):
     """The official code never stepped its GradScaler (its issue #1): here the stage-2 loss falls
     and every block moves, the lower two thirds at 0.1x the lr."""

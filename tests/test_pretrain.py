@@ -22,7 +22,9 @@ def test_mocov3_loss_falls(teacher_path):
 
 def test_momentum_update_follows_m():
     torch.manual_seed(0)
-    encoder = main_pretrain.create_vit(parse(MOCO + ['--drop_path', '0']))
+    args = parse(MOCO + ['--drop_path', '0'])
+    main_pretrain.resolve_defaults(args)
+    encoder = main_pretrain.create_vit(args)
     moco = models_mimco.MoCoV3(encoder, dim=16, mlp_dim=32)
     with torch.no_grad():
         for p in moco.base_encoder.parameters():

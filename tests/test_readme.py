@@ -22,7 +22,7 @@ def readme_commands():
         joined = re.sub(r'\\\n\s*', ' ', block)
         for line in joined.splitlines():
             line = line.split('#')[0].strip()
-            found = re.search(r'(?:^|\s)((?:main_\w+|tools/\w+)\.py)(\s.*)?$', line)
+            found = re.search(r'(?:^|\s)((?:main_\w+|tools/\w+|benchmarks/\w+)\.py)(\s.*)?$', line)
             if found and ('python' in line or 'torchrun' in line):
                 commands.append((found.group(1), shlex.split(found.group(2) or '')))
     return commands

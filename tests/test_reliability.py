@@ -29,13 +29,16 @@ def assert_same_weights(a, b):
         assert torch.equal(a[k], b[k]), f'{k} differs after resume'
 
 
-@pytest.mark.parametrize('method', ['mocov3', 'mimco'])
+@pytest.mark.parametrize('method', ['mocov3', 'mimco', 'mae'])
 def test_resume_equals_uninterrupted(method, tmp_path, teacher_path):
     """Stopped after epoch 0 (its checkpoint is all that is left) and resumed: the same weights,
     optimizer state and RNG stream as the run that never stopped."""
     argv = ['--batch_size', '256', '--save_freq', '1']
     if method == 'mocov3':
         argv = MOCO + argv
+    elif method == 'mae':
+        argv = ['--method', 'mae', '--decoder_embed_dim', '32', '--decoder_depth', '1',
+                '--decoder_num_heads', '2', '--num_workers', '0'] + argv
     else:
         argv = MIMCO + argv + ['--teacher', os.path.join(teacher_path, 'checkpoint-last.pth')]
     whole = train(argv, tmp_path / 'whole', 2)
@@ -48,6 +51,37 @@ def test_resume_equals_uninterrupted(method, tmp_path, teacher_path):
     assert epoch_losses(tmp_path / 'split') == epoch_losses(tmp_path / 'whole')[1:]
 
 
+def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    """Fine-tuning with Mixup/CutMix and an EMA, stopped after epoch 0 and resumed: the same bits."""
+    import main_finetune
+    argv = ['--epochs', '2', '--warmup_epochs', '1', '--batch_size', '256', '--num_workers', '0',
+            '--mixup', '0.8', '--cutmix', '1.0', '--model_ema', '--model_ema_decay', '0.9',
+            '--print_freq', '100']
+
+    def run(out):
+        main_finetune.main(main_finetune.get_args_parser().parse_args(argv + ['--output_dir', str(out)]))
+
+    run(tmp_path / 'whole')
+    real = main_finetune.train_one_epoch
+
+    def stop_at_epoch_1(*args, **kwargs):
+        if args[6] == 1:
+            raise KeyboardInterrupt  # the run dies after epoch 0's checkpoint
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(main_finetune, 'train_one_epoch', stop_at_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / 'split')
+    monkeypatch.setattr(main_finetune, 'train_one_epoch', real)
+    run(tmp_path / 'split')
+    whole = checkpoint.load_file(str(tmp_path / 'whole' / 'checkpoint-last.pth'))
+    resumed = checkpoint.load_file(str(tmp_path / 'split' / 'checkpoint-last.pth'))
+    assert resumed['epoch'] == whole['epoch'] == 1
+    assert_same_weights(whole['model'], resumed['model'])
+    assert_same_weights(whole['model_ema'], resumed['model_ema'])
+
+
+@pytest.mark.slow
 def test_sigkill_leaves_a_checkpoint_that_resumes(tmp_path):
     out = str(tmp_path / 'killed')
     argv = [sys.executable, os.path.join(ROOT, 'main_pretrain.py')] + MOCO + SMALL + [
@@ -147,6 +181,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith('error: --batch_size 5000')
 
 
+@pytest.mark.slow
 def test_mae_two_processes_equal_one_process(tmp_path):
     """Same global batch (2 x 64 vs 1 x 128): the same loss curve. Augmentations and masks are seeded
     per sample, the masked-patch counts are equal, and DDP averages the gradients."""
