@@ -148,6 +148,10 @@ def bad_inputs(tmp_path):
     (tmp_path / 'empty' / 'train').mkdir(parents=True)
     (tmp_path / 'no_images' / 'train' / 'class0').mkdir(parents=True)
     make_image_folder(tmp_path / 'corrupt_images', corrupt=True)
+    gray_teacher = tmp_path / 'gray_teacher.pth'
+    from timm.models.vision_transformer import VisionTransformer
+    torch.save(VisionTransformer(img_size=16, patch_size=4, in_chans=1, embed_dim=64, depth=1,
+                                 num_heads=1, num_classes=0).state_dict(), gray_teacher)
     a_file = tmp_path / 'a_file'
     a_file.write_text('x')
     out = ['--output_dir', str(tmp_path / 'out')]
@@ -164,10 +168,12 @@ def bad_inputs(tmp_path):
         ('batch larger than the data', MOCO + ['--batch_size', '5000'] + out, 'larger than the 1437 training images'),
         ('output dir not writable', MOCO + ['--output_dir', str(a_file / 'out')], 'is not writable'),
         ('input size not a multiple of the patch', MOCO + ['--input_size', '18'] + out, 'not a multiple of the patch size'),
+        ('a teacher that cannot fit the student', MIMCO + ['--teacher', str(gray_teacher)] + out,
+         'cannot give targets for this student'),
     ]
 
 
-@pytest.mark.parametrize('case', range(11))
+@pytest.mark.parametrize('case', range(12))
 def test_bad_input_is_named_with_its_fix(case, tmp_path):
     name, argv, expected = bad_inputs(tmp_path)[case]
     with pytest.raises(InputError) as error:
@@ -197,3 +203,18 @@ def test_mae_two_processes_equal_one_process(tmp_path):
     one, two = epoch_losses(tmp_path / 'one'), epoch_losses(tmp_path / 'two')
     assert len(one) == len(two) == 2 and one[1] < one[0]
     assert two == pytest.approx(one, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('script,argv', [
+    ('main_linprobe.py', ['--checkpoint', 'random', '--protocol', 'knn']),
+    ('main_finetune.py', ['--epochs', '1', '--warmup_epochs', '0', '--batch_size', '64']),
+])
+def test_evaluation_scripts_under_torchrun(script, argv, tmp_path):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', script,
+           '--num_workers', '0', '--output_dir', str(tmp_path)] + argv
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'rank 1 of 2' in result.stdout + result.stderr
+    assert os.path.isfile(tmp_path / 'log.txt')
