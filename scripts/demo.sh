@@ -6,7 +6,7 @@
 #   written to <output_dir>/results.md.
 #
 #   scripts/demo.sh                        # about 20 min on 2 idle CPU cores (measured stage speeds)
-#   scripts/demo.sh --quick                # 1 epoch a stage: an end-to-end check (about 1.5 min alone on 2 cores)
+#   scripts/demo.sh --quick                # 1 epoch a stage: an end-to-end check (about 4 min on 2 cores)
 #   scripts/demo.sh --output_dir DIR       # default output/demo; the demo's sub-folders are replaced
 #   MOCO_EPOCHS=100 MIMCO_EPOCHS=60 scripts/demo.sh   # longer (DESIGN.md's prototype sizes)
 set -euo pipefail
