@@ -108,10 +108,7 @@ def setup_run(args) -> torch.device:
     if getattr(args, 'accum_iter', 1) < 1:
         raise InputError(f'--accum_iter must be at least 1, got {args.accum_iter}')
     args.log_dir = args.log_dir or args.output_dir
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-        if not os.access(args.output_dir, os.W_OK):
-            raise InputError(f'--output_dir {args.output_dir} is not writable: pick another folder')
+    checkpoint.prepare_output_dir(args.output_dir)
     seed_everything(args.seed + args.rank)
     print(json.dumps(vars(args), default=str))
     return torch.device(args.device)
