@@ -9,6 +9,7 @@ Many GPUs:    torchrun --nproc_per_node 8 main_linprobe.py --checkpoint mimco_vi
                   --data_path /data/imagenet --batch_size 2048
 """
 import argparse
+import math
 import os
 
 import timm
@@ -68,9 +69,13 @@ def get_args_parser():
     data.add_data_args(p)
     p.add_argument('--num_workers', default=4, type=int, help='data loader workers per process')
     # Run
-    p.add_argument('--output_dir', default='./output_dir', help='log.txt and subset.txt go here')
+    p.add_argument('--output_dir', default='./output_dir',
+                   help='log.txt, subset.txt and the linear probe\'s checkpoint-last.pth go here')
     p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: output_dir)')
     p.add_argument('--print_freq', default=20, type=int, help='log every N steps')
+    p.add_argument('--resume', default='',
+                   help='linear probe checkpoint to resume (default: output_dir/checkpoint-last.pth)')
+    p.add_argument('--start_epoch', default=0, type=int, help='first linear probe epoch (set by --resume)')
     p.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
                    help='mixed precision of the backbone (default: bf16 on CUDA, none on CPU)')
     p.add_argument('--seed', default=0, type=int, help='random seed (subsets, random init, head)')
@@ -209,7 +214,32 @@ def linear_head(dim: int, num_classes: int) -> nn.Sequential:
     return head
 
 
+def fingerprint(backbone) -> float:
+    """One number that changes when any backbone weight does: a probe's checkpoint records it, so
+    that resuming never trains on top of a head fitted to another backbone."""
+    return sum(v.detach().double().sum().item() + v.detach().double().square().sum().item()
+               for v in backbone.state_dict().values() if v.is_floating_point())
+
+
+def check_probe_checkpoint(backbone_id: float, args):
+    """The `validate` of checkpoint.resume: only a linear probe of this backbone may be resumed."""
+    def validate(path, saved):
+        saved_args = saved.get('args') or {}
+        if saved_args.get('protocol') != 'linear':
+            raise InputError(f'{path} was written by another script (pre-training or fine-tuning), '
+                             f'not by a linear probe: give main_linprobe.py its own --output_dir')
+        saved_id = saved.get('backbone_fingerprint')
+        # A tolerance, not ==: a GPU's reduction order may differ in the last bits from one card to another.
+        if saved_id is None or not math.isclose(saved_id, backbone_id, rel_tol=1e-9):
+            raise InputError(f'{path} is a linear probe of another backbone ({saved_args.get("checkpoint")}'
+                             f'), not of {args.checkpoint}: use a fresh --output_dir or delete that file')
+    return validate
+
+
 def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dict:
+    """Trains the head, checkpointing it (with optimizer, scaler and RNG) after every epoch in
+    output_dir/checkpoint-last.pth, and resumes from there (or --resume) exactly."""
+    backbone_id = fingerprint(backbone)
     head = linear_head(backbone.num_features, num_classes).to(device)
     if args.cache_features:
         # Without augmentation the features are the same every epoch: compute them once.
@@ -237,22 +267,30 @@ def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dic
         optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     lr_scheduler = cosine_lr_scheduler(optimizer, args, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    resumed = checkpoint.resume(args, head, optimizer, scaler, validate=check_probe_checkpoint(backbone_id, args))
+    best = resumed['best_acc1'] if resumed else 0.0
     log_writer = tensorboard_writer(args.log_dir)
     print(f'linear probe: lr {args.lr:.3g} ({args.optimizer}, total batch {total_batch}), '
-          f'{"cached features" if args.cache_features else "images through the frozen backbone"}')
-    best, stats = 0.0, {}
-    for epoch in range(args.epochs):
+          f'{"cached features" if args.cache_features else "images through the frozen backbone"}, '
+          f'epochs {args.start_epoch}..{args.epochs - 1}')
+    stats = {}
+    for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(train_model, loader, optimizer, lr_scheduler, scaler, device, epoch,
                                       args, log_writer, criterion=nn.CrossEntropyLoss())
         stats = evaluate(model, val_loader, device, args)
         best = max(best, stats['acc1'])
+        state = checkpoint.training_state(args, epoch, head, optimizer, scaler, acc1=stats['acc1'],
+                                          best_acc1=best, backbone_fingerprint=backbone_id)
+        checkpoint.save_checkpoint(state, os.path.join(args.output_dir, 'checkpoint-last.pth'))
         if log_writer is not None:
             log_writer.add_scalar('test/acc1', stats['acc1'], epoch)
         log_json(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()},
                                    **{f'test_{k}': v for k, v in stats.items()}, 'epoch': epoch})
     if log_writer is not None:
         log_writer.close()
+    if not stats:  # resumed from the last epoch: nothing left to train, report the head as it is
+        stats = evaluate(model, val_loader, device, args)
     return {'acc1': stats['acc1'], 'acc5': stats['acc5'], 'best_acc1': best}
 
 

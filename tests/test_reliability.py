@@ -81,6 +81,52 @@ def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert_same_weights(whole['model_ema'], resumed['model_ema'])
 
 
+
+def run_linear_probe(out, *extra):
+    import main_linprobe
+    argv = ['--protocol', 'linear', '--epochs', '3', '--warmup_epochs', '1', '--batch_size', '128',
+            '--num_workers', '0', '--print_freq', '1000', '--output_dir', str(out), *extra]
+    return main_linprobe.main(main_linprobe.get_args_parser().parse_args(argv))
+
+
+def test_linear_probe_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    """The linear probe (a 90-epoch run at full scale) stopped after epoch 1 and resumed from its
+    checkpoint-last.pth: the same head, optimizer state and accuracy as the run that never stopped."""
+    import main_linprobe
+    whole_metrics = run_linear_probe(tmp_path / 'whole')
+    real = main_linprobe.train_one_epoch
+
+    def stop_at_epoch_2(*args, **kwargs):
+        if args[6] == 2:
+            raise KeyboardInterrupt  # the run dies after epoch 1's checkpoint
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(main_linprobe, 'train_one_epoch', stop_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_linear_probe(tmp_path / 'split')
+    monkeypatch.setattr(main_linprobe, 'train_one_epoch', real)
+    split_metrics = run_linear_probe(tmp_path / 'split')
+    whole = checkpoint.load_file(str(tmp_path / 'whole' / 'checkpoint-last.pth'))
+    resumed = checkpoint.load_file(str(tmp_path / 'split' / 'checkpoint-last.pth'))
+    assert resumed['epoch'] == whole['epoch'] == 2
+    assert set(whole['model']) == {'0.running_mean', '0.running_var', '0.num_batches_tracked',
+                                   '1.weight', '1.bias'}  # the head only, not the frozen backbone
+    assert_same_weights(whole['model'], resumed['model'])
+    assert_same_weights(whole['optimizer']['state'][0], resumed['optimizer']['state'][0])
+    assert split_metrics == whole_metrics and whole_metrics['acc1'] > 30  # chance is 10 %
+    # Finished: a third start trains nothing and reports the same head.
+    assert run_linear_probe(tmp_path / 'split')['acc1'] == whole_metrics['acc1']
+
+
+def test_linear_probe_refuses_to_resume_another_run(tmp_path, teacher_path):
+    """An output_dir holding a pre-training checkpoint, or the probe of another backbone: named, not loaded."""
+    pretrained = os.path.join(teacher_path, 'checkpoint-last.pth')
+    with pytest.raises(InputError, match='not by a linear probe'):
+        run_linear_probe(teacher_path, '--checkpoint', pretrained)
+    run_linear_probe(tmp_path, '--epochs', '1', '--warmup_epochs', '0')  # a probe of random init
+    with pytest.raises(InputError, match='a linear probe of another backbone'):
+        run_linear_probe(tmp_path, '--checkpoint', pretrained)
+
 @pytest.mark.slow
 def test_sigkill_leaves_a_checkpoint_that_resumes(tmp_path):
     out = str(tmp_path / 'killed')

@@ -106,15 +106,19 @@ def resume_path(args) -> str:
     return last if last and os.path.isfile(last) else ''
 
 
-def resume(args, model, optimizer=None, scaler=None, **extra) -> None:
-    """Restore model, optimizer, scaler, RNG and any `extra` modules; set args.start_epoch."""
+def resume(args, model, optimizer=None, scaler=None, validate=None, **extra) -> dict:
+    """Restore model, optimizer, scaler, RNG and any `extra` modules; set args.start_epoch.
+    `validate(path, checkpoint)` may refuse the file before anything is restored. Returns the
+    checkpoint read (None when there is nothing to resume)."""
     path = resume_path(args)
     if not path:
-        return
+        return None
     checkpoint = load_file(path)
     if 'model' not in checkpoint or 'epoch' not in checkpoint:
         raise InputError(f'{path} is not a training checkpoint of this repository: use --resume '
                          f'with a checkpoint-*.pth written by these scripts')
+    if validate is not None:
+        validate(path, checkpoint)
     try:
         model.load_state_dict(checkpoint['model'])
     except RuntimeError as e:
@@ -130,6 +134,7 @@ def resume(args, model, optimizer=None, scaler=None, **extra) -> None:
         set_rng_state(checkpoint['rng'])
     args.start_epoch = checkpoint['epoch'] + 1
     print(f'resumed from {path} (epoch {checkpoint["epoch"]}); continuing at epoch {args.start_epoch}')
+    return checkpoint
 
 
 # --------------------------------------------------------------------------- backbones
