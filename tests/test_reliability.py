@@ -29,6 +29,23 @@ def assert_same_weights(a, b):
         assert torch.equal(a[k], b[k]), f'{k} differs after resume'
 
 
+def die_then_resume(monkeypatch, script, run, out, epoch):
+    """Runs `run(out)` once with the process dying as `epoch` starts (after the previous epoch's
+    checkpoint), then once more: the second run resumes. Returns what the second run returns."""
+    real = script.train_one_epoch
+
+    def die_at_epoch(*args, **kwargs):
+        if args[6] == epoch:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(script, 'train_one_epoch', die_at_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(out)
+    monkeypatch.setattr(script, 'train_one_epoch', real)
+    return run(out)
+
+
 @pytest.mark.parametrize('method', ['mocov3', 'mimco', 'mae'])
 def test_resume_equals_uninterrupted(method, tmp_path, teacher_path):
     """Stopped after epoch 0 (its checkpoint is all that is left) and resumed: the same weights,
@@ -62,18 +79,7 @@ def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch):
         main_finetune.main(main_finetune.get_args_parser().parse_args(argv + ['--output_dir', str(out)]))
 
     run(tmp_path / 'whole')
-    real = main_finetune.train_one_epoch
-
-    def stop_at_epoch_1(*args, **kwargs):
-        if args[6] == 1:
-            raise KeyboardInterrupt  # the run dies after epoch 0's checkpoint
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(main_finetune, 'train_one_epoch', stop_at_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / 'split')
-    monkeypatch.setattr(main_finetune, 'train_one_epoch', real)
-    run(tmp_path / 'split')
+    die_then_resume(monkeypatch, main_finetune, run, tmp_path / 'split', epoch=1)
     whole = checkpoint.load_file(str(tmp_path / 'whole' / 'checkpoint-last.pth'))
     resumed = checkpoint.load_file(str(tmp_path / 'split' / 'checkpoint-last.pth'))
     assert resumed['epoch'] == whole['epoch'] == 1
@@ -94,18 +100,7 @@ def test_linear_probe_resume_equals_uninterrupted(tmp_path, monkeypatch):
     checkpoint-last.pth: the same head, optimizer state and accuracy as the run that never stopped."""
     import main_linprobe
     whole_metrics = run_linear_probe(tmp_path / 'whole')
-    real = main_linprobe.train_one_epoch
-
-    def stop_at_epoch_2(*args, **kwargs):
-        if args[6] == 2:
-            raise KeyboardInterrupt  # the run dies after epoch 1's checkpoint
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(main_linprobe, 'train_one_epoch', stop_at_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run_linear_probe(tmp_path / 'split')
-    monkeypatch.setattr(main_linprobe, 'train_one_epoch', real)
-    split_metrics = run_linear_probe(tmp_path / 'split')
+    split_metrics = die_then_resume(monkeypatch, main_linprobe, run_linear_probe, tmp_path / 'split', epoch=2)
     whole = checkpoint.load_file(str(tmp_path / 'whole' / 'checkpoint-last.pth'))
     resumed = checkpoint.load_file(str(tmp_path / 'split' / 'checkpoint-last.pth'))
     assert resumed['epoch'] == whole['epoch'] == 2
