@@ -251,7 +251,7 @@ def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dic
         model = FrozenProbe(backbone, head).to(device)
     # Tensors in memory need no worker processes.
     loader_args = argparse.Namespace(**{**vars(args), 'num_workers': 0}) if args.cache_features else args
-    loader = data.build_loader(train_set, loader_args, is_train=True)
+    loader = data.build_loader(train_set, loader_args, is_train=True, random_samples=not args.cache_features)
     val_loader = data.build_loader(val_set, loader_args, is_train=False)
     train_model = model
     if args.distributed:

@@ -228,10 +228,11 @@ class SeededSamples(Dataset):
                 np.random.set_state(saved[2])
 
 
-def build_loader(dataset, args, is_train: bool, batch_size: int = None) -> DataLoader:
+def build_loader(dataset, args, is_train: bool, batch_size: int = None, random_samples: bool = True) -> DataLoader:
     """DistributedSampler in every case (one replica without torchrun): its per-epoch shuffle is a
     function of (--seed, epoch) alone. Training samples are seeded one by one (SeededSamples), so
-    resumed runs are exact and the workers can persist between epochs."""
+    resumed runs are exact and the workers can persist between epochs; `random_samples=False` (fixed
+    tensors, e.g. cached features) skips that seeding, which would cost more than the sample."""
     batch_size = batch_size or args.batch_size
     world_size = get_world_size()
     if is_train and batch_size * world_size > len(dataset):
@@ -239,7 +240,7 @@ def build_loader(dataset, args, is_train: bool, batch_size: int = None) -> DataL
                          f'{len(dataset)} training images: lower --batch_size')
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=get_rank(),
                                  shuffle=is_train, seed=args.seed, drop_last=is_train)
-    if is_train:
+    if is_train and random_samples:
         dataset, sampler = SeededSamples(dataset, args.seed), EpochIndices(sampler)
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
                       pin_memory=torch.cuda.is_available(), drop_last=is_train,
