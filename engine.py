@@ -27,10 +27,12 @@ def cosine_lr_scheduler(optimizer, args, updates_per_epoch: int) -> CosineLRSche
         warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
 
 
-def to_device(x, device):
+def to_device(x, device, channels_last: bool = False):
+    """Tensors (or tuples of them) to the device; with `channels_last`, images (B, C, H, W) in NHWC."""
     if isinstance(x, (list, tuple)):
-        return tuple(to_device(t, device) for t in x)
-    return x.to(device, non_blocking=True)
+        return tuple(to_device(t, device, channels_last) for t in x)
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
 
 
 def check_finite(values: list, first_step: int, epoch: int, terms: dict, lr: float) -> None:
@@ -61,7 +63,7 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, scaler, device,
             logger.log_every(data_loader, args.print_freq, header, args.batch_size)):
         if step % accum == 0:
             lr_scheduler.step_update((epoch * steps + step) // accum)
-        inputs = to_device(inputs, device)
+        inputs = to_device(inputs, device, getattr(args, 'channels_last', False))
         update = (step + 1) % accum == 0
         sync = contextlib.nullcontext() if update or not args.distributed else model.no_sync()
         with sync:
@@ -110,7 +112,8 @@ def evaluate(model, data_loader, device, args) -> dict:
     logger = MetricLogger()
     criterion = torch.nn.CrossEntropyLoss()
     for images, targets in logger.log_every(data_loader, args.print_freq, 'Test:'):
-        images, targets = to_device(images, device), targets.to(device, non_blocking=True)
+        images = to_device(images, device, getattr(args, 'channels_last', False))
+        targets = targets.to(device, non_blocking=True)
         with autocast(device, args.amp):
             output = model(images)
             loss = criterion(output, targets)

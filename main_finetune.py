@@ -68,6 +68,9 @@ def get_args_parser():
     p.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
                    help='mixed precision (default: bf16 on CUDA, none on CPU)')
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--channels_last', action='store_true',
+                   help="images and the patch embedding (a ViT's one convolution) in NHWC memory "
+                        'layout; may speed up the patch embedding on GPUs')
     # Augmentation and regularisation (the RandAugment / erasing flags act on ImageNet-style data only)
     p.add_argument('--aa', default='rand-m9-mstd0.5-inc1', type=str, help='timm RandAugment policy')
     p.add_argument('--color_jitter', default=None, type=float, help='colour jitter (off when --aa is set)')
@@ -202,7 +205,7 @@ def main(args):
     val_loader = data.build_loader(val_set, args, is_train=False)
     print(f'{len(train_set)} training / {len(val_set)} val images, {num_classes} classes')
 
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     model_without_ddp = model
     if args.distributed:

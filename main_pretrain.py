@@ -122,6 +122,9 @@ def get_args_parser():
                    help='mixed precision (default: bf16 on CUDA, none on CPU)')
     p.add_argument('--grad_ckpt', action='store_true', help='gradient checkpointing of the blocks')
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--channels_last', action='store_true',
+                   help="images and the patch embedding (a ViT's one convolution) in NHWC memory "
+                        'layout; may speed up the patch embedding on GPUs: check with benchmarks/bench_step.py')
     # Data
     p.add_argument('--data_path', default=None, type=str,
                    help='ImageFolder root with train/ (default: none, use the built-in digits)')
@@ -299,9 +302,10 @@ def main(args):
     if args.grad_ckpt:
         backbone = {'mimco': 'student', 'mae': 'encoder', 'mocov3': 'base_encoder'}[args.method]
         getattr(model, backbone).set_grad_checkpointing(True)
-    model.to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
+    model.to(device, memory_format=memory_format)
     if teacher is not None:
-        teacher.to(device)
+        teacher.to(device, memory_format=memory_format)
     model_without_ddp = model
     if args.distributed:
         if args.method == 'mocov3' and device.type == 'cuda':
