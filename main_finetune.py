@@ -206,12 +206,13 @@ def main(args):
     print(f'{len(train_set)} training / {len(val_set)} val images, {num_classes} classes')
 
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
-    model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == 'cuda' else None)
         model_without_ddp = model.module
+    # After DDP, which broadcast rank 0's weights: every rank's EMA starts from the same model.
+    model_ema = ModelEmaV3(model_without_ddp, decay=args.model_ema_decay) if args.model_ema else None
     train_model = torch.compile(model) if args.compile else model
 
     total_batch = args.batch_size * args.accum_iter * get_world_size()

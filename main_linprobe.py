@@ -90,7 +90,11 @@ def build_backbone(args) -> nn.Module:
     kwargs = {'img_size': args.input_size} if args.input_size else {}
     name = args.model or (DIGITS_MODEL if args.checkpoint == 'random' else None)
     try:
-        model = timm.create_model(name, num_classes=0, **kwargs) if name else None
+        # The same random init on every rank (setup_run seeds each rank differently, and the frozen
+        # backbone is not in DDP, which would otherwise broadcast rank 0's weights).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            model = timm.create_model(name, num_classes=0, **kwargs) if name else None
     except RuntimeError as e:
         raise InputError(f'--model {name}: {e}') from None
     if args.checkpoint != 'random':
@@ -231,8 +235,10 @@ def check_probe_checkpoint(backbone_id: float, args):
         saved_id = saved.get('backbone_fingerprint')
         # A tolerance, not ==: a GPU's reduction order may differ in the last bits from one card to another.
         if saved_id is None or not math.isclose(saved_id, backbone_id, rel_tol=1e-9):
-            raise InputError(f'{path} is a linear probe of another backbone ({saved_args.get("checkpoint")}'
-                             f'), not of {args.checkpoint}: use a fresh --output_dir or delete that file')
+            other = saved_args.get('checkpoint')
+            which = (f'of {other} with other weights (the file or --seed changed)' if other == args.checkpoint
+                     else f'of another backbone ({other}), not of {args.checkpoint}')
+            raise InputError(f'{path} is a linear probe {which}: use a fresh --output_dir or delete that file')
     return validate
 
 

@@ -1,4 +1,5 @@
 """Exact resume, whole checkpoints after SIGKILL, non-finite losses, and one clear line per bad input."""
+import json
 import os
 import re
 import shutil
@@ -258,4 +259,11 @@ def test_evaluation_scripts_under_torchrun(script, argv, tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'rank 1 of 2' in result.stdout + result.stderr
-    assert os.path.isfile(tmp_path / 'log.txt')
+    summary = [json.loads(line) for line in open(tmp_path / 'log.txt')][-1]
+    if script == 'main_linprobe.py':
+        # Features of the whole val set from both ranks: the kNN of one process, to the image. (Each
+        # rank seeds differently; a random-init backbone built from those seeds would not match.)
+        import main_linprobe
+        alone = main_linprobe.main(main_linprobe.get_args_parser().parse_args(
+            argv + ['--num_workers', '0', '--output_dir', str(tmp_path / 'alone')]))
+        assert summary['acc1'] == pytest.approx(alone['acc1'], abs=1e-4), (summary['acc1'], alone['acc1'])
