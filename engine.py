@@ -27,6 +27,11 @@ def cosine_lr_scheduler(optimizer, args, updates_per_epoch: int) -> CosineLRSche
         warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
 
 
+def memory_format(args) -> torch.memory_format:
+    """`Module.to(memory_format=...)` for --channels_last: NHWC 4-D weights (a ViT's patch embedding)."""
+    return torch.channels_last if getattr(args, 'channels_last', False) else torch.preserve_format
+
+
 def to_device(x, device, channels_last: bool = False):
     """Tensors (or tuples of them) to the device; with `channels_last`, images (B, C, H, W) in NHWC."""
     if isinstance(x, (list, tuple)):

@@ -20,7 +20,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 
-from engine import cosine_lr_scheduler, evaluate, train_one_epoch
+from engine import cosine_lr_scheduler, evaluate, memory_format, train_one_epoch
 from main_pretrain import seed_everything
 from util import checkpoint, data
 from util.dist import get_world_size, init_distributed_mode
@@ -205,7 +205,7 @@ def main(args):
     val_loader = data.build_loader(val_set, args, is_train=False)
     print(f'{len(train_set)} training / {len(val_set)} val images, {num_classes} classes')
 
-    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    model.to(device, memory_format=memory_format(args))
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(

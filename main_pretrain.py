@@ -20,7 +20,7 @@ import torch
 from timm.optim import Lars, param_groups_weight_decay
 
 import models_mimco
-from engine import cosine_lr_scheduler, train_one_epoch
+from engine import cosine_lr_scheduler, memory_format, train_one_epoch
 from util import checkpoint, data, figures
 from util.graft import (EMBEDDINGS, block_index, graft_encoder, graft_param_groups,
                         parse_lr_layer_wise)
@@ -302,10 +302,9 @@ def main(args):
     if args.grad_ckpt:
         backbone = {'mimco': 'student', 'mae': 'encoder', 'mocov3': 'base_encoder'}[args.method]
         getattr(model, backbone).set_grad_checkpointing(True)
-    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
-    model.to(device, memory_format=memory_format)
+    model.to(device, memory_format=memory_format(args))
     if teacher is not None:
-        teacher.to(device, memory_format=memory_format)
+        teacher.to(device, memory_format=memory_format(args))
     model_without_ddp = model
     if args.distributed:
         if args.method == 'mocov3' and device.type == 'cuda':

@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import main_pretrain  # noqa: E402
-from engine import autocast, cosine_lr_scheduler, train_one_epoch  # noqa: E402
+from engine import autocast, cosine_lr_scheduler, memory_format, to_device, train_one_epoch  # noqa: E402
 from util import checkpoint  # noqa: E402
 from util.schedules import moco_momentum  # noqa: E402
 
@@ -200,9 +200,8 @@ def measure_ours(args, device: torch.device, steps: int, warmup: int) -> dict:
     if args.grad_ckpt:
         backbone = {'mimco': 'student', 'mae': 'encoder', 'mocov3': 'base_encoder'}[args.method]
         getattr(model, backbone).set_grad_checkpointing(True)
-    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
-    model.to(device, memory_format=memory_format)
-    teacher = teacher.to(device, memory_format=memory_format) if teacher is not None else None
+    model.to(device, memory_format=memory_format(args))
+    teacher = teacher.to(device, memory_format=memory_format(args)) if teacher is not None else None
     # As main(): compile the model and the teacher, the optimizer holds the uncompiled parameters.
     train_model = torch.compile(model) if args.compile else model
     teacher = torch.compile(teacher) if teacher is not None and args.compile else teacher
@@ -280,9 +279,7 @@ def measure_reference(args, device: torch.device, steps: int, warmup: int, full_
     B, size = args.batch_size, args.input_size
     model = ReferenceMAE(args) if args.method == 'mae' and not full_vit else ReferenceViT(args)
     views = (2 if args.method == 'mocov3' and not full_vit else 1)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    inputs = tuple(torch.randn(B, 3, size, size, device=device).contiguous(memory_format=memory_format)
-                   for _ in range(views))
+    inputs = tuple(to_device(torch.randn(B, 3, size, size), device, args.channels_last) for _ in range(views))
     frozen = None
     if args.method == 'mimco' and not full_vit:
         # As build_teacher: the teacher runs at the size that gives it the student's patch grid.
@@ -290,10 +287,10 @@ def measure_reference(args, device: torch.device, steps: int, warmup: int, full_
         frozen = frozen_vit(args, teacher_name, size)
         if frozen.patch_embed.grid_size[0] != grid:
             frozen = frozen_vit(args, teacher_name, grid * frozen.patch_embed.patch_size[0])
-        frozen.to(device, memory_format=memory_format)
+        frozen.to(device, memory_format=memory_format(args))
     elif args.method == 'mocov3' and not full_vit:
-        frozen = copy.deepcopy(model.vit).requires_grad_(False).to(device, memory_format=memory_format)
-    model.to(device, memory_format=memory_format).train()
+        frozen = copy.deepcopy(model.vit).requires_grad_(False).to(device, memory_format=memory_format(args))
+    model.to(device, memory_format=memory_format(args)).train()
     params = [p for p in model.parameters() if p.requires_grad]
     train_model = torch.compile(model) if args.compile else model
     frozen_forward = (torch.compile(frozen.forward_features) if args.compile else frozen.forward_features

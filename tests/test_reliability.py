@@ -88,7 +88,6 @@ def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert_same_weights(whole['model_ema'], resumed['model_ema'])
 
 
-
 def run_linear_probe(out, *extra):
     import main_linprobe
     argv = ['--protocol', 'linear', '--epochs', '3', '--warmup_epochs', '1', '--batch_size', '128',
@@ -122,6 +121,7 @@ def test_linear_probe_refuses_to_resume_another_run(tmp_path, teacher_path):
     run_linear_probe(tmp_path, '--epochs', '1', '--warmup_epochs', '0')  # a probe of random init
     with pytest.raises(InputError, match='a linear probe of another backbone'):
         run_linear_probe(tmp_path, '--checkpoint', pretrained)
+
 
 @pytest.mark.slow
 def test_sigkill_leaves_a_checkpoint_that_resumes(tmp_path):

@@ -144,6 +144,12 @@ def features(model, size=16):
     return model.eval().forward_features(images)
 
 
+def export_then_load(source: str, name: str, out: str):
+    """tools/export.py of `source` as timm's `name`, loaded back the way the README shows."""
+    export.main(export.get_args_parser().parse_args(['--checkpoint', source, '--model', name, '--output', out]))
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=out), num_classes=0)
+
+
 def test_export_loads_into_timm(teacher_path, tmp_path):
     source = os.path.join(teacher_path, 'checkpoint-last.pth')
     out = str(tmp_path / 'teacher_timm.pth')
@@ -166,11 +172,7 @@ def test_export_checks_the_architecture(tmp_path):
     with pytest.raises(InputError, match='mocov3_vit_small'):
         export.main(export.get_args_parser().parse_args(
             ['--checkpoint', source, '--model', 'vit_small_patch16_224', '--output', str(tmp_path / 'bad.pth')]))
-    out = str(tmp_path / 'mocov3_vits_timm.pth')
-    export.main(export.get_args_parser().parse_args(['--checkpoint', source, '--model', 'mocov3_vit_small',
-                                                     '--output', out]))
-    model = timm.create_model('mocov3_vit_small', pretrained=True, pretrained_cfg_overlay=dict(file=out),
-                              num_classes=0)
+    model = export_then_load(source, 'mocov3_vit_small', str(tmp_path / 'mocov3_vits_timm.pth'))
     torch.testing.assert_close(features(model, 224), features(vit, 224), atol=1e-5, rtol=0)
     assert models_mimco  # registers mocov3_vit_small
 
@@ -180,9 +182,5 @@ def test_export_plain_timm_vit_small(tmp_path):
     vit = timm.create_model('vit_small_patch16_224', num_classes=0)
     source = str(tmp_path / 'plain.pth')
     torch.save(vit.state_dict(), source)
-    out = str(tmp_path / 'exported.pth')
-    export.main(export.get_args_parser().parse_args(['--checkpoint', source, '--model', 'vit_small_patch16_224',
-                                                     '--output', out]))
-    model = timm.create_model('vit_small_patch16_224', pretrained=True, pretrained_cfg_overlay=dict(file=out),
-                              num_classes=0)
+    model = export_then_load(source, 'vit_small_patch16_224', str(tmp_path / 'exported.pth'))
     torch.testing.assert_close(features(model, 224), features(vit, 224), atol=1e-5, rtol=0)
