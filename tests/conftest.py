@@ -1,4 +1,5 @@
 """Shared pieces of the tests: small pre-training settings and a MoCo v3 teacher trained once."""
+import builtins
 import json
 import os
 import subprocess
@@ -39,6 +40,19 @@ def teacher_path(tmp_path_factory):
     return str(out)
 
 
+
+
+PLAIN_PRINT = builtins.print
+
+
+@pytest.fixture(autouse=True)
+def plain_print():
+    """Each script's main() wraps print() with a timestamp (util.dist.setup_for_distributed), in
+    session fixtures too: every test starts and ends with the plain one, so that no test's output
+    depends on which tests ran before it."""
+    builtins.print = PLAIN_PRINT
+    yield
+    builtins.print = PLAIN_PRINT
 
 
 def pytest_configure(config):

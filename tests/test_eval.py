@@ -1,7 +1,6 @@
 """Evaluation protocols: kNN and logistic regression against references, label subsets, and real runs
 of main_finetune.py / main_linprobe.py on digits with a tiny ViT."""
 import argparse
-import builtins
 import json
 import os
 
@@ -30,13 +29,9 @@ def one_thread():
 
 
 def run(module, *argv):
-    """A script's main() on a command line; the print() it wraps (util.dist) is put back after."""
+    """A script's main() on a command line."""
     parser = argparse.ArgumentParser(parents=[module.get_args_parser()])
-    print_ = builtins.print
-    try:
-        return module.main(parser.parse_args([str(a) for a in argv]))
-    finally:
-        builtins.print = print_
+    return module.main(parser.parse_args([str(a) for a in argv]))
 
 
 def clustered(n_train: int, n_test: int, dim: int, classes: int, seed: int) -> tuple:
@@ -169,9 +164,7 @@ def test_linear_probe_leaves_backbone_identical(tmp_path):
         ['--checkpoint', 'random', '--epochs', '8', '--warmup_epochs', '0', '--blr', '2',
          '--num_workers', '0', '--no-cache_features', '--shots_per_class', '20', '--batch_size', '50',
          '--output_dir', str(tmp_path)])
-    print_ = builtins.print
     device = main_finetune.setup_run(args)
-    builtins.print = print_
     args.accum_iter, args.clip_grad = 1, None
     backbone = main_linprobe.build_backbone(args)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
