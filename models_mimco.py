@@ -203,8 +203,11 @@ class Teacher(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple:
         # inference_mode skips autograd's bookkeeping entirely; the clones (outside it) turn the
-        # targets into ordinary tensors, which the student's loss may save for its backward.
-        with torch.inference_mode():
+        # targets into ordinary tensors, which the student's loss may save for its backward. Under
+        # torch.compile no_grad instead: a compiled graph keeps no bookkeeping either, and AOTAutograd
+        # (torch 2.11, CUDA) fails on parameters read inside an inference_mode region.
+        no_grad = torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode()
+        with no_grad:
             if tuple(images.shape[-2:]) != self.img_size:  # give the teacher the student's patch grid
                 images = F.interpolate(images, size=self.img_size, mode='bicubic', align_corners=False)
             tokens = self.backbone.forward_features(images)  # (B, 1+N, D_t)
