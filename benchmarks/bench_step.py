@@ -11,7 +11,10 @@ Heads, projectors and losses are not in the reference: they must fit in the targ
 
 CPU (tiny digits ViT):  python benchmarks/bench_step.py
 One GPU:                python benchmarks/bench_step.py --model vit_small_patch16_224 --batch_size 256
-                        python benchmarks/bench_step.py --model vit_base_patch16_224 --batch_size 256 --compile
+                        python benchmarks/bench_step.py --methods mimco,mae --model vit_base_patch16_224 \
+                            --batch_size 256
+With --compile each model and reference is compiled first (minutes for all three methods): the rows are
+printed as they are measured, with the warm-up (compilation) time.
 """
 import argparse
 import contextlib
@@ -217,9 +220,9 @@ def measure_ours(args, device: torch.device, steps: int, warmup: int) -> dict:
                             teacher=teacher, momentum_schedule=momentum)
 
     memory.reset()
-    run_steps(warmup)
+    warmup_s = timed(run_steps, device, warmup) * warmup / 1000  # with --compile: compilation too
     step_ms = timed(run_steps, device, steps)
-    result = {'ms': step_ms, 'peak': memory.peak()}
+    result = {'ms': step_ms, 'peak': memory.peak(), 'warmup_s': warmup_s}
     if teacher is not None:  # the teacher alone, as the loop calls it
         def teacher_steps(n):
             for _ in range(n):
@@ -324,9 +327,13 @@ def measure_reference(args, device: torch.device, steps: int, warmup: int, full_
 
 # --------------------------------------------------------------------------- table
 
+def markdown_row(cells: list) -> str:
+    return '| ' + ' | '.join(str(c) for c in cells) + ' |'
+
+
 def markdown_table(header: list, rows: list) -> str:
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
-    return '\n'.join(lines + ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows])
+    return '\n'.join([markdown_row(header), '|' + '|'.join('---' for _ in header) + '|']
+                     + [markdown_row(row) for row in rows])
 
 
 def verdict(ratio, target) -> str:
@@ -345,26 +352,26 @@ def method_rows(method: str, args, ours: dict, ref: dict, full_vit: dict = None)
     mem_ratio = ours['peak'] / ref['peak'] if ours['peak'] and ref['peak'] and ref['peak'] > 0 else None
     target = TIME_TARGET.get(method)
     rows = [[method, args.model, B, fmt(ours['ms']), fmt(1000 * B / ours['ms'], '.0f'), fmt(ours['peak'], '.0f'),
-             fmt(ref['ms']), fmt(ref['peak'], '.0f'),
+             fmt(ours['warmup_s']), fmt(ref['ms']), fmt(ref['peak'], '.0f'),
              fmt(time_ratio, '.2f') + verdict(time_ratio, target),
              fmt(mem_ratio, '.2f') + verdict(mem_ratio, MEMORY_TARGET),
              (f'time ≤ {target:.2f}×, ' if target else 'time —, ') + f'mem ≤ {MEMORY_TARGET:.2f}×']]
     if 'teacher_ms' in ours:
         share = ours['teacher_ms'] / ours['ms']
         rows.append([f'{method}: teacher fwd / step', args.teacher_model or args.model, B,
-                     fmt(ours['teacher_ms']), fmt(1000 * B / ours['teacher_ms'], '.0f'), '', '', '',
+                     fmt(ours['teacher_ms']), fmt(1000 * B / ours['teacher_ms'], '.0f'), '', '', '', '',
                      fmt(share, '.2f') + verdict(share, TEACHER_SHARE), '',
                      f'≤ {TEACHER_SHARE:.2f} (GPU bf16)'])
     if full_vit is not None:
         ratio = ours['ms'] / full_vit['ms']
         rows.append([f'{method} / full-sequence ViT', args.model, B, fmt(full_vit['ms']),
-                     fmt(1000 * B / full_vit['ms'], '.0f'), fmt(full_vit['peak'], '.0f'), '', '',
+                     fmt(1000 * B / full_vit['ms'], '.0f'), fmt(full_vit['peak'], '.0f'), '', '', '',
                      fmt(ratio, '.2f') + verdict(ratio, MAE_VS_FULL_VIT), '', f'time ≤ {MAE_VS_FULL_VIT:.2f}×'])
     return rows
 
 
-HEADER = ['method', 'model', 'batch', 'step ms', 'img/s', 'peak MiB', 'reference ms', 'reference MiB',
-          'time ratio', 'mem ratio', 'target']
+HEADER = ['method', 'model', 'batch', 'step ms', 'img/s', 'peak MiB', 'warm-up s', 'reference ms',
+          'reference MiB', 'time ratio', 'mem ratio', 'target']
 
 
 def main(bench) -> str:
@@ -375,27 +382,28 @@ def main(bench) -> str:
     device = torch.device(bench.device)
     if bench.threads:
         torch.set_num_threads(bench.threads)
+    memory_kind = ('torch.cuda.max_memory_allocated' if device.type == 'cuda'
+                   else 'peak RSS growth (VmHWM), coarse')
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         teacher_path = write_teacher(bench, folder) if 'mimco' in methods else None
-        for method in methods:
+        for index, method in enumerate(methods):
             torch.manual_seed(bench.seed)
             args = pretrain_args(bench, method, teacher_path if method == 'mimco' else None)
+            if index == 0:  # each row is printed once measured: a run cut short keeps what it measured
+                print(f'device: {device_name(device)}; amp {args.amp}; compile {bench.compile}; '
+                      f'channels_last {args.channels_last}; {bench.steps} timed steps after {bench.warmup} '
+                      f'warm-up (warm-up s: ours, with compilation); peak memory: {memory_kind}\n')
+                print(markdown_table(HEADER, []), flush=True)
             ours = measure_ours(args, device, bench.steps, bench.warmup)
             ref = measure_reference(args, device, bench.steps, bench.warmup)
             full = (measure_reference(args, device, bench.steps, bench.warmup, full_vit=True)
                     if method == 'mae' else None)
-            rows += method_rows(method, args, ours, ref, full)
+            for row in method_rows(method, args, ours, ref, full):
+                print(markdown_row(row), flush=True)
+                rows.append(row)
             release_memory(device)
-    memory_kind = ('torch.cuda.max_memory_allocated' if device.type == 'cuda'
-                   else 'peak RSS growth (VmHWM), coarse')
-    amp = args.amp
-    table = markdown_table(HEADER, rows)
-    print(f'device: {device_name(device)}; amp {amp}; compile {bench.compile}; '
-          f'channels_last {args.channels_last}; '
-          f'{bench.steps} timed steps after {bench.warmup} warm-up; peak memory: {memory_kind}\n')
-    print(table)
-    return table
+    return markdown_table(HEADER, rows)
 
 
 if __name__ == '__main__':

@@ -83,6 +83,24 @@ def test_bench_step_bf16_compile_channels_last_on_cpu(one_thread, eager_compile,
     check_step_rows(table_rows(out), ['mimco'])
 
 
+def test_bench_step_prints_each_row_once_measured(one_thread, monkeypatch, capsys):
+    """A benchmark stopped part-way (a timeout on a lent GPU) keeps the rows it measured."""
+    measure_ours = bench_step.measure_ours
+
+    def stop_at_mae(args, *rest):
+        if args.method == 'mae':
+            raise KeyboardInterrupt
+        return measure_ours(args, *rest)
+
+    monkeypatch.setattr(bench_step, 'measure_ours', stop_at_mae)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(bench_step, TINY_BENCH + ['--device', 'cpu', '--methods', 'mimco,mae'], capsys)
+    rows = table_rows(capsys.readouterr().out)
+    check_step_rows(rows, ['mimco'])
+    assert 'mimco: teacher fwd / step' in rows and 'mae' not in rows
+    assert number(dict(zip(bench_step.HEADER, rows['mimco']))['warm-up s']) > 0
+
+
 def test_bench_data_reads_each_method(capsys):
     out = run_bench(bench_data, ['--batches', '2', '--batch_size', '16', '--num_workers', '0'], capsys)
     rows = table_rows(out)
