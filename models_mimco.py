@@ -205,7 +205,7 @@ class Teacher(nn.Module):
         # inference_mode skips autograd's bookkeeping entirely; the clones (outside it) turn the
         # targets into ordinary tensors, which the student's loss may save for its backward. Under
         # torch.compile no_grad instead: a compiled graph keeps no bookkeeping either, and AOTAutograd
-        # (torch 2.11, CUDA) fails on parameters read inside an inference_mode region.
+        # (torch 2.11 on CUDA, 2.14 on CPU) fails on parameters read in an inference_mode region in bf16.
         no_grad = torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode()
         with no_grad:
             if tuple(images.shape[-2:]) != self.img_size:  # give the teacher the student's patch grid
