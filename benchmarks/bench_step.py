@@ -140,15 +140,20 @@ class PeakMemory:
         return _proc_status_mib('VmHWM') - self.base
 
 
-def timed(run_steps, device: torch.device, steps: int) -> float:
-    """Milliseconds per step of `run_steps(steps)`."""
+def elapsed(run_steps, device: torch.device, steps: int) -> float:
+    """Seconds that `run_steps(steps)` takes, the device's queued work included."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     run_steps(steps)
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) * 1000 / steps
+    return time.perf_counter() - start
+
+
+def timed(run_steps, device: torch.device, steps: int) -> float:
+    """Milliseconds per step of `run_steps(steps)`."""
+    return elapsed(run_steps, device, steps) * 1000 / steps
 
 
 # --------------------------------------------------------------------------- ours
@@ -220,7 +225,7 @@ def measure_ours(args, device: torch.device, steps: int, warmup: int) -> dict:
                             teacher=teacher, momentum_schedule=momentum)
 
     memory.reset()
-    warmup_s = timed(run_steps, device, warmup) * warmup / 1000  # with --compile: compilation too
+    warmup_s = elapsed(run_steps, device, warmup)  # with --compile: compilation too
     step_ms = timed(run_steps, device, steps)
     result = {'ms': step_ms, 'peak': memory.peak(), 'warmup_s': warmup_s}
     if teacher is not None:  # the teacher alone, as the loop calls it

@@ -32,7 +32,7 @@ def one_thread():
 
 
 @pytest.fixture
-def eager_compile(monkeypatch):
+def aot_eager_compile(monkeypatch):
     """torch.compile without Inductor's C++ build (minutes per model on 2 CPU cores): Dynamo traces the
     real graphs and AOTAutograd their forward and backward, where the errors that only --compile
     meets show up (graph breaks, wiring, the frozen teacher's no-grad region: a MimCo teacher under
@@ -76,7 +76,7 @@ def test_bench_step_measures_every_method_on_cpu(one_thread, capsys):
     assert 0 < share < 1  # the teacher's forward is a part of the MimCo step
 
 
-def test_bench_step_bf16_compile_channels_last_on_cpu(one_thread, eager_compile, capsys):
+def test_bench_step_bf16_compile_channels_last_on_cpu(one_thread, aot_eager_compile, capsys):
     out = run_bench(bench_step, TINY_BENCH + ['--device', 'cpu', '--methods', 'mimco', '--amp', 'bf16',
                                               '--compile', '--pretrain_args', SMALL + ' --channels_last'], capsys)
     assert 'amp bf16; compile True; channels_last True' in out
@@ -108,7 +108,7 @@ def test_bench_data_reads_each_method(capsys):
         assert rows[method][1] == 'digits' and float(rows[method][7]) > 0, rows[method]
 
 
-def test_pretrain_bf16_and_compile_fall_back_on_cpu(one_thread, eager_compile, tmp_path):
+def test_pretrain_bf16_and_compile_fall_back_on_cpu(one_thread, aot_eager_compile, tmp_path):
     """main() with the GPU defaults forced on a CPU: bf16 autocast and torch.compile run and train.
 
     A 32-image ImageFolder keeps the epoch to 2 steps: bf16 matmuls are emulated, slowly, on CPUs
