@@ -139,13 +139,21 @@ class MoCoV3(nn.Module):
         torch._foreach_mul_(momentum, m)
         torch._foreach_add_(momentum, base, alpha=1.0 - m)
 
+    @staticmethod
+    def project_views(encoder: VisionTransformer, view1: torch.Tensor, view2: torch.Tensor) -> tuple:
+        """`encoder(view1), encoder(view2)` in one ViT pass over both views: LayerNorm and attention act
+        on each image alone, so stacking the views changes only the number of kernels (half as many,
+        each twice as large). The projector runs on each view alone, so that its BatchNorm normalises
+        over one view's batch, as in the official code's separate passes (MoCo v3, Alg. 1)."""
+        tokens = encoder.forward_features(torch.cat([view1, view2]))  # (2B, 1 + N, D)
+        features = encoder.forward_head(tokens, pre_logits=True)  # (2B, D)
+        return tuple(encoder.head(f) for f in features.chunk(2))  # 2 x (B, dim)
+
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, m: float) -> tuple:
-        q1 = self.predictor(self.base_encoder(view1))  # (B, dim)
-        q2 = self.predictor(self.base_encoder(view2))
+        q1, q2 = (self.predictor(z) for z in self.project_views(self.base_encoder, view1, view2))  # (B, dim)
         with torch.no_grad():
             self.update_momentum_encoder(m)
-            k1 = self.momentum_encoder(view1)
-            k2 = self.momentum_encoder(view2)
+            k1, k2 = self.project_views(self.momentum_encoder, view1, view2)
         # Symmetrised InfoNCE (MoCo v3, Alg. 1).
         loss = (losses.moco_infonce(q1, k2, self.temperature)
                 + losses.moco_infonce(q2, k1, self.temperature))

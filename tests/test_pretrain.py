@@ -1,4 +1,5 @@
 """MoCo v3 and MimCo pre-training on digits, end to end: the real scripts, small settings."""
+import copy
 import json
 import os
 import subprocess
@@ -6,7 +7,9 @@ import sys
 
 import pytest
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
+import losses
 import main_pretrain
 import models_mimco
 from engine import train_one_epoch
@@ -43,6 +46,38 @@ def test_momentum_update_follows_m():
     assert moco_momentum(0, 0.99, 100) == pytest.approx(0.99)
     assert moco_momentum(100, 0.99, 100) == pytest.approx(1.0)
     assert moco_momentum(50, 0.99, 100) == pytest.approx(0.995)
+
+
+def test_mocov3_one_pass_over_both_views_equals_separate_passes():
+    """MoCoV3 runs its ViTs once on the two views stacked: the loss, every gradient and the heads'
+    BatchNorm statistics must equal those of the official per-view passes (which a BatchNorm over both
+    views at once would not give)."""
+    torch.manual_seed(0)
+    encoder = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    # float64: only the order of the sums differs, so the two must agree far below float32's rounding.
+    moco = models_mimco.MoCoV3(encoder, dim=16, mlp_dim=32).double().train()
+    official = copy.deepcopy(moco)
+    views = torch.randn(2, 8, 3, 16, 16, dtype=torch.float64)
+    view1, view2 = views[0], views[1] + 1.0  # views with different statistics, for the heads' BatchNorm
+    loss, _ = moco(view1, view2, 0.9)
+
+    q1 = official.predictor(official.base_encoder(view1))
+    q2 = official.predictor(official.base_encoder(view2))
+    with torch.no_grad():
+        official.update_momentum_encoder(0.9)
+        k1, k2 = official.momentum_encoder(view1), official.momentum_encoder(view2)
+    official_loss = (losses.moco_infonce(q1, k2, official.temperature)
+                     + losses.moco_infonce(q2, k1, official.temperature))
+    torch.testing.assert_close(loss, official_loss)
+    loss.backward()
+    official_loss.backward()
+    for (name, p), q in zip(moco.named_parameters(), official.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    for (name, b), c in zip(moco.named_buffers(), official.buffers()):
+        torch.testing.assert_close(b, c, msg=name)  # BN running statistics, updated once per view
+    assert sum('running_mean' in name for name, _ in moco.named_buffers()) >= 4
 
 
 def test_teacher_frozen_and_gets_no_gradient(teacher_path):
