@@ -127,7 +127,8 @@ def build_backbone(args) -> torch.nn.Module:
     except RuntimeError as e:
         raise InputError(f'--model {args.model}: {e}') from None
     if args.finetune:
-        model = checkpoint.load_backbone(args.finetune, model, img_size=args.input_size, **kwargs)
+        model = checkpoint.load_backbone(args.finetune, model, img_size=args.input_size,
+                                         drop_path_rate=args.drop_path)
     elif model is None:
         args.model = DIGITS_MODEL
         model = timm.create_model(DIGITS_MODEL, num_classes=0, **kwargs)

@@ -212,6 +212,13 @@ def test_finetune_reads_official_mocov3_format(tmp_path):
     assert model.blocks[0].attn.num_heads == 12 and torch.equal(model.fc_norm.weight, vit.norm.weight)
     assert torch.equal(model.head[0].weight, vit.head[0].weight)  # (64, 96) from the projector
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    # At another resolution: the 4x4 grid of positions resampled to 8x8.
+    args = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()]).parse_args(
+        ['--finetune', str(path), '--input_size', '32', '--output_dir', str(tmp_path / 'out32')])
+    model = main_finetune.build_backbone(args)
+    assert args.input_size == 32 and model.pos_embed.shape == (1, 1 + 64, 96)
+    assert torch.equal(model.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 96)
     metrics = run(main_finetune, '--finetune', path, '--eval', '--cls_token', '--num_workers', 0,
                   '--output_dir', tmp_path / 'eval')
     assert 0 <= metrics['acc1'] <= 100 and metrics['eval_only']
