@@ -4,6 +4,7 @@ import contextlib
 import math
 
 import torch
+from timm.optim import Lars
 from timm.scheduler import CosineLRScheduler
 from timm.utils import accuracy
 
@@ -25,6 +26,21 @@ def cosine_lr_scheduler(optimizer, args, updates_per_epoch: int) -> CosineLRSche
     return CosineLRScheduler(
         optimizer, t_initial=max(1, args.epochs * updates_per_epoch - warmup), lr_min=args.min_lr,
         warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+
+
+def lars(groups: list, lr: float) -> Lars:
+    """LARS as MAE's linear probe and MoCo v3 run it (You et al., 2017): each weight matrix's step is
+    scaled by its trust ratio 0.001 |w| / (|g| + wd |w|) whatever its weight decay (timm's `Lars` adapts
+    only where weight decay is non-zero unless `always_adapt`, so a probe at wd 0 would be plain SGD at
+    lr 6.4); biases and norms (ndim <= 1) are neither adapted nor decayed."""
+    split = []
+    for group in groups:
+        for adapt in (True, False):
+            params = [p for p in group['params'] if (p.ndim > 1) == adapt]
+            if params:
+                split.append({**group, 'params': params, 'always_adapt': adapt,
+                              **({} if adapt else {'weight_decay': 0.0})})
+    return Lars(split, lr=lr, momentum=0.9)
 
 
 def memory_format(args) -> torch.memory_format:

@@ -17,10 +17,10 @@ import time
 import numpy as np
 import timm
 import torch
-from timm.optim import Lars, param_groups_weight_decay
+from timm.optim import param_groups_weight_decay
 
 import models_mimco
-from engine import cosine_lr_scheduler, memory_format, train_one_epoch
+from engine import cosine_lr_scheduler, lars, memory_format, train_one_epoch
 from util import checkpoint, data, figures
 from util.graft import (EMBEDDINGS, block_index, graft_encoder, graft_param_groups,
                         parse_lr_layer_wise)
@@ -274,7 +274,7 @@ def build_optimizer(args, model):
     else:
         groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=no_weight_decay)
     if args.optimizer == 'lars':
-        return Lars(groups, lr=args.lr, momentum=0.9)
+        return lars(groups, args.lr)
     fused = args.device.startswith('cuda')
     return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.opt_betas), fused=fused)
 

@@ -11,6 +11,7 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from timm.models.vision_transformer import VisionTransformer
 
+import engine
 import main_finetune
 import main_linprobe
 import main_pretrain
@@ -161,7 +162,7 @@ def test_protocols_tell_pretrained_from_random(tmp_path, pretrained):
 def test_linear_probe_leaves_backbone_identical(tmp_path):
     """The per-epoch image path (no cache): the backbone runs inside the trained module."""
     args = argparse.ArgumentParser(parents=[main_linprobe.get_args_parser()]).parse_args(
-        ['--checkpoint', 'random', '--epochs', '8', '--warmup_epochs', '0', '--blr', '2',
+        ['--checkpoint', 'random', '--epochs', '8', '--warmup_epochs', '0', '--optimizer', 'sgd', '--blr', '2',
          '--num_workers', '0', '--no-cache_features', '--shots_per_class', '20', '--batch_size', '50',
          '--output_dir', str(tmp_path)])
     device = main_finetune.setup_run(args)
@@ -173,6 +174,22 @@ def test_linear_probe_leaves_backbone_identical(tmp_path):
     metrics = main_linprobe.linear_probe(backbone, train_set, val_set, 10, device, args)
     assert not backbone.training and metrics['acc1'] > 25, metrics  # the head did learn
     assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+
+
+def test_lars_adapts_weights_at_zero_weight_decay():
+    """MAE's probe (LARS, weight decay 0): the weight's first step is lr * 0.001 |w| / |g| * g, the
+    bias's plain lr * g; timm's Lars on its own would take the plain SGD step for both."""
+    torch.manual_seed(0)
+    head = main_linprobe.linear_head(16, 10)
+    head[1].bias.data.normal_()
+    weight, bias = head[1].weight.detach().clone(), head[1].bias.detach().clone()
+    optimizer = engine.lars([{'params': list(head.parameters()), 'weight_decay': 0.0}], lr=6.4)
+    head(torch.randn(32, 16)).logsumexp(1).mean().backward()
+    grad_w, grad_b = head[1].weight.grad.clone(), head[1].bias.grad.clone()
+    optimizer.step()
+    trust = 0.001 * weight.norm() / grad_w.norm()
+    torch.testing.assert_close(head[1].weight.detach(), weight - 6.4 * trust * grad_w)
+    torch.testing.assert_close(head[1].bias.detach(), bias - 6.4 * grad_b)
 
 
 def test_finetune_from_scratch_learns_and_keeps_best(tmp_path):

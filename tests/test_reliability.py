@@ -108,7 +108,7 @@ def test_linear_probe_resume_equals_uninterrupted(tmp_path, monkeypatch):
                                    '1.weight', '1.bias'}  # the head only, not the frozen backbone
     assert_same_weights(whole['model'], resumed['model'])
     assert_same_weights(whole['optimizer']['state'][0], resumed['optimizer']['state'][0])
-    assert split_metrics == whole_metrics and whole_metrics['acc1'] > 30  # chance is 10 %
+    assert split_metrics == whole_metrics and whole_metrics['acc1'] > 20  # chance is 10 %
     # Finished: a third start trains nothing and reports the same head.
     assert run_linear_probe(tmp_path / 'split')['acc1'] == whole_metrics['acc1']
 
