@@ -242,7 +242,10 @@ class MimCo(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, student.embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
         self.patch_head = build_head(head_layers, student.embed_dim, head_dim, teacher_dim)
-        self.cls_head = build_head(head_layers, student.embed_dim, head_dim, target_dim)
+        # No CLS head without an image loss: DDP without static_graph (--accum_iter > 1) fails on a
+        # parameter that no loss reaches.
+        self.cls_head = (build_head(head_layers, student.embed_dim, head_dim, target_dim)
+                         if img_loss != 'none' else None)
         self.num_masked = num_masked
         self.patch_loss, self.img_loss = patch_loss, img_loss
         self.patch_temp, self.img_temp = patch_temp, img_temp

@@ -104,6 +104,22 @@ def test_teacher_frozen_and_gets_no_gradient(teacher_path):
     assert not torch.equal(model.student.blocks[0].attn.qkv.weight, student_before)
 
 
+@pytest.mark.parametrize('img_loss', ['infonce', 'none'])
+def test_every_trainable_mimco_parameter_gets_a_gradient(teacher_path, img_loss):
+    """DDP without static_graph (as with --accum_iter > 1) fails on a parameter that no loss reaches."""
+    args = parse(MIMCO + ['--teacher', os.path.join(teacher_path, 'checkpoint-last.pth'),
+                          '--img_loss', img_loss, '--output_dir', ''])
+    main_pretrain.resolve_defaults(args)
+    args.distributed = False
+    model, teacher = main_pretrain.build_model(args)
+    dataset = data.build_dataset(args, True, data.pretrain_transform(args, model.mask_generator))
+    inputs, _ = next(iter(torch.utils.data.DataLoader(dataset, batch_size=16)))
+    loss, terms = model(*inputs, targets=teacher(inputs[0]))
+    loss.backward()
+    assert ('img_loss' in terms) == (img_loss != 'none')
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
 def test_mimco_script_trains_logs_and_resumes(teacher_path, tmp_path):
     teacher = os.path.join(teacher_path, 'checkpoint-last.pth')
     out = str(tmp_path / 'mimco')
