@@ -19,12 +19,19 @@ def autocast(device: torch.device, amp: str):
     return contextlib.nullcontext()
 
 
-def cosine_lr_scheduler(optimizer, args, updates_per_epoch: int) -> CosineLRScheduler:
+def updates_per_epoch(batches: int, accum: int) -> int:
+    """Optimizer steps in an epoch of `batches` with --accum_iter `accum`: the last accumulation of
+    an epoch may be shorter (each epoch ends with a step; none carries gradients into the next)."""
+    return math.ceil(batches / accum)
+
+
+def cosine_lr_scheduler(optimizer, args, batches_per_epoch: int) -> CosineLRScheduler:
     """Linear warm-up for --warmup_epochs, then a half cosine to --min_lr, set per optimizer update
     (`step_update`); each group's `lr_scale` (layer decay) multiplies it."""
-    warmup = args.warmup_epochs * updates_per_epoch
+    updates = updates_per_epoch(batches_per_epoch, getattr(args, 'accum_iter', 1))
+    warmup = args.warmup_epochs * updates
     return CosineLRScheduler(
-        optimizer, t_initial=max(1, args.epochs * updates_per_epoch - warmup), lr_min=args.min_lr,
+        optimizer, t_initial=max(1, args.epochs * updates - warmup), lr_min=args.min_lr,
         warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
 
 
@@ -78,14 +85,16 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, scaler, device,
     header = f'Epoch: [{epoch}]'
     steps = len(data_loader)
     accum = args.accum_iter
+    updates = updates_per_epoch(steps, accum)
     optimizer.zero_grad(set_to_none=True)
-    checked = 0
+    unchecked = []  # losses since the last finiteness check, read in one host sync at the next
     for step, (inputs, targets) in enumerate(
             logger.log_every(data_loader, args.print_freq, header, args.batch_size)):
         if step % accum == 0:
-            lr_scheduler.step_update((epoch * steps + step) // accum)
+            lr_scheduler.step_update(epoch * updates + step // accum)
         inputs = to_device(inputs, device, getattr(args, 'channels_last', False))
-        update = (step + 1) % accum == 0
+        update = (step + 1) % accum == 0 or step == steps - 1
+        group = min(accum, steps - step // accum * accum)  # batches in this step's accumulation
         sync = contextlib.nullcontext() if update or not args.distributed else model.no_sync()
         with sync:
             with autocast(device, args.amp):
@@ -101,7 +110,7 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, scaler, device,
                     if momentum_schedule is not None:
                         kwargs['m'] = momentum_schedule(epoch + step / steps)
                     loss, terms = model(*inputs, **kwargs)
-            scaler.scale(loss / accum).backward()
+            scaler.scale(loss / group).backward()
         if update:
             if args.clip_grad:
                 scaler.unscale_(optimizer)
@@ -113,10 +122,11 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, scaler, device,
                 model_ema.update(model)
         lr = max(group['lr'] for group in optimizer.param_groups)
         logger.update(loss=loss.detach(), lr=lr, **terms)
-        if (step + 1) % args.print_freq == 0 or step == steps - 1:
-            values = logger.meters['loss'].flush()
-            check_finite(values, checked, epoch, {k: logger.meters[k].value for k in terms}, lr)
-            checked += len(values)
+        unchecked.append(loss.detach())
+        if step % args.print_freq == 0 or step == steps - 1:  # the steps that log_every prints
+            values = torch.stack(unchecked).float().cpu().tolist()
+            check_finite(values, step + 1 - len(values), epoch, {k: logger.meters[k].value for k in terms}, lr)
+            unchecked.clear()
     logger.synchronize_between_processes()
     print(f'Averaged stats: {logger}')
     stats = logger.averages()

@@ -223,7 +223,7 @@ def main(args):
                                       no_weight_decay_list=model_without_ddp.no_weight_decay())
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.opt_betas),
                                   fused=device.type == 'cuda')
-    lr_scheduler = cosine_lr_scheduler(optimizer, args, len(loader) // args.accum_iter)
+    lr_scheduler = cosine_lr_scheduler(optimizer, args, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     mixup_fn = build_mixup(args, num_classes)
     if mixup_fn is not None:

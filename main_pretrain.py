@@ -324,7 +324,7 @@ def main(args):
         args.lr = args.blr * total_batch / 256
     print(f'lr {args.lr:.3g} (blr {args.blr:.3g} x total batch {total_batch} / 256)')
     optimizer = build_optimizer(args, model_without_ddp)
-    lr_scheduler = cosine_lr_scheduler(optimizer, args, len(loader) // args.accum_iter)
+    lr_scheduler = cosine_lr_scheduler(optimizer, args, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     momentum_schedule = (functools.partial(moco_momentum, base_m=args.moco_m, epochs=args.epochs,
                                            cosine=args.moco_m_cos)

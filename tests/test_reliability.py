@@ -1,5 +1,7 @@
 """Exact resume, whole checkpoints after SIGKILL, non-finite losses, and one clear line per bad input."""
+import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -167,6 +169,57 @@ def test_non_finite_loss_stops_with_step_terms_and_lr(tmp_path, teacher_path):
     after = checkpoint.load_file(os.path.join(out, 'checkpoint-last.pth'))
     assert after['epoch'] == 0
     assert_same_weights(good['model'], after['model'])
+
+
+class LossAt(torch.nn.Module):
+    """A pre-training model whose loss at step i is `losses[i]` (the step index rides in the input)."""
+
+    def __init__(self, losses):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.losses = torch.tensor(losses)
+
+    def forward(self, step):
+        return self.weight * self.losses[step[0]], {}
+
+
+@pytest.mark.parametrize('bad_step', [0, 4, 5, 9, 10, 11])
+def test_every_step_is_checked_for_a_non_finite_loss(bad_step):
+    """With --print_freq 5, a NaN at any step (the printed ones included) stops the epoch, and the
+    message names that step."""
+    from engine import cosine_lr_scheduler, train_one_epoch
+    losses = [1.0] * 12
+    losses[bad_step] = math.nan
+    model = LossAt(losses)
+    loader = [((torch.tensor([i]),), 0) for i in range(12)]
+    args = argparse.Namespace(accum_iter=1, print_freq=5, batch_size=1, amp='none', distributed=False,
+                              clip_grad=None, epochs=1, warmup_epochs=0, min_lr=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(FloatingPointError, match=f'non-finite loss nan at epoch 0, step {bad_step} '):
+        train_one_epoch(model, loader, optimizer, cosine_lr_scheduler(optimizer, args, 12),
+                        torch.amp.GradScaler('cpu', enabled=False), torch.device('cpu'), 0, args)
+
+
+def test_accumulation_steps_every_lr_of_the_schedule_once():
+    """11 batches an epoch, --accum_iter 2: 6 steps an epoch (the last one on a single batch), each at
+    the next lr of one cosine over all 5 epochs, each on the mean gradient of its batches."""
+    from engine import cosine_lr_scheduler, train_one_epoch
+    model = LossAt([1.0] * 11)  # each batch's gradient of `weight` is 1
+    loader = [((torch.tensor([i]),), 0) for i in range(11)]
+    args = argparse.Namespace(accum_iter=2, print_freq=5, batch_size=1, amp='none', distributed=False,
+                              clip_grad=None, epochs=5, warmup_epochs=0, min_lr=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = []  # (lr, gradient) at each optimizer step
+    optimizer.register_step_pre_hook(lambda opt, *_: steps.append((opt.param_groups[0]['lr'],
+                                                                   model.weight.grad.item())))
+    scheduler = cosine_lr_scheduler(optimizer, args, len(loader))
+    for epoch in range(args.epochs):
+        train_one_epoch(model, loader, optimizer, scheduler, torch.amp.GradScaler('cpu', enabled=False),
+                        torch.device('cpu'), epoch, args)
+    lrs, grads = zip(*steps)
+    assert len(steps) == 5 * 6 and grads == (1.0,) * 30
+    expected = [0.05 * (1 + math.cos(math.pi * i / 30)) for i in range(30)]
+    assert lrs == pytest.approx(expected) and lrs[-1] > 0
 
 
 def make_image_folder(root, classes=2, images=2, corrupt=False):
