@@ -233,7 +233,7 @@ def main(args):
     else:
         criterion = torch.nn.CrossEntropyLoss()
     extra = {'model_ema': model_ema} if model_ema is not None else {}
-    checkpoint.resume(args, model_without_ddp, optimizer, scaler, **extra)
+    checkpoint.resume(args, model_without_ddp, optimizer, scaler, same_run=('finetune',), **extra)
     best_path = os.path.join(args.output_dir, 'checkpoint-best.pth')
     resumed = args.start_epoch > 0 and os.path.isfile(best_path)
     best_acc1 = checkpoint.load_file(best_path).get('acc1', 0.0) if resumed else 0.0

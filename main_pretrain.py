@@ -329,7 +329,8 @@ def main(args):
     momentum_schedule = (functools.partial(moco_momentum, base_m=args.moco_m, epochs=args.epochs,
                                            cosine=args.moco_m_cos)
                          if args.method == 'mocov3' else None)
-    checkpoint.resume(args, model_without_ddp, optimizer, scaler)
+    checkpoint.resume(args, model_without_ddp, optimizer, scaler,
+                      same_run=('method', 'teacher', 'graft_pretrained'))
     log_writer = tensorboard_writer(args.log_dir)
 
     print(f'training {args.method} for epochs {args.start_epoch}..{args.epochs - 1}')

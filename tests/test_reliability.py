@@ -125,6 +125,35 @@ def test_linear_probe_refuses_to_resume_another_run(tmp_path, teacher_path):
         run_linear_probe(tmp_path, '--checkpoint', pretrained)
 
 
+def test_finetune_and_pretrain_refuse_to_resume_another_run(tmp_path, teacher_path):
+    """An output_dir holding the checkpoint of another --finetune / --method / --teacher: named, not
+    resumed (the new run would silently carry on the old one); an explicit --resume still continues it."""
+    import main_finetune
+    pretrained = os.path.join(teacher_path, 'checkpoint-last.pth')
+    out = tmp_path / 'ft'
+
+    def finetune(*extra):
+        argv = ['--epochs', '1', '--warmup_epochs', '0', '--num_workers', '0', '--print_freq', '1000',
+                '--output_dir', str(out), *extra]
+        return main_finetune.main(main_finetune.get_args_parser().parse_args(argv))
+
+    finetune()  # from random init
+    with pytest.raises(InputError, match=r'checkpoint of another run \(--finetune none there'):
+        finetune('--finetune', pretrained)
+    assert finetune('--resume', str(out / 'checkpoint-last.pth'), '--finetune', pretrained)['acc1'] is None
+    moco_dir = tmp_path / 'moco'
+    moco_dir.mkdir()
+    shutil.copy(pretrained, moco_dir / 'checkpoint-last.pth')
+    with pytest.raises(InputError, match='--method mocov3 there, mae here'):
+        main_pretrain.main(parse(['--method', 'mae', '--epochs', '1', '--num_workers', '0',
+                                  '--output_dir', str(moco_dir)]))
+    saved = {'args': {'teacher': 'teachers/a.pth', 'method': 'mimco'}}
+    with pytest.raises(InputError, match='--teacher teachers/a.pth there, b.pth here'):
+        checkpoint.check_same_run('x.pth', saved, argparse.Namespace(teacher='b.pth'), ('teacher',))
+    same = argparse.Namespace(teacher='./teachers/../teachers/a.pth', method='mimco')
+    checkpoint.check_same_run('x.pth', saved, same, ('method', 'teacher'))  # one file, two spellings
+
+
 @pytest.mark.slow
 def test_sigkill_leaves_a_checkpoint_that_resumes(tmp_path):
     out = str(tmp_path / 'killed')

@@ -106,10 +106,31 @@ def resume_path(args) -> str:
     return last if last and os.path.isfile(last) else ''
 
 
-def resume(args, model, optimizer=None, scaler=None, validate=None, **extra) -> dict:
+def _same_setting(saved, given) -> bool:
+    """Two values of one flag: equal, both unset, or two spellings of one file."""
+    if not saved or not given:
+        return not saved and not given
+    if isinstance(saved, str) and isinstance(given, str):
+        return os.path.realpath(saved) == os.path.realpath(given)
+    return saved == given
+
+
+def check_same_run(path: str, checkpoint: dict, args, flags: tuple) -> None:
+    """Refuse to auto-resume output_dir/checkpoint-last.pth of a run with other `flags` (another
+    --method, --teacher, --finetune ...): it would carry on that run in place of this one."""
+    saved = checkpoint.get('args') or {}
+    for flag in flags:
+        if flag in saved and not _same_setting(saved[flag], getattr(args, flag)):
+            raise InputError(f'{path} is the checkpoint of another run (--{flag} {saved[flag] or "none"} there, '
+                             f'{getattr(args, flag) or "none"} here), which would be resumed in place of this '
+                             f'one: use a fresh --output_dir, delete that file, or --resume {path} to continue it')
+
+
+def resume(args, model, optimizer=None, scaler=None, validate=None, same_run: tuple = (), **extra) -> dict:
     """Restore model, optimizer, scaler, RNG and any `extra` modules; set args.start_epoch.
-    `validate(path, checkpoint)` may refuse the file before anything is restored. Returns the
-    checkpoint read (None when there is nothing to resume)."""
+    `validate(path, checkpoint)` may refuse the file before anything is restored; an implicit resume
+    (no --resume) also refuses a run whose `same_run` flags differ. Returns the checkpoint read
+    (None when there is nothing to resume)."""
     path = resume_path(args)
     if not path:
         return None
@@ -117,6 +138,8 @@ def resume(args, model, optimizer=None, scaler=None, validate=None, **extra) -> 
     if 'model' not in checkpoint or 'epoch' not in checkpoint:
         raise InputError(f'{path} is not a training checkpoint of this repository: use --resume '
                          f'with a checkpoint-*.pth written by these scripts')
+    if not args.resume:
+        check_same_run(path, checkpoint, args, same_run)
     if validate is not None:
         validate(path, checkpoint)
     try:
