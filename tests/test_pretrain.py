@@ -14,7 +14,7 @@ import main_pretrain
 import models_mimco
 from engine import train_one_epoch
 from tests.conftest import FAST, MIMCO, MOCO, ROOT, epoch_losses, parse, run_script
-from util import data
+from util import checkpoint, data
 
 
 def test_mocov3_loss_falls(teacher_path):
@@ -155,3 +155,6 @@ def test_torchrun_two_processes_on_cpu(teacher_path, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'rank 1 of 2' in result.stdout + result.stderr
     assert len(epoch_losses(out)) == 1
+    # Each rank's RNG stream is saved (and resumed) as its own: their drop path and masks differ.
+    rng = checkpoint.load_file(os.path.join(out, 'checkpoint-last.pth'))['rng']
+    assert len(rng) == 2 and not torch.equal(rng[0]['torch'], rng[1]['torch'])

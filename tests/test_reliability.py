@@ -125,6 +125,20 @@ def test_linear_probe_refuses_to_resume_another_run(tmp_path, teacher_path):
         run_linear_probe(tmp_path, '--checkpoint', pretrained)
 
 
+def test_rng_streams_resume_per_rank(capsys):
+    """A rank resumes its own saved stream; under another number of processes, a fresh seeded one."""
+    torch.manual_seed(1)
+    saved = checkpoint.all_gather_objects(checkpoint.rng_state())  # one process: [its state]
+    expected = torch.rand(3)
+    checkpoint.restore_rng(saved, argparse.Namespace(seed=0, start_epoch=3))
+    assert torch.equal(torch.rand(3), expected)
+    checkpoint.restore_rng(saved * 2, argparse.Namespace(seed=0, start_epoch=3))  # saved by 2 ranks
+    assert 'RNG streams of 2 process(es), this run has 1' in capsys.readouterr().out
+    reseeded = torch.rand(3)
+    torch.manual_seed(3000)  # --seed 0 + rank 0 + 1000 x epoch 3
+    assert torch.equal(reseeded, torch.rand(3))
+
+
 def test_finetune_and_pretrain_refuse_to_resume_another_run(tmp_path, teacher_path):
     """An output_dir holding the checkpoint of another --finetune / --method / --teacher: named, not
     resumed (the new run would silently carry on the old one); an explicit --resume still continues it."""

@@ -18,7 +18,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 import models_mimco  # noqa: F401  registers our ViT names with timm
-from util.dist import is_main_process
+from util.dist import all_gather_objects, get_rank, get_world_size, is_main_process
 from util.errors import InputError
 
 PATCH_KEY = 'patch_embed.proj.weight'
@@ -74,12 +74,29 @@ def save_checkpoint(state: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def restore_rng(saved, args) -> None:
+    """Each rank continues its own RNG stream (`saved`: one state per rank of the run that saved it;
+    a lone dict in older files). Under another number of processes there is no stream to continue:
+    each rank gets a fresh one of its own, seeded from (--seed, rank, epoch)."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) == get_world_size():
+        set_rng_state(states[get_rank()])
+        return
+    seed = args.seed + get_rank() + 1000 * args.start_epoch
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    print(f'the checkpoint holds the RNG streams of {len(states)} process(es), this run has {get_world_size()}: '
+          f'fresh streams seeded per rank (the run goes on, but not bit for bit as it would have)')
+
+
 def training_state(args, epoch: int, model, optimizer, scaler, **extra) -> dict:
     """Ours: {'model', 'optimizer', 'scaler', 'epoch', 'args', 'rng'}; args as a plain dict so that
-    weights_only=True loads it."""
+    weights_only=True loads it, and 'rng' one state per rank (each draws its own drop path, masks
+    and augmentations), so every rank must call this."""
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
              'scaler': scaler.state_dict(), 'epoch': epoch, 'args': dict(vars(args)),
-             'rng': rng_state()}
+             'rng': all_gather_objects(rng_state())}
     state.update({k: v.state_dict() if hasattr(v, 'state_dict') else v for k, v in extra.items()})
     return state
 
@@ -153,9 +170,9 @@ def resume(args, model, optimizer=None, scaler=None, validate=None, same_run: tu
         scaler.load_state_dict(checkpoint['scaler'])
     for name, module in extra.items():
         module.load_state_dict(checkpoint[name])
-    if 'rng' in checkpoint:
-        set_rng_state(checkpoint['rng'])
     args.start_epoch = checkpoint['epoch'] + 1
+    if 'rng' in checkpoint:
+        restore_rng(checkpoint['rng'], args)
     print(f'resumed from {path} (epoch {checkpoint["epoch"]}); continuing at epoch {args.start_epoch}')
     return checkpoint
 

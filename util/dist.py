@@ -64,6 +64,15 @@ def init_distributed_mode(args) -> None:
     print(f'distributed: rank {args.rank} of {args.world_size}, backend {backend}', force=True)
 
 
+def all_gather_objects(obj) -> list:
+    """`obj` (any picklable value) from every rank, in rank order; [obj] without torchrun."""
+    if not is_dist_avail_and_initialized():
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def all_gather(x: torch.Tensor, keep_local_grad: bool = True) -> torch.Tensor:
     """Concatenate `x` from every rank along dim 0, rank order.
 
