@@ -161,20 +161,20 @@ def knn_scores(train_x, train_y, test_x, num_classes: int, k: int = 20, t: float
 
 # --------------------------------------------------------------------------- logistic regression
 
-def center_normalize(train_x, *others) -> tuple:
-    """Subtract the training mean, then scale every feature vector to unit length."""
-    mean = train_x.mean(dim=0, keepdim=True)
-    return tuple(F.normalize(x - mean, dim=1) for x in (train_x, *others))
+def center_normalize(*features) -> tuple:
+    """Each feature vector centred on its own mean and scaled to unit length: the Layer Grafted
+    code's preprocessing (cyanure's `preprocess(centering=True, normalize=True, columns=False)`),
+    per row, so train and val need nothing from each other."""
+    return tuple(F.normalize(x - x.mean(dim=1, keepdim=True), dim=1) for x in features)
 
 
 def logistic_regression(train_x, train_y, num_classes: int, weight_decay: float,
                         max_iter: int = 1000) -> nn.Linear:
-    """argmin_{W,b} mean_i CE(W x_i + b, y_i) + weight_decay / 2 |W|^2 by full-batch L-BFGS in
-    float64 (the bias is not penalised, as in scikit-learn)."""
+    """argmin_W mean_i CE(W x_i, y_i) + weight_decay / 2 |W|^2 by full-batch L-BFGS in float64; no
+    bias, as the Layer Grafted code fits it (`fit_intercept=False`)."""
     x, y = train_x.double(), train_y
-    linear = nn.Linear(x.shape[1], num_classes, dtype=torch.float64, device=x.device)
+    linear = nn.Linear(x.shape[1], num_classes, bias=False, dtype=torch.float64, device=x.device)
     nn.init.zeros_(linear.weight)
-    nn.init.zeros_(linear.bias)
     optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
                                   tolerance_grad=1e-9, tolerance_change=1e-12,
                                   line_search_fn='strong_wolfe')
