@@ -94,7 +94,7 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, scaler, device,
             lr_scheduler.step_update(epoch * updates + step // accum)
         inputs = to_device(inputs, device, getattr(args, 'channels_last', False))
         update = (step + 1) % accum == 0 or step == steps - 1
-        group = min(accum, steps - step // accum * accum)  # batches in this step's accumulation
+        accumulated = min(accum, steps - step // accum * accum)  # batches in this step's accumulation
         sync = contextlib.nullcontext() if update or not args.distributed else model.no_sync()
         with sync:
             with autocast(device, args.amp):
@@ -110,7 +110,7 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, scaler, device,
                     if momentum_schedule is not None:
                         kwargs['m'] = momentum_schedule(epoch + step / steps)
                     loss, terms = model(*inputs, **kwargs)
-            scaler.scale(loss / group).backward()
+            scaler.scale(loss / accumulated).backward()
         if update:
             if args.clip_grad:
                 scaler.unscale_(optimizer)

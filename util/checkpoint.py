@@ -125,11 +125,11 @@ def resume_path(args) -> str:
 
 def _same_setting(saved, given) -> bool:
     """Two values of one flag: equal, both unset, or two spellings of one file."""
+    if saved == given:
+        return True
     if not saved or not given:
         return not saved and not given
-    if isinstance(saved, str) and isinstance(given, str):
-        return os.path.realpath(saved) == os.path.realpath(given)
-    return saved == given
+    return isinstance(saved, str) and isinstance(given, str) and os.path.realpath(saved) == os.path.realpath(given)
 
 
 def check_same_run(path: str, checkpoint: dict, args, flags: tuple) -> None:
