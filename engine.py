@@ -87,7 +87,6 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, scaler, device,
     accum = args.accum_iter
     updates = updates_per_epoch(steps, accum)
     optimizer.zero_grad(set_to_none=True)
-    unchecked = []  # losses since the last finiteness check, read in one host sync at the next
     for step, (inputs, targets) in enumerate(
             logger.log_every(data_loader, args.print_freq, header, args.batch_size)):
         if step % accum == 0:
@@ -122,11 +121,11 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, scaler, device,
                 model_ema.update(model)
         lr = max(group['lr'] for group in optimizer.param_groups)
         logger.update(loss=loss.detach(), lr=lr, **terms)
-        unchecked.append(loss.detach())
-        if step % args.print_freq == 0 or step == steps - 1:  # the steps that log_every prints
-            values = torch.stack(unchecked).float().cpu().tolist()
+        # At the steps that log_every prints, before it prints: the flush here reads (in one host sync)
+        # every loss since the last print, which would otherwise flush them unchecked.
+        if step % args.print_freq == 0 or step == steps - 1:
+            values = logger.meters['loss'].flush()
             check_finite(values, step + 1 - len(values), epoch, {k: logger.meters[k].value for k in terms}, lr)
-            unchecked.clear()
     logger.synchronize_between_processes()
     print(f'Averaged stats: {logger}')
     stats = logger.averages()
