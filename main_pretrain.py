@@ -77,6 +77,9 @@ def get_args_parser():
     p.add_argument('--img_temp', default=0.2, type=float, help='temperature of the image InfoNCE')
     p.add_argument('--head_dim', default=2048, type=int, help='hidden width of the patch and CLS heads')
     p.add_argument('--head_layers', default=2, type=int, help='linear layers in each head')
+    p.add_argument('--head_norm', default='bn', choices=['bn', 'none'],
+                   help='bn: heads of Linear (no bias), BatchNorm, ReLU, as MoCo v3\'s projector (SyncBatchNorm '
+                        'on GPUs under torchrun); none: Linear, GELU, no norm (BEiT/iBOT style)')
     # MAE
     p.add_argument('--decoder_embed_dim', default=512, type=int, help='width of the MAE decoder')
     p.add_argument('--decoder_depth', default=8, type=int, help='transformer blocks in the MAE decoder')
@@ -258,8 +261,8 @@ def build_model(args) -> tuple:
     model = models_mimco.MimCo(
         student, teacher_dim=teacher.backbone.embed_dim, target_dim=teacher.target_dim,
         num_masked=mask_generator.num_masked, head_dim=args.head_dim, head_layers=args.head_layers,
-        patch_loss=args.patch_loss, img_loss=args.img_loss, patch_temp=args.patch_temp,
-        img_temp=args.img_temp, img_loss_weight=args.img_loss_weight)
+        head_norm=args.head_norm, patch_loss=args.patch_loss, img_loss=args.img_loss,
+        patch_temp=args.patch_temp, img_temp=args.img_temp, img_loss_weight=args.img_loss_weight)
     model.mask_generator = mask_generator
     return model, teacher
 
@@ -307,7 +310,7 @@ def main(args):
         teacher.to(device, memory_format=memory_format(args))
     model_without_ddp = model
     if args.distributed:
-        if args.method == 'mocov3' and device.type == 'cuda':
+        if args.method != 'mae' and device.type == 'cuda':
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN in the MLP heads
         # The graph is the same every step (static_graph; it does not mix with no_sync, which
         # --accum_iter uses), and gradients live in DDP's buckets (gradient_as_bucket_view).

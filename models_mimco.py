@@ -71,8 +71,15 @@ def build_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int,
     return nn.Sequential(*layers)
 
 
-def build_head(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """MimCo's patch and CLS heads: an MLP (Linear, GELU) x (n-1), Linear, on tokens of any shape."""
+def build_head(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, norm: str = 'bn') -> nn.Module:
+    """MimCo's patch and CLS heads, on tokens of any shape (..., in_dim) -> (..., out_dim).
+
+    norm 'bn': (Linear without bias, BatchNorm, ReLU) x (n-1), Linear without bias: MoCo v3's projector
+    without its last BN, the BN statistics taken over every token of the batch. norm 'none': (Linear,
+    GELU) x (n-1), Linear, the BEiT/iBOT-style head.
+    """
+    if norm == 'bn':
+        return TokenMLP(*build_mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn=False))
     dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
     layers = []
     for i, (dim_in, dim_out) in enumerate(zip(dims[:-1], dims[1:])):
@@ -80,6 +87,14 @@ def build_head(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int) -> n
         if i < num_layers - 1:
             layers.append(nn.GELU())
     return nn.Sequential(*layers)
+
+
+class TokenMLP(nn.Sequential):
+    """An MLP with BatchNorm1d applied to tokens of any leading shape: (..., D) is flattened to
+    (M, D) for the MLP and restored after."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.flatten(0, -2)).unflatten(0, x.shape[:-1])
 
 
 def sincos_pos_embed(grid_size, dim: int, num_prefix_tokens: int) -> torch.Tensor:
@@ -233,7 +248,7 @@ class MimCo(nn.Module):
     """
 
     def __init__(self, student: VisionTransformer, teacher_dim: int, target_dim: int,
-                 num_masked: int, head_dim: int = 2048, head_layers: int = 2,
+                 num_masked: int, head_dim: int = 2048, head_layers: int = 2, head_norm: str = 'bn',
                  patch_loss: str = 'infonce', img_loss: str = 'infonce', patch_temp: float = 0.1,
                  img_temp: float = 0.2, img_loss_weight: float = 1.0):
         super().__init__()
@@ -241,10 +256,10 @@ class MimCo(nn.Module):
         self.student = student
         self.mask_token = nn.Parameter(torch.zeros(1, 1, student.embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
-        self.patch_head = build_head(head_layers, student.embed_dim, head_dim, teacher_dim)
+        self.patch_head = build_head(head_layers, student.embed_dim, head_dim, teacher_dim, head_norm)
         # No CLS head without an image loss: DDP without static_graph (--accum_iter > 1) fails on a
         # parameter that no loss reaches.
-        self.cls_head = (build_head(head_layers, student.embed_dim, head_dim, target_dim)
+        self.cls_head = (build_head(head_layers, student.embed_dim, head_dim, target_dim, head_norm)
                          if img_loss != 'none' else None)
         self.num_masked = num_masked
         self.patch_loss, self.img_loss = patch_loss, img_loss

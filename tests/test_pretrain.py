@@ -104,6 +104,24 @@ def test_teacher_frozen_and_gets_no_gradient(teacher_path):
     assert not torch.equal(model.student.blocks[0].attn.qkv.weight, student_before)
 
 
+def test_mimco_heads():
+    """--head_norm bn: Linear (no bias), BatchNorm over every token of the batch, ReLU, Linear (no bias);
+    none: Linear, GELU, Linear. Both map tokens of any leading shape."""
+    torch.manual_seed(0)
+    head = models_mimco.build_head(2, 8, 16, 4, 'bn')
+    assert [type(m) for m in head] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Linear]
+    assert head[0].bias is None and head[3].bias is None and head[1].affine
+    tokens = torch.randn(3, 5, 8)  # (B, K, D)
+    hidden = tokens.reshape(15, 8) @ head[0].weight.t()  # BN statistics over all B * K tokens
+    hidden = (hidden - hidden.mean(0)) / (hidden.var(0, unbiased=False) + 1e-5).sqrt()
+    expected = (hidden.relu() @ head[3].weight.t()).reshape(3, 5, 4)
+    torch.testing.assert_close(head.train()(tokens), expected)
+    torch.testing.assert_close(head(tokens[:, 0]), head(tokens[:, :1])[:, 0])  # (B, D) tokens too
+    gelu = models_mimco.build_head(2, 8, 16, 4, 'none')
+    assert [type(m) for m in gelu] == [torch.nn.Linear, torch.nn.GELU, torch.nn.Linear]
+    assert gelu(tokens).shape == (3, 5, 4)
+
+
 @pytest.mark.parametrize('img_loss', ['infonce', 'none'])
 def test_every_trainable_mimco_parameter_gets_a_gradient(teacher_path, img_loss):
     """DDP without static_graph (as with --accum_iter > 1) fails on a parameter that no loss reaches."""
