@@ -222,7 +222,8 @@ class Teacher(nn.Module):
         with no_grad:
             if tuple(images.shape[-2:]) != self.img_size:  # give the teacher the student's patch grid
                 images = F.interpolate(images, size=self.img_size, mode='bicubic', align_corners=False)
-            tokens = self.backbone.forward_features(images)  # (B, 1+N, D_t)
+            # (B, 1+N, D_t); fc_norm is the final norm of a global-pool fine-tuned file, Identity elsewhere
+            tokens = self.backbone.fc_norm(self.backbone.forward_features(images))
             cls_token = tokens[:, 0]
             if self.projector is not None:
                 cls_token = self.projector(cls_token)

@@ -118,7 +118,7 @@ def test_mae_loss_falls_and_checkpoint_is_a_backbone(mae_dir):
 
 def test_official_mae_format_loads_with_the_same_features(mae_dir, official_mae_path):
     state, _, info = checkpoint.read_backbone(str(official_mae_path))
-    assert info['format'] == 'mae' and 'decoder_pred.weight' in info['skipped'] and 'mask_token' in info['skipped']
+    assert info['format'] == 'MAE' and 'decoder_pred.weight' in info['skipped'] and 'mask_token' in info['skipped']
     official = checkpoint.load_backbone(str(official_mae_path),
                                         timm.create_model('vit_digits_patch4_16', num_classes=0))
     mae = models_mimco.MAE(timm.create_model('vit_digits_patch4_16', num_classes=0), 64, 2, 4)
