@@ -345,9 +345,10 @@ def load_backbone(path: str, model: VisionTransformer = None, img_size: int = No
             model = timm.create_model(info['model'], num_classes=0, img_size=kwargs['img_size'], **model_kwargs)
         else:
             model = VisionTransformer(**kwargs, **model_kwargs)
+            usual = 'the usual ViT\'s' if kwargs['embed_dim'] in HEADS_BY_WIDTH else 'width / 64'
             guessed = '' if info['num_heads'] else (
-                f'; {kwargs["num_heads"]} attention heads assumed (the file does not say; those of the usual '
-                f'ViT of width {kwargs["embed_dim"]}): give {flag} to build another')
+                f'; {kwargs["num_heads"]} attention heads assumed (the file does not say; {usual} at width '
+                f'{kwargs["embed_dim"]}): give {flag} to build another')
     _check_heads(model, info, path, flag)
     if 'fc_norm.weight' in state_dict and isinstance(model.fc_norm, torch.nn.Identity):
         model.fc_norm, model.norm = model.norm, torch.nn.Identity()  # the file's final norm follows the pooling
