@@ -4,7 +4,6 @@ import contextlib
 import math
 
 import torch
-from timm.optim import Lars
 from timm.scheduler import CosineLRScheduler
 from timm.utils import accuracy
 
@@ -35,11 +34,38 @@ def cosine_lr_scheduler(optimizer, args, batches_per_epoch: int) -> CosineLRSche
         warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
 
 
+class Lars(torch.optim.Optimizer):
+    """LARS as MAE (util/lars.py) and MoCo v3 (moco/optimizer.py) run it (You et al., 2017): SGD with
+    momentum whose update d = g + wd w is scaled, in a group with `always_adapt`, by its trust ratio
+    0.001 |w| / |d| (1 where either norm is 0). timm's `Lars` divides by |g| + wd |w| instead (25 %
+    off at wd 0.1) and adapts only where weight decay is non-zero."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, trust_coeff: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, trust_coeff=trust_coeff, weight_decay=0.0,
+                                      always_adapt=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                update = p.grad.add(p, alpha=group['weight_decay'])
+                if group['always_adapt']:
+                    w_norm, d_norm = p.norm(), update.norm()
+                    trust = torch.where((w_norm > 0) & (d_norm > 0), group['trust_coeff'] * w_norm / d_norm, 1.0)
+                    update.mul_(trust)
+                state = self.state[p]
+                if 'momentum_buffer' not in state:
+                    state['momentum_buffer'] = torch.zeros_like(p)
+                state['momentum_buffer'].mul_(group['momentum']).add_(update)
+                p.add_(state['momentum_buffer'], alpha=-group['lr'])
+
+
 def lars(groups: list, lr: float) -> Lars:
-    """LARS as MAE's linear probe and MoCo v3 run it (You et al., 2017): each weight matrix's step is
-    scaled by its trust ratio 0.001 |w| / (|g| + wd |w|) whatever its weight decay (timm's `Lars` adapts
-    only where weight decay is non-zero unless `always_adapt`, so a probe at wd 0 would be plain SGD at
-    lr 6.4); biases and norms (ndim <= 1) are neither adapted nor decayed."""
+    """LARS with MAE's and MoCo v3's groups: each weight matrix adapted by its trust ratio whatever its
+    weight decay (at wd 0 too: a probe's head would otherwise take plain SGD steps at lr 6.4); biases
+    and norms (ndim <= 1) neither adapted nor decayed."""
     split = []
     for group in groups:
         for adapt in (True, False):

@@ -137,9 +137,14 @@ def build_backbone(args) -> torch.nn.Module:
 
 
 def add_classifier(model, args, num_classes: int) -> torch.nn.Module:
-    if args.global_pool:
-        # MAE pools the un-normed patch tokens and then applies a LayerNorm (fc_norm); ours starts
-        # from the pre-trained final norm's weights instead of from scratch.
+    if not args.global_pool and not model.has_class_token:
+        raise InputError('--cls_token: this backbone has no class token; fine-tune it with the default '
+                         'global pool (drop --cls_token)')
+    if isinstance(model.fc_norm, torch.nn.Identity):
+        # The final norm moves after the pooling (fc_norm). With global pool that is MAE's: a LayerNorm
+        # on the average of the un-normed patch tokens, here from the pre-trained norm's weights, not
+        # from scratch; on the CLS token it is the same function as before. Named fc_norm, it takes
+        # the head's layer-decay scale 1, as in MAE's lr_decay (timm's puts `norm` a layer below).
         model.fc_norm, model.norm = model.norm, torch.nn.Identity()
     model.reset_classifier(num_classes, 'avg' if args.global_pool else 'token')
     if args.init_from_projector:
@@ -149,6 +154,12 @@ def add_classifier(model, args, num_classes: int) -> torch.nn.Module:
         classifier = model.head[-1] if args.init_from_projector else model.head
         trunc_normal_(classifier.weight, std=2e-5)  # MAE: a near-zero start for the new classifier
     return model
+
+
+def layer_decay_groups(model, args) -> list:
+    """BEiT/MAE layer-wise lr decay (timm); the final norm, as fc_norm (add_classifier), at scale 1."""
+    return param_groups_layer_decay(model, args.weight_decay, layer_decay=args.layer_decay,
+                                    no_weight_decay_list=model.no_weight_decay())
 
 
 def projector_layer(args) -> torch.nn.Linear:
@@ -219,10 +230,8 @@ def main(args):
     total_batch = args.batch_size * args.accum_iter * get_world_size()
     if args.lr is None:
         args.lr = args.blr * total_batch / 256
-    groups = param_groups_layer_decay(model_without_ddp, args.weight_decay, layer_decay=args.layer_decay,
-                                      no_weight_decay_list=model_without_ddp.no_weight_decay())
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.opt_betas),
-                                  fused=device.type == 'cuda')
+    optimizer = torch.optim.AdamW(layer_decay_groups(model_without_ddp, args), lr=args.lr,
+                                  betas=tuple(args.opt_betas), fused=device.type == 'cuda')
     lr_scheduler = cosine_lr_scheduler(optimizer, args, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     mixup_fn = build_mixup(args, num_classes)

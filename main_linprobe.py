@@ -32,9 +32,9 @@ def get_args_parser():
     p = argparse.ArgumentParser('mimco frozen-feature evaluation', add_help=False)
     p.add_argument('--protocol', default='linear', choices=['linear', 'logreg', 'knn'],
                    help='linear probe (MAE), few-shot logistic regression (Layer Grafted), weighted kNN (DINO)')
-    p.add_argument('--checkpoint', default='random', type=str,
+    p.add_argument('--checkpoint', '--finetune', default='random', type=str, dest='checkpoint',
                    help='backbone to evaluate (MoCo v3, DINO, MAE, timm or ours), or `random` for the '
-                        'random-init baseline of --model')
+                        'random-init baseline of --model (--finetune: the same, as MAE names it)')
     p.add_argument('--model', default=None, type=str,
                    help=f"timm ViT name (default: the checkpoint's architecture; {DIGITS_MODEL} for random)")
     p.add_argument('--input_size', default=None, type=int, help="image size (default: the model's)")
@@ -101,6 +101,9 @@ def build_backbone(args) -> nn.Module:
         model = checkpoint.load_backbone(args.checkpoint, model, img_size=args.input_size)
     args.model = args.model or name
     args.input_size = model.patch_embed.img_size[0]
+    if not args.global_pool and not model.has_class_token:
+        print('the backbone has no class token: features = the average of its patch tokens (--global_pool)')
+        args.global_pool = True
     model.reset_classifier(0, 'avg' if args.global_pool else 'token')
     return model.eval().requires_grad_(False)
 

@@ -104,7 +104,7 @@ def get_args_parser():
                         'first, final norm and heads with the last); default 0.1,0.1,1 with '
                         '--graft_pretrained, else one lr for all')
     p.add_argument('--graft_freeze_blocks', default=0, type=int,
-                   help='freeze the first N grafted blocks (the paper\'s ablation; 0 = none)')
+                   help='freeze the first N grafted blocks and the CLS token (the official --fixTo N; 0 = none)')
     p.add_argument('--graft_l1_weight', default=0.0, type=float,
                    help='weight of an L1 pull towards the grafted weights (official ViT-L: 1e-5; 0 = off)')
     p.add_argument('--graft_l1_blocks', default=0, type=int,
@@ -274,7 +274,10 @@ def build_optimizer(args, model):
         groups = graft_param_groups(model, multipliers, args.weight_decay, no_weight_decay)
         print('lr multipliers per group of blocks (Layer Grafted): '
               + ', '.join(f'group {g} x{m:g}' for g, m in enumerate(multipliers)))
-    else:
+    elif args.method == 'mocov3':
+        # MoCo v3 decays every parameter (AdamW(model.parameters())); lars() exempts the 1-D ones, as its LARS.
+        groups = [{'params': [p for p in model.parameters() if p.requires_grad], 'weight_decay': args.weight_decay}]
+    else:  # MAE (no exemption list: its CLS and mask tokens are decayed) and MimCo
         groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=no_weight_decay)
     if args.optimizer == 'lars':
         return lars(groups, args.lr)

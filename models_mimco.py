@@ -97,16 +97,20 @@ class TokenMLP(nn.Sequential):
         return super().forward(x.flatten(0, -2)).unflatten(0, x.shape[:-1])
 
 
-def sincos_pos_embed(grid_size, dim: int, num_prefix_tokens: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embeddings (1, prefix + N, dim), zeros for the prefix tokens."""
+def sincos_pos_embed(grid_size, dim: int, num_prefix_tokens: int, mae_layout: bool = False) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embeddings (1, prefix + N, dim), zeros for the prefix tokens: sin and
+    cos of the row, then of the column (MoCo v3's layout), or the column first with `mae_layout` (MAE's
+    get_2d_sincos_pos_embed)."""
     grid = build_sincos2d_pos_embed(list(grid_size), dim, interleave_sin_cos=True)  # (N, dim)
+    if mae_layout:
+        grid = torch.cat(grid.chunk(2, dim=1)[::-1], dim=1)
     return torch.cat([torch.zeros(num_prefix_tokens, dim), grid]).unsqueeze(0)
 
 
-def set_sincos_pos_embed(vit: VisionTransformer) -> None:
+def set_sincos_pos_embed(vit: VisionTransformer, mae_layout: bool = False) -> None:
     """Fixed 2-D sin-cos position embeddings (MoCo v3, Sec. 4; MAE), zeros for the CLS token."""
     vit.pos_embed.data.copy_(sincos_pos_embed(vit.patch_embed.grid_size, vit.embed_dim,
-                                              vit.num_prefix_tokens))
+                                              vit.num_prefix_tokens, mae_layout))
     vit.pos_embed.requires_grad_(False)
 
 
@@ -233,7 +237,8 @@ class Teacher(nn.Module):
         with no_grad:
             if tuple(images.shape[-2:]) != self.img_size:  # give the teacher the student's patch grid
                 images = F.interpolate(images, size=self.img_size, mode='bicubic', align_corners=False)
-            tokens = self.backbone.forward_features(images)  # (B, 1+N, D_t)
+            # (B, 1+N, D_t); fc_norm is the final norm of a global-pool fine-tuned file, Identity elsewhere
+            tokens = self.backbone.fc_norm(self.backbone.forward_features(images))
             cls_token = tokens[:, 0]
             if self.projector is not None:
                 cls_token = self.projector(cls_token)
@@ -323,7 +328,7 @@ class MAE(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         # Fixed, not learned (Sec. 3, "MAE decoder": position embeddings on every token).
         self.register_buffer('decoder_pos_embed', sincos_pos_embed(
-            encoder.patch_embed.grid_size, decoder_embed_dim, encoder.num_prefix_tokens))
+            encoder.patch_embed.grid_size, decoder_embed_dim, encoder.num_prefix_tokens, mae_layout=True))
         self.decoder_blocks = nn.Sequential(*[
             Block(decoder_embed_dim, decoder_num_heads, mlp_ratio=4.0, qkv_bias=True,
                   norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))
@@ -335,7 +340,7 @@ class MAE(nn.Module):
     def _init_weights(self) -> None:
         """MAE's initialisation (App. A.1): Xavier-uniform linears, the patch projection as one linear
         map, normal(0.02) CLS and mask tokens, fixed sin-cos positions."""
-        set_sincos_pos_embed(self.encoder)
+        set_sincos_pos_embed(self.encoder, mae_layout=True)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -347,9 +352,6 @@ class MAE(nn.Module):
         if self.encoder.cls_token is not None:
             nn.init.normal_(self.encoder.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-
-    def no_weight_decay(self) -> set:
-        return {'mask_token'} | {f'encoder.{n}' for n in self.encoder.no_weight_decay()}
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, p*p*C), patches in the patch embedding's row-major order."""

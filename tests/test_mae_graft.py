@@ -118,7 +118,7 @@ def test_mae_loss_falls_and_checkpoint_is_a_backbone(mae_dir):
 
 def test_official_mae_format_loads_with_the_same_features(mae_dir, official_mae_path):
     state, _, info = checkpoint.read_backbone(str(official_mae_path))
-    assert info['format'] == 'mae' and 'decoder_pred.weight' in info['skipped'] and 'mask_token' in info['skipped']
+    assert info['format'] == 'MAE' and 'decoder_pred.weight' in info['skipped'] and 'mask_token' in info['skipped']
     official = checkpoint.load_backbone(str(official_mae_path),
                                         timm.create_model('vit_digits_patch4_16', num_classes=0))
     mae = models_mimco.MAE(timm.create_model('vit_digits_patch4_16', num_classes=0), 64, 2, 4)
@@ -195,10 +195,12 @@ def test_graft_build_freezes_and_pulls(official_mae_path):
         if not name.startswith('head.'):  # the projector is new
             assert torch.equal(value, mae[name]), name
     trainable = {n for n, p in model.base_encoder.named_parameters() if p.requires_grad}
-    assert not any(n.startswith(('blocks.0.', 'blocks.1.', 'patch_embed', 'pos_embed')) for n in trainable)
-    assert 'blocks.2.attn.qkv.weight' in trainable and 'cls_token' in trainable
-    # The pull covers the trainable embeddings (CLS token) and blocks 2, 3; zero at the start.
-    assert len(model.l1_pull.params) == 1 + 2 * 12
+    # The official --fixTo N freezes the CLS token with the first N blocks.
+    assert not any(n.startswith(('blocks.0.', 'blocks.1.', 'patch_embed', 'pos_embed', 'cls_token'))
+                   for n in trainable)
+    assert 'blocks.2.attn.qkv.weight' in trainable
+    # The pull covers the trainable blocks 2, 3 (the embeddings are frozen); zero at the start.
+    assert len(model.l1_pull.params) == 2 * 12
     assert model.l1_pull().item() == 0.0
     with torch.no_grad():
         model.base_encoder.blocks[3].attn.proj.bias.add_(0.5)

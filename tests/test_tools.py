@@ -172,6 +172,7 @@ def test_export_checks_the_architecture(tmp_path):
     with pytest.raises(InputError, match='mocov3_vit_small'):
         export.main(export.get_args_parser().parse_args(
             ['--checkpoint', source, '--model', 'vit_small_patch16_224', '--output', str(tmp_path / 'bad.pth')]))
+    assert sorted(os.listdir(tmp_path)) == ['vit-s-300ep.pth.tar']  # nothing written
     model = export_then_load(source, 'mocov3_vit_small', str(tmp_path / 'mocov3_vits_timm.pth'))
     torch.testing.assert_close(features(model, 224), features(vit, 224), atol=1e-5, rtol=0)
     assert models_mimco  # registers mocov3_vit_small

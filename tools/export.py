@@ -53,10 +53,10 @@ def model_name(args, info: dict) -> str:
     return name
 
 
-def load_with_timm(name: str, path: str, img_size: int):
+def load_with_timm(name: str, path: str, img_size: int, fc_norm: bool):
     """What a user of the exported file runs, on the file's own image size."""
     return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=os.path.abspath(path)),
-                             num_classes=0, img_size=img_size).eval()
+                             num_classes=0, img_size=img_size, fc_norm=fc_norm).eval()
 
 
 @torch.no_grad()
@@ -71,23 +71,32 @@ def main(args):
     # The architecture as the file describes it (heads from `arch`, size from the weights) ...
     reference = checkpoint.load_backbone(args.checkpoint)
     img_size = reference.patch_embed.img_size[0]
-    # ... and the same weights in the named timm model, shape-checked key by key.
+    # ... and the same weights in the named timm model, shape- and head-checked.
     named = timm.create_model(name, num_classes=0, img_size=img_size)
     backbone = checkpoint.load_backbone(args.checkpoint, named, flag='--model', verbose=False)
     state_dict = {k: v.detach().clone().contiguous() for k, v in backbone.state_dict().items()}
+    fc_norm = 'fc_norm.weight' in state_dict  # a global-pool fine-tuned backbone: its norm after the pooling
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    checkpoint.save_checkpoint(state_dict, args.output)
+    # Checked before it takes its name: a file that fails the check never stays on disk.
+    tmp = f'{args.output}.tmp.{os.getpid()}'
+    torch.save(state_dict, tmp)
+    try:
+        if args.check:
+            in_chans = backbone.patch_embed.proj.in_channels
+            difference = max_feature_difference(load_with_timm(name, tmp, img_size, fc_norm), reference,
+                                                img_size, in_chans)
+            if difference > TOLERANCE:
+                raise InputError(f'{name} loaded from the export of {args.checkpoint} gives other features '
+                                 f'(max difference {difference:.2e}): the architectures differ; nothing written')
+        os.replace(tmp, args.output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    extra = ', fc_norm=True' if fc_norm else ''
     print(f'wrote {args.output}: {len(state_dict)} tensors of {name} ({img_size} px), a plain timm state dict')
     if args.check:
-        in_chans = backbone.patch_embed.proj.in_channels
-        difference = max_feature_difference(load_with_timm(name, args.output, img_size), reference,
-                                            img_size, in_chans)
-        if difference > TOLERANCE:
-            raise InputError(f'{name} loaded from {args.output} gives other features than {args.checkpoint} '
-                             f'(max difference {difference:.2e}): the architectures differ (heads?); the '
-                             f'official MoCo v3 ViT-S is mocov3_vit_small (12 heads), not vit_small_patch16_224')
         print(f'checked: timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file='
-              f'{args.output!r}), num_classes=0) gives the same features (max difference {difference:.1e})')
+              f'{args.output!r}), num_classes=0{extra}) gives the same features (max difference {difference:.1e})')
     return name
 
 

@@ -22,8 +22,10 @@ def graft_encoder(args, encoder) -> None:
                          f'blocks, pick 0..{depth}')
     encoder.patch_embed.requires_grad_(False)
     encoder.pos_embed.requires_grad_(False)
-    encoder.blocks[:args.graft_freeze_blocks].requires_grad_(False)
-    frozen = f', blocks 0..{args.graft_freeze_blocks - 1}' if args.graft_freeze_blocks else ''
+    if args.graft_freeze_blocks:  # the CLS token with them, as the official --fixTo
+        encoder.cls_token.requires_grad_(False)
+        encoder.blocks[:args.graft_freeze_blocks].requires_grad_(False)
+    frozen = f', cls_token, blocks 0..{args.graft_freeze_blocks - 1}' if args.graft_freeze_blocks else ''
     print(f'grafted {depth} blocks from {args.graft_pretrained}; frozen: patch_embed, pos_embed{frozen}')
 
 

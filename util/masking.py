@@ -1,7 +1,8 @@
 """Patch masks: BEiT block-wise masks (MimCo) and uniform random masks (MAE).
 
-Every mask here masks *exactly* `round(mask_ratio * N)` patches of each image, so a batch of masked
-tokens reshapes to (B, K, D) without padding.
+Every mask here masks *exactly* `round(mask_ratio * N)` patches of each image (MAE's keeps exactly
+`int(N * (1 - mask_ratio))`, as its random_masking), so a batch of masked tokens reshapes to (B, K, D)
+without padding.
 """
 import math
 import random
@@ -106,7 +107,8 @@ def random_masking_indices(batch_size: int, num_patches: int, mask_ratio: float,
     `noise` (B, N), uniform in [0, 1), may come from the data loader. Returns ids_keep (B, N_keep), ids_restore (B, N) and mask (B, N) with 1 = masked, 0 = kept, in
     the original patch order: `gather(cat(kept, masked), ids_restore)` undoes the shuffle.
     """
-    num_keep = num_patches - num_masked(num_patches, mask_ratio)
+    check_mask_ratio(mask_ratio)
+    num_keep = max(1, int(num_patches * (1 - mask_ratio)))  # MAE's count: 19 of 196 at 0.9 (round: 20)
     if noise is None:
         noise = torch.rand(batch_size, num_patches, device=device)  # (B, N)
     ids_shuffle = torch.argsort(noise, dim=1)
