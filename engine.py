@@ -140,6 +140,8 @@ def evaluate(model, data_loader, device, args) -> dict:
     """Top-1/top-5 accuracy and cross-entropy of a classifier on a labelled loader."""
     model.eval()
     logger = MetricLogger()
+    for name in ('loss', 'acc1', 'acc5'):  # on every rank, also one whose shard of val images is empty
+        logger.add_meter(name, SmoothedValue())
     criterion = torch.nn.CrossEntropyLoss()
     for images, targets in logger.log_every(data_loader, args.print_freq, 'Test:'):
         images = to_device(images, device, getattr(args, 'channels_last', False))

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, g
 from torchvision import datasets
 from torchvision.transforms import v2 as T
 
-from util.dist import get_rank, get_world_size
+from util.dist import all_gather, get_rank, get_world_size
 from util.errors import InputError
 
 DIGITS_VAL_FRACTION = 0.2
@@ -229,22 +229,44 @@ class SeededSamples(Dataset):
 
 
 def build_loader(dataset, args, is_train: bool, batch_size: int = None, random_samples: bool = True) -> DataLoader:
-    """DistributedSampler in every case (one replica without torchrun): its per-epoch shuffle is a
-    function of (--seed, epoch) alone. Training samples are seeded one by one (SeededSamples), so
-    resumed runs are exact and the workers can persist between epochs; `random_samples=False` (fixed
-    tensors, e.g. cached features) skips that seeding, which would cost more than the sample."""
+    """Training: a DistributedSampler (one replica without torchrun), whose per-epoch shuffle is a
+    function of (--seed, epoch) alone; samples are seeded one by one (SeededSamples), so resumed runs
+    are exact and the workers can persist between epochs; `random_samples=False` (fixed tensors, e.g.
+    cached features) skips that seeding, which would cost more than the sample. Evaluation: rank r
+    takes images r, r + W, ... (gather_shards puts them back in order), so each image counts once."""
     batch_size = batch_size or args.batch_size
     world_size = get_world_size()
     if is_train and batch_size * world_size > len(dataset):
         raise InputError(f'--batch_size {batch_size} x {world_size} process(es) is larger than the '
                          f'{len(dataset)} training images: lower --batch_size')
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=get_rank(),
-                                 shuffle=is_train, seed=args.seed, drop_last=is_train)
+    if is_train:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=get_rank(), shuffle=True,
+                                     seed=args.seed, drop_last=True)
+    else:  # each image once: DistributedSampler would pad the last ranks with repeats
+        sampler = range(get_rank(), len(dataset), world_size)
     if is_train and random_samples:
         dataset, sampler = SeededSamples(dataset, args.seed), EpochIndices(sampler)
+    # Each new iterator draws its workers' base seed from `generator`; from the global stream, that
+    # draw would come at other times in a resumed run (persistent workers start once per run), and
+    # the drop path drawn after it would differ. The workers' seeds matter to nothing: every sample
+    # is seeded by SeededSamples.
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
                       pin_memory=torch.cuda.is_available(), drop_last=is_train,
-                      persistent_workers=is_train and args.num_workers > 0)
+                      persistent_workers=is_train and args.num_workers > 0,
+                      generator=torch.Generator().manual_seed(args.seed + get_rank()))
+
+
+def gather_shards(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The rows (one per sample) of every rank's evaluation shard, in sample order, on every rank. A
+    shard of build_loader(is_train=False) holds samples rank, rank + W, ...: padded to one length for
+    all_gather, interleaved, the padding falls past the n-th row."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return x
+    rows = -(-n // world_size)
+    x = torch.cat([x, x.new_zeros(rows - len(x), *x.shape[1:])])
+    gathered = all_gather(x, keep_local_grad=False).view(world_size, rows, *x.shape[1:])
+    return gathered.transpose(0, 1).reshape(world_size * rows, *x.shape[1:])[:n]
 
 
 # --------------------------------------------------------------------------- label-efficient subsets
