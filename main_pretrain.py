@@ -330,7 +330,7 @@ def main(args):
                                            cosine=args.moco_m_cos)
                          if args.method == 'mocov3' else None)
     checkpoint.resume(args, model_without_ddp, optimizer, scaler,
-                      same_run=('method', 'teacher', 'graft_pretrained'))
+                      same_run=('method', 'teacher', 'graft_pretrained', 'optimizer'))
     log_writer = tensorboard_writer(args.log_dir)
 
     print(f'training {args.method} for epochs {args.start_epoch}..{args.epochs - 1}')
