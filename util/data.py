@@ -52,9 +52,22 @@ class Digits(Dataset):
 def load_image(path: str) -> Image.Image:
     try:
         with open(path, 'rb') as f:
-            return Image.open(f).convert('RGB')
+            return to_rgb(Image.open(f), path)
     except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
         raise InputError(f'{path} is not a readable image ({e}): remove or replace the file') from None
+
+
+def to_rgb(image: Image.Image, path: str) -> Image.Image:
+    """8-bit RGB. PIL's convert('RGB') clips wider samples to 0..255 (a 16-bit scan turns white):
+    16-bit grayscale ('I;16*', or 'I' as older Pillow reads it) keeps its top 8 bits instead."""
+    if not (image.mode.startswith('I') or image.mode == 'F'):
+        return image.convert('RGB')
+    pixels = np.asarray(image)
+    if image.mode == 'F' or pixels.min() < 0 or pixels.max() > 65535:
+        raise InputError(f'{path} has {image.mode} pixels that are not 16-bit integers (range '
+                         f'{pixels.min():g}..{pixels.max():g}), which have no one 8-bit scale: '
+                         f'convert it to an 8- or 16-bit PNG')
+    return Image.fromarray((pixels.astype(np.int64) >> 8).astype(np.uint8)).convert('RGB')
 
 
 def dataset_name(args) -> str:
@@ -83,10 +96,40 @@ def build_dataset(args, is_train: bool, transform) -> Dataset:
         raise InputError(f'data folder {root} does not exist: --data_path must hold train/ and '
                          f'val/ with one sub-folder per class (the ImageNet layout)')
     try:
-        dataset = datasets.ImageFolder(root, transform=transform, loader=load_image)
+        if is_train:
+            return datasets.ImageFolder(root, transform=transform, loader=load_image)
+        dataset = ValImageFolder(root, os.path.join(args.data_path, 'train'), transform=transform,
+                                 loader=load_image, allow_empty=True)
     except (FileNotFoundError, RuntimeError) as e:
         raise InputError(f'no images in {root}: {e}') from None
+    if not dataset.samples:
+        raise InputError(f'no images in {root}: --data_path must hold train/ and val/ with one '
+                         f'sub-folder per class (the ImageNet layout)')
     return dataset
+
+
+class ValImageFolder(datasets.ImageFolder):
+    """val/ labelled by train/'s class indices (its own, sorted, would shift when val/ lacks a class
+    or has one more). A class that train/ lacks is refused: its images have no label to be scored
+    against. A class that val/ lacks is fine: accuracy is over the classes val/ has."""
+
+    def __init__(self, root: str, train_root: str, **kwargs):
+        self.train_root = train_root
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory: str) -> tuple:
+        classes, class_to_idx = datasets.folder.find_classes(self.train_root)
+        val_classes = datasets.folder.find_classes(directory)[0]
+        unknown = sorted(set(val_classes) - set(classes))
+        if unknown:
+            raise InputError(f'{directory} has class folders that {self.train_root} has not '
+                             f'({", ".join(unknown[:5])}{" ..." * (len(unknown) > 5)}): its images have no '
+                             f'label to be scored against; remove them or add them to train/')
+        missing = len(classes) - len(val_classes)
+        if missing:
+            print(f'{directory} lacks {missing} of the {len(classes)} classes of train/: scored over the '
+                  f'{len(val_classes)} it has, with train/\'s labels')
+        return classes, class_to_idx
 
 
 def normalize(args):
