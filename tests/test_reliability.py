@@ -207,7 +207,8 @@ def test_non_finite_loss_stops_with_step_terms_and_lr(tmp_path, teacher_path):
                     '--batch_size', '256', '--warmup_epochs', '0']
     assert run_script(argv + ['--epochs', '1']).returncode == 0
     good = checkpoint.load_file(os.path.join(out, 'checkpoint-last.pth'))
-    result = run_script(argv + ['--epochs', '2', '--lr', '1e12'])
+    # Another lr: an implicit resume would refuse it (another run's settings); --resume continues it.
+    result = run_script(argv + ['--epochs', '2', '--lr', '1e12', '--resume', os.path.join(out, 'checkpoint-last.pth')])
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
     assert 'non-finite loss' in message and 'epoch 1, step' in message

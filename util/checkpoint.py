@@ -142,7 +142,7 @@ SAME_RUN = ('data_path', 'dataset', 'model', 'input_size', 'subset_file', 'train
 def check_same_run(path: str, checkpoint: dict, args, flags: tuple = ()) -> None:
     """Refuse to auto-resume output_dir/checkpoint-last.pth of a run with other SAME_RUN or `flags`."""
     saved = checkpoint.get('args') or {}
-    for flag in SAME_RUN + tuple(flags):
+    for flag in tuple(flags) + SAME_RUN:  # the script's own first: --finetune says more than --model
         if flag not in saved or not hasattr(args, flag) or _same_setting(saved[flag], getattr(args, flag)):
             continue
         there, here = ('none' if v is None or v == '' else v for v in (saved[flag], getattr(args, flag)))
