@@ -93,10 +93,10 @@ def check_finite(values: list, first_step: int, epoch: int, terms: dict, lr: flo
     """Stop the run on a non-finite loss, before any checkpoint of this epoch is written."""
     for offset, value in enumerate(values):
         if not math.isfinite(value):
-            shown = ', '.join(f'{k} {v:.4g}' for k, v in terms.items())
+            shown = [f'{k} {v:.4g}' for k, v in terms.items()] + [f'lr {lr:.3g}']
             raise FloatingPointError(
                 f'non-finite loss {value} at epoch {epoch}, step {first_step + offset} '
-                f'({shown}; lr {lr:.3g}). The last checkpoint is intact: resume from it with a lower '
+                f'({", ".join(shown)}). The last checkpoint is intact: resume from it with a lower '
                 f'--blr, --clip_grad, or --amp bf16/none instead of fp16')
 
 
@@ -166,6 +166,8 @@ def evaluate(model, data_loader, device, args) -> dict:
     """Top-1/top-5 accuracy and cross-entropy of a classifier on a labelled loader."""
     model.eval()
     logger = MetricLogger()
+    for name in ('loss', 'acc1', 'acc5'):  # on every rank, also one whose shard of val images is empty
+        logger.add_meter(name, SmoothedValue())
     criterion = torch.nn.CrossEntropyLoss()
     for images, targets in logger.log_every(data_loader, args.print_freq, 'Test:'):
         images = to_device(images, device, getattr(args, 'channels_last', False))

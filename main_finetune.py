@@ -248,7 +248,7 @@ def main(args):
     best_acc1 = checkpoint.load_file(best_path).get('acc1', 0.0) if resumed else 0.0
 
     if args.eval:
-        stats = evaluate(model, val_loader, device, args)
+        stats = evaluate(model_without_ddp, val_loader, device, args)
         metrics = {'acc1': stats['acc1'], 'acc5': stats['acc5'], 'eval_only': True}
         return summarize(args, 'finetune', args.resume or args.finetune or 'random init', metrics)
 
@@ -262,7 +262,7 @@ def main(args):
         train_stats = train_one_epoch(train_model, loader, optimizer, lr_scheduler, scaler, device, epoch,
                                       args, log_writer, criterion=criterion, mixup_fn=mixup_fn,
                                       model_ema=model_ema)
-        stats = {f'test_{k}': v for k, v in evaluate(model, val_loader, device, args).items()}
+        stats = {f'test_{k}': v for k, v in evaluate(model_without_ddp, val_loader, device, args).items()}
         if model_ema is not None:
             stats.update({f'test_ema_{k}': v for k, v in
                           evaluate(model_ema.module, val_loader, device, args).items()})

@@ -17,13 +17,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from timm.utils import accuracy
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from engine import autocast, cosine_lr_scheduler, evaluate, lars, train_one_epoch
 from main_finetune import DIGITS_MODEL, setup_run, summarize
 from util import checkpoint, data
-from util.dist import all_gather, get_world_size
+from util.dist import get_world_size
 from util.errors import InputError, run_main
 from util.logging import MetricLogger, log_json, tensorboard_writer
 
@@ -108,39 +107,18 @@ def build_backbone(args) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-class WithIndex(Dataset):
-    """(image, (target, index)): the index puts features gathered from every rank back in order."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        image, target = self.dataset[index]
-        return image, (target, index)
-
-
 @torch.no_grad()
 def extract_features(backbone, dataset, device, args) -> tuple:
     """(features (N, D) float32, labels (N,)) of a whole data set in its order, on every rank."""
-    loader = data.build_loader(WithIndex(dataset), args, is_train=False)
-    n = len(dataset)
-    features, labels, indices = [], [], []
-    for images, (targets, index) in MetricLogger().log_every(loader, args.print_freq, 'Features:'):
+    loader = data.build_loader(dataset, args, is_train=False)
+    features = [torch.empty(0, backbone.num_features, device=device)]  # a rank may get no image
+    labels = [torch.empty(0, dtype=torch.long, device=device)]
+    for images, targets in MetricLogger().log_every(loader, args.print_freq, 'Features:'):
         with autocast(device, args.amp):
             features.append(backbone(images.to(device, non_blocking=True)).float())  # (B, D)
         labels.append(targets.to(device))
-        indices.append(index.to(device))
-    features = all_gather(torch.cat(features), keep_local_grad=False)
-    labels, indices = all_gather(torch.cat(labels), False), all_gather(torch.cat(indices), False)
-    # DistributedSampler pads the last ranks with repeats; writing by index drops them.
-    out = torch.empty(n, features.shape[1], device=device)
-    out[indices] = features
-    out_labels = torch.empty(n, dtype=torch.long, device=device)
-    out_labels[indices] = labels
-    return out, out_labels
+    n = len(dataset)
+    return data.gather_shards(torch.cat(features), n), data.gather_shards(torch.cat(labels), n)
 
 
 # --------------------------------------------------------------------------- kNN
@@ -150,7 +128,7 @@ def knn_scores(train_x, train_y, test_x, num_classes: int, k: int = 20, t: float
                chunk: int = 256) -> torch.Tensor:
     """DINO's weighted kNN: each of the k most cosine-similar training features votes for its class
     with weight exp(sim / t). Blocks of `chunk` test features keep memory at chunk x N_train.
-    Returns the votes (N_test, C)."""
+    Returns the votes (N_test, C); a class no neighbour voted for scores -inf (no prediction)."""
     train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
     k = min(k, train_x.shape[0])
     scores = []
@@ -158,8 +136,18 @@ def knn_scores(train_x, train_y, test_x, num_classes: int, k: int = 20, t: float
         sim = block @ train_x.T  # (b, N_train)
         top_sim, top_idx = sim.topk(k, dim=1)  # (b, k)
         votes = torch.zeros(block.shape[0], num_classes, device=block.device)
-        scores.append(votes.scatter_add_(1, train_y[top_idx], (top_sim / t).exp()))  # (b, C)
+        votes.scatter_add_(1, train_y[top_idx], (top_sim / t).exp())  # (b, C)
+        voted = torch.zeros_like(votes, dtype=torch.bool).scatter_(1, train_y[top_idx], True)
+        scores.append(votes.masked_fill(~voted, -math.inf))
     return torch.cat(scores)
+
+
+def topk_accuracy(scores, targets, topk: tuple) -> list:
+    """timm's accuracy (%), except that a class scored -inf is no prediction: with k = 1 neighbour,
+    kNN's top-5 is its top-1, not four more classes drawn from the ties at zero votes."""
+    values, predicted = scores.topk(max(topk), dim=1)  # (N, max k)
+    hits = (predicted == targets[:, None]) & (values > -math.inf)
+    return [hits[:, :k].any(dim=1).float().mean().item() * 100 for k in topk]
 
 
 # --------------------------------------------------------------------------- logistic regression
@@ -276,7 +264,8 @@ def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dic
         optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     lr_scheduler = cosine_lr_scheduler(optimizer, args, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    resumed = checkpoint.resume(args, head, optimizer, scaler, validate=check_probe_checkpoint(backbone_id, args))
+    resumed = checkpoint.resume(args, head, optimizer, scaler, validate=check_probe_checkpoint(backbone_id, args),
+                                same_run=('global_pool', 'optimizer'))
     best = resumed['best_acc1'] if resumed else 0.0
     log_writer = tensorboard_writer(args.log_dir)
     print(f'linear probe: lr {args.lr:.3g} ({args.optimizer}, total batch {total_batch}), '
@@ -341,8 +330,8 @@ def main(args):
                 args.logreg_wd = 2.5e-4 / len(train_set)
             classifier = logistic_regression(train_x, train_y, num_classes, args.logreg_wd, args.logreg_iters)
             scores = classifier(val_x.double())
-        top1, top5 = accuracy(scores, val_y, topk=(1, min(5, num_classes)))
-        metrics = {'acc1': top1.item(), 'acc5': top5.item()}
+        top1, top5 = topk_accuracy(scores, val_y, topk=(1, min(5, num_classes)))
+        metrics = {'acc1': top1, 'acc5': top5}
     metrics.update(n_train=len(train_set), n_val=len(val_set))
     pooled = 'avg pool' if args.global_pool else 'CLS'
     return summarize(args, args.protocol, f'{args.checkpoint}, {pooled}', metrics)

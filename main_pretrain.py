@@ -168,6 +168,21 @@ def resolve_defaults(args) -> None:
     args.log_dir = args.log_dir or args.output_dir
     args.opt_betas = list(args.opt_betas)
     check_mae_and_graft_args(args)
+    warn_accumulated_contrast(args)
+
+
+def warn_accumulated_contrast(args) -> None:
+    """--accum_iter adds up gradients; a contrastive loss's negatives (and BatchNorm) are not added up."""
+    seen = {'mocov3': "MoCo v3's InfoNCE negatives and its projector's BatchNorm",
+            'mimco': "MimCo's image-level InfoNCE negatives" if args.img_loss == 'infonce' else None}.get(args.method)
+    if args.accum_iter == 1 or not seen:
+        return
+    momentum = (f', and the momentum encoder moves at every micro-batch ({args.accum_iter} times per '
+                f'optimizer step)' if args.method == 'mocov3' else '')
+    print(f'warning: --accum_iter {args.accum_iter} adds up gradients, not negatives: {seen} see one '
+          f'micro-batch ({args.batch_size} images per process), not the total batch of '
+          f'{args.batch_size * args.accum_iter * get_world_size()}{momentum}; for the paper\'s setting raise '
+          f'--batch_size instead (--grad_ckpt saves memory)')
 
 
 def check_mae_and_graft_args(args) -> None:
@@ -336,7 +351,7 @@ def main(args):
                                            cosine=args.moco_m_cos)
                          if args.method == 'mocov3' else None)
     checkpoint.resume(args, model_without_ddp, optimizer, scaler,
-                      same_run=('method', 'teacher', 'graft_pretrained'))
+                      same_run=('method', 'teacher', 'graft_pretrained', 'optimizer'))
     log_writer = tensorboard_writer(args.log_dir)
 
     print(f'training {args.method} for epochs {args.start_epoch}..{args.epochs - 1}')

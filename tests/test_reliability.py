@@ -52,7 +52,8 @@ def die_then_resume(monkeypatch, script, run, out, epoch):
 @pytest.mark.parametrize('method', ['mocov3', 'mimco', 'mae'])
 def test_resume_equals_uninterrupted(method, tmp_path, teacher_path):
     """Stopped after epoch 0 (its checkpoint is all that is left) and resumed: the same weights,
-    optimizer state and RNG stream as the run that never stopped."""
+    optimizer state and RNG stream as the run that never stopped, with loader workers (which start
+    once per run, so at another point of a resumed one)."""
     argv = ['--batch_size', '256', '--save_freq', '1']
     if method == 'mocov3':
         argv = MOCO + argv
@@ -61,6 +62,7 @@ def test_resume_equals_uninterrupted(method, tmp_path, teacher_path):
                 '--decoder_num_heads', '2', '--num_workers', '0'] + argv
     else:
         argv = MIMCO + argv + ['--teacher', os.path.join(teacher_path, 'checkpoint-last.pth')]
+    argv += ['--num_workers', '2']
     whole = train(argv, tmp_path / 'whole', 2)
     os.makedirs(tmp_path / 'split')
     shutil.copy(tmp_path / 'whole' / 'checkpoint-0.pth', tmp_path / 'split' / 'checkpoint-last.pth')
@@ -72,9 +74,10 @@ def test_resume_equals_uninterrupted(method, tmp_path, teacher_path):
 
 
 def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    """Fine-tuning with Mixup/CutMix and an EMA, stopped after epoch 0 and resumed: the same bits."""
+    """Fine-tuning with Mixup/CutMix, an EMA and loader workers, stopped after epoch 0 and resumed:
+    the same bits."""
     import main_finetune
-    argv = ['--epochs', '2', '--warmup_epochs', '1', '--batch_size', '256', '--num_workers', '0',
+    argv = ['--epochs', '2', '--warmup_epochs', '1', '--batch_size', '256', '--num_workers', '2',
             '--mixup', '0.8', '--cutmix', '1.0', '--model_ema', '--model_ema_decay', '0.9',
             '--print_freq', '100']
 
@@ -204,7 +207,8 @@ def test_non_finite_loss_stops_with_step_terms_and_lr(tmp_path, teacher_path):
                     '--batch_size', '256', '--warmup_epochs', '0']
     assert run_script(argv + ['--epochs', '1']).returncode == 0
     good = checkpoint.load_file(os.path.join(out, 'checkpoint-last.pth'))
-    result = run_script(argv + ['--epochs', '2', '--lr', '1e12'])
+    # Another lr: an implicit resume would refuse it (another run's settings); --resume continues it.
+    result = run_script(argv + ['--epochs', '2', '--lr', '1e12', '--resume', os.path.join(out, 'checkpoint-last.pth')])
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
     assert 'non-finite loss' in message and 'epoch 1, step' in message

@@ -143,21 +143,30 @@ def _same_setting(saved, given) -> bool:
     return isinstance(saved, str) and isinstance(given, str) and os.path.realpath(saved) == os.path.realpath(given)
 
 
-def check_same_run(path: str, checkpoint: dict, args, flags: tuple) -> None:
-    """Refuse to auto-resume output_dir/checkpoint-last.pth of a run with other `flags` (another
-    --method, --teacher, --finetune ...): it would carry on that run in place of this one."""
+# What defines a run in every script (each adds its own: --method, --teacher, --finetune ...): an
+# implicit resume of a run with other data, model, input size, labelled subset, lr or warm-up would
+# carry that run on in place of this one. --epochs is not among them: raising it extends a run.
+SAME_RUN = ('data_path', 'dataset', 'model', 'input_size', 'subset_file', 'train_fraction',
+            'shots_per_class', 'blr', 'lr', 'warmup_epochs')
+
+
+def check_same_run(path: str, checkpoint: dict, args, flags: tuple = ()) -> None:
+    """Refuse to auto-resume output_dir/checkpoint-last.pth of a run with other SAME_RUN or `flags`."""
     saved = checkpoint.get('args') or {}
-    for flag in flags:
-        if flag in saved and not _same_setting(saved[flag], getattr(args, flag)):
-            raise InputError(f'{path} is the checkpoint of another run (--{flag} {saved[flag] or "none"} there, '
-                             f'{getattr(args, flag) or "none"} here), which would be resumed in place of this '
-                             f'one: use a fresh --output_dir, delete that file, or --resume {path} to continue it')
+    for flag in tuple(flags) + SAME_RUN:  # the script's own first: --finetune says more than --model
+        if flag not in saved or not hasattr(args, flag) or _same_setting(saved[flag], getattr(args, flag)):
+            continue
+        there, here = ('none' if v is None or v == '' else v for v in (saved[flag], getattr(args, flag)))
+        hint = ' (the lr is --blr x batch size x processes x --accum_iter / 256)' if flag == 'lr' else ''
+        raise InputError(f'{path} is the checkpoint of another run (--{flag} {there} there, {here} here{hint}), '
+                         f'which would be resumed in place of this one: use a fresh --output_dir, delete '
+                         f'that file, or --resume {path} to continue it')
 
 
 def resume(args, model, optimizer=None, scaler=None, validate=None, same_run: tuple = (), **extra) -> dict:
     """Restore model, optimizer, scaler, RNG and any `extra` modules; set args.start_epoch.
     `validate(path, checkpoint)` may refuse the file before anything is restored; an implicit resume
-    (no --resume) also refuses a run whose `same_run` flags differ. Returns the checkpoint read
+    (no --resume) also refuses a run whose SAME_RUN or `same_run` flags differ. Returns the checkpoint read
     (None when there is nothing to resume)."""
     path = resume_path(args)
     if not path:
@@ -166,10 +175,10 @@ def resume(args, model, optimizer=None, scaler=None, validate=None, same_run: tu
     if 'model' not in checkpoint or 'epoch' not in checkpoint:
         raise InputError(f'{path} is not a training checkpoint of this repository: use --resume '
                          f'with a checkpoint-*.pth written by these scripts')
-    if not args.resume:
-        check_same_run(path, checkpoint, args, same_run)
     if validate is not None:
         validate(path, checkpoint)
+    if not args.resume:
+        check_same_run(path, checkpoint, args, same_run)
     try:
         model.load_state_dict(checkpoint['model'])
     except RuntimeError as e:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, g
 from torchvision import datasets
 from torchvision.transforms import v2 as T
 
-from util.dist import get_rank, get_world_size
+from util.dist import all_gather, get_rank, get_world_size
 from util.errors import InputError
 
 DIGITS_VAL_FRACTION = 0.2
@@ -52,9 +52,22 @@ class Digits(Dataset):
 def load_image(path: str) -> Image.Image:
     try:
         with open(path, 'rb') as f:
-            return Image.open(f).convert('RGB')
+            return to_rgb(Image.open(f), path)
     except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
         raise InputError(f'{path} is not a readable image ({e}): remove or replace the file') from None
+
+
+def to_rgb(image: Image.Image, path: str) -> Image.Image:
+    """8-bit RGB. PIL's convert('RGB') clips wider samples to 0..255 (a 16-bit scan turns white):
+    16-bit grayscale ('I;16*', or 'I' as older Pillow reads it) keeps its top 8 bits instead."""
+    if not (image.mode.startswith('I') or image.mode == 'F'):
+        return image.convert('RGB')
+    pixels = np.asarray(image)
+    if image.mode == 'F' or pixels.min() < 0 or pixels.max() > 65535:
+        raise InputError(f'{path} has {image.mode} pixels that are not 16-bit integers (range '
+                         f'{pixels.min():g}..{pixels.max():g}), which have no one 8-bit scale: '
+                         f'convert it to an 8- or 16-bit PNG')
+    return Image.fromarray((pixels.astype(np.int64) >> 8).astype(np.uint8)).convert('RGB')
 
 
 def dataset_name(args) -> str:
@@ -83,10 +96,40 @@ def build_dataset(args, is_train: bool, transform) -> Dataset:
         raise InputError(f'data folder {root} does not exist: --data_path must hold train/ and '
                          f'val/ with one sub-folder per class (the ImageNet layout)')
     try:
-        dataset = datasets.ImageFolder(root, transform=transform, loader=load_image)
+        if is_train:
+            return datasets.ImageFolder(root, transform=transform, loader=load_image)
+        dataset = ValImageFolder(root, os.path.join(args.data_path, 'train'), transform=transform,
+                                 loader=load_image, allow_empty=True)
     except (FileNotFoundError, RuntimeError) as e:
         raise InputError(f'no images in {root}: {e}') from None
+    if not dataset.samples:
+        raise InputError(f'no images in {root}: --data_path must hold train/ and val/ with one '
+                         f'sub-folder per class (the ImageNet layout)')
     return dataset
+
+
+class ValImageFolder(datasets.ImageFolder):
+    """val/ labelled by train/'s class indices (its own, sorted, would shift when val/ lacks a class
+    or has one more). A class that train/ lacks is refused: its images have no label to be scored
+    against. A class that val/ lacks is fine: accuracy is over the classes val/ has."""
+
+    def __init__(self, root: str, train_root: str, **kwargs):
+        self.train_root = train_root
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory: str) -> tuple:
+        classes, class_to_idx = datasets.folder.find_classes(self.train_root)
+        val_classes = datasets.folder.find_classes(directory)[0]
+        unknown = sorted(set(val_classes) - set(classes))
+        if unknown:
+            raise InputError(f'{directory} has class folders that {self.train_root} has not '
+                             f'({", ".join(unknown[:5])}{" ..." * (len(unknown) > 5)}): its images have no '
+                             f'label to be scored against; remove them or add them to train/')
+        missing = len(classes) - len(val_classes)
+        if missing:
+            print(f'{directory} lacks {missing} of the {len(classes)} classes of train/: scored over the '
+                  f'{len(val_classes)} it has, with train/\'s labels')
+        return classes, class_to_idx
 
 
 def normalize(args):
@@ -229,22 +272,44 @@ class SeededSamples(Dataset):
 
 
 def build_loader(dataset, args, is_train: bool, batch_size: int = None, random_samples: bool = True) -> DataLoader:
-    """DistributedSampler in every case (one replica without torchrun): its per-epoch shuffle is a
-    function of (--seed, epoch) alone. Training samples are seeded one by one (SeededSamples), so
-    resumed runs are exact and the workers can persist between epochs; `random_samples=False` (fixed
-    tensors, e.g. cached features) skips that seeding, which would cost more than the sample."""
+    """Training: a DistributedSampler (one replica without torchrun), whose per-epoch shuffle is a
+    function of (--seed, epoch) alone; samples are seeded one by one (SeededSamples), so resumed runs
+    are exact and the workers can persist between epochs; `random_samples=False` (fixed tensors, e.g.
+    cached features) skips that seeding, which would cost more than the sample. Evaluation: rank r
+    takes images r, r + W, ... (gather_shards puts them back in order), so each image counts once."""
     batch_size = batch_size or args.batch_size
     world_size = get_world_size()
     if is_train and batch_size * world_size > len(dataset):
         raise InputError(f'--batch_size {batch_size} x {world_size} process(es) is larger than the '
                          f'{len(dataset)} training images: lower --batch_size')
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=get_rank(),
-                                 shuffle=is_train, seed=args.seed, drop_last=is_train)
+    if is_train:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=get_rank(), shuffle=True,
+                                     seed=args.seed, drop_last=True)
+    else:  # each image once: DistributedSampler would pad the last ranks with repeats
+        sampler = range(get_rank(), len(dataset), world_size)
     if is_train and random_samples:
         dataset, sampler = SeededSamples(dataset, args.seed), EpochIndices(sampler)
+    # Each new iterator draws its workers' base seed from `generator`; from the global stream, that
+    # draw would come at other times in a resumed run (persistent workers start once per run), and
+    # the drop path drawn after it would differ. The workers' seeds matter to nothing: every sample
+    # is seeded by SeededSamples.
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
                       pin_memory=torch.cuda.is_available(), drop_last=is_train,
-                      persistent_workers=is_train and args.num_workers > 0)
+                      persistent_workers=is_train and args.num_workers > 0,
+                      generator=torch.Generator().manual_seed(args.seed + get_rank()))
+
+
+def gather_shards(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The rows (one per sample) of every rank's evaluation shard, in sample order, on every rank. A
+    shard of build_loader(is_train=False) holds samples rank, rank + W, ...: padded to one length for
+    all_gather, interleaved, the padding falls past the n-th row."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return x
+    rows = -(-n // world_size)
+    x = torch.cat([x, x.new_zeros(rows - len(x), *x.shape[1:])])
+    gathered = all_gather(x, keep_local_grad=False).view(world_size, rows, *x.shape[1:])
+    return gathered.transpose(0, 1).reshape(world_size * rows, *x.shape[1:])[:n]
 
 
 # --------------------------------------------------------------------------- label-efficient subsets
