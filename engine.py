@@ -7,6 +7,7 @@ import torch
 from timm.scheduler import CosineLRScheduler
 from timm.utils import accuracy
 
+from util import data
 from util.logging import MetricLogger, SmoothedValue
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -184,3 +185,17 @@ def evaluate(model, data_loader, device, args) -> dict:
     print(f'* Acc@1 {logger.meters["acc1"].global_avg:.3f} Acc@5 {logger.meters["acc5"].global_avg:.3f} '
           f'loss {logger.meters["loss"].global_avg:.3f}')
     return logger.averages()
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, device, args) -> tuple:
+    """(features (N, D) float32, labels (N,)) of a whole data set in its order, on every rank."""
+    loader = data.build_loader(dataset, args, is_train=False)
+    features = [torch.empty(0, backbone.num_features, device=device)]  # a rank may get no image
+    labels = [torch.empty(0, dtype=torch.long, device=device)]
+    for images, targets in MetricLogger().log_every(loader, args.print_freq, 'Features:'):
+        with autocast(device, args.amp):
+            features.append(backbone(images.to(device, non_blocking=True)).float())  # (B, D)
+        labels.append(targets.to(device))
+    n = len(dataset)
+    return data.gather_shards(torch.cat(features), n), data.gather_shards(torch.cat(labels), n)

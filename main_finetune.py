@@ -8,7 +8,6 @@ Many GPUs:    torchrun --nproc_per_node 8 main_finetune.py --model vit_small_pat
 """
 import argparse
 import datetime
-import json
 import os
 import time
 
@@ -21,13 +20,12 @@ from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 
 from engine import cosine_lr_scheduler, evaluate, memory_format, train_one_epoch
-from main_pretrain import seed_everything
+from models_vit import DIGITS_MODEL
 from util import checkpoint, data
-from util.dist import get_world_size, init_distributed_mode
+from util.dist import get_world_size
 from util.errors import InputError, run_main
-from util.logging import log_json, tensorboard_writer
+from util.logging import log_json, setup_run, summarize, tensorboard_writer
 
-DIGITS_MODEL = 'vit_digits_patch4_16'
 # ImageNet gets the full BEiT/MAE recipe; the 8x8 digits get their own light view (util/data.py) and
 # no Mixup/CutMix/erasing by default. A flag given on the command line always wins.
 DATASET_DEFAULTS = {
@@ -101,20 +99,6 @@ def get_args_parser():
                    help='cuda or cpu (default: cuda when available)')
     p.add_argument('--dist_url', default='env://', help='url of the torch.distributed rendezvous')
     return p
-
-
-def setup_run(args) -> torch.device:
-    """torchrun, AMP default, output folder, seed; shared with main_linprobe.py."""
-    init_distributed_mode(args)
-    if args.amp is None:
-        args.amp = 'bf16' if args.device.startswith('cuda') else 'none'
-    if getattr(args, 'accum_iter', 1) < 1:
-        raise InputError(f'--accum_iter must be at least 1, got {args.accum_iter}')
-    args.log_dir = args.log_dir or args.output_dir
-    checkpoint.prepare_output_dir(args.output_dir)
-    seed_everything(args.seed + args.rank)
-    print(json.dumps(vars(args), default=str))
-    return torch.device(args.device)
 
 
 def build_backbone(args) -> torch.nn.Module:
@@ -284,15 +268,6 @@ def main(args):
     metrics = {'acc1': stats.get('test_acc1'), 'acc5': stats.get('test_acc5'), 'best_acc1': best_acc1,
                'n_train': len(train_set)}
     return summarize(args, 'finetune', args.finetune or 'from scratch', metrics)
-
-
-def summarize(args, protocol: str, backbone: str, metrics: dict) -> dict:
-    """The run's one summary line, and its metrics with its arguments as a JSON line in log.txt
-    (shared with main_linprobe.py)."""
-    shown = ', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in metrics.items())
-    print(f'{protocol} | {backbone} ({args.model or "model of the file"}) | {shown}')
-    log_json(args.output_dir, {'summary': protocol, **metrics, 'args': vars(args)})
-    return metrics
 
 
 if __name__ == '__main__':

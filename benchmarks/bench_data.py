@@ -19,6 +19,7 @@ from bench_step import METHODS, ROOT, device_name, markdown_table  # noqa: E402
 
 sys.path.insert(0, ROOT)
 import main_pretrain  # noqa: E402
+from util import pretrain  # noqa: E402
 from util import data  # noqa: E402
 from util.masking import build_mask_generator  # noqa: E402
 
@@ -45,7 +46,7 @@ def loader_args(bench, method: str):
     argv += ['--input_size', str(bench.input_size)] if bench.input_size else []
     argv += ['--data_path', bench.data_path] if bench.data_path else []
     args = main_pretrain.get_args_parser().parse_args(argv)
-    main_pretrain.resolve_defaults(args)
+    pretrain.resolve_defaults(args)
     return args
 
 
@@ -53,7 +54,7 @@ def measure_loader(args, batches: int) -> dict:
     """Seconds to the first batch, then images/s over `batches` more (epochs restart as in training)."""
     mask_generator = None
     if args.method == 'mimco':  # as build_model: the masks follow the student's patch grid
-        grid = main_pretrain.create_vit(args).patch_embed.grid_size
+        grid = pretrain.create_vit(args).patch_embed.grid_size
         mask_generator = build_mask_generator(args.mask_type, grid, args.mask_ratio)
     dataset = data.build_dataset(args, is_train=True,
                                  transform=data.pretrain_transform(args, mask_generator))

@@ -1,6 +1,6 @@
 """Time and memory of one pre-training step of each method, next to a bare-timm reference.
 
-Ours is the real code: the model from `main_pretrain.build_model`, the optimizer from
+Ours is the real code: the model from `util.pretrain.build_model`, the optimizer from
 `build_optimizer`, the loop `engine.train_one_epoch`, fed synthetic batches already on the device (the
 data loader is `bench_data.py`'s business). The reference, run in the same process, is a bare timm ViT
 doing only the arithmetic the method needs:
@@ -38,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import main_pretrain  # noqa: E402
+from util import pretrain  # noqa: E402
 from engine import autocast, cosine_lr_scheduler, memory_format, to_device, train_one_epoch  # noqa: E402
 from util import checkpoint  # noqa: E402
 from util.schedules import moco_momentum  # noqa: E402
@@ -168,7 +169,7 @@ def pretrain_args(bench, method: str, teacher_path: str = None):
     argv += ['--teacher', teacher_path] if teacher_path else []
     argv += ['--teacher_model', bench.teacher_model or bench.model] if method == 'mimco' else []
     args = main_pretrain.get_args_parser().parse_args(argv + shlex.split(bench.pretrain_args))
-    main_pretrain.resolve_defaults(args)
+    pretrain.resolve_defaults(args)
     # One process, as main() without torchrun.
     args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
     args.lr = args.lr or args.blr * args.batch_size / 256
@@ -179,7 +180,7 @@ def write_teacher(bench, folder: str) -> str:
     """A random-init MoCo v3 checkpoint of the teacher's size, in our format (no download)."""
     args = pretrain_args(argparse.Namespace(**{**vars(bench), 'model': bench.teacher_model or bench.model,
                                                'compile': False}), 'mocov3')
-    model, _ = main_pretrain.build_model(args)
+    model, _ = pretrain.build_model(args)
     path = os.path.join(folder, 'teacher.pth')
     checkpoint.save_checkpoint({'model': model.state_dict(), 'args': dict(vars(args))}, path)
     return path
@@ -203,7 +204,7 @@ def measure_ours(args, device: torch.device, steps: int, warmup: int) -> dict:
     """The real training loop on synthetic batches: ms per step, peak MiB, and the teacher's ms."""
     memory = PeakMemory(device)
     with contextlib.redirect_stdout(io.StringIO()):  # build_model and the loop log; not for the table
-        model, teacher = main_pretrain.build_model(args)
+        model, teacher = pretrain.build_model(args)
     batch = synthetic_batch(args, model, device)
     if args.grad_ckpt:
         backbone = {'mimco': 'student', 'mae': 'encoder', 'mocov3': 'base_encoder'}[args.method]
@@ -213,7 +214,7 @@ def measure_ours(args, device: torch.device, steps: int, warmup: int) -> dict:
     # As main(): compile the model and the teacher, the optimizer holds the uncompiled parameters.
     train_model = torch.compile(model) if args.compile else model
     teacher = torch.compile(teacher) if teacher is not None and args.compile else teacher
-    optimizer = main_pretrain.build_optimizer(args, model)
+    optimizer = pretrain.build_optimizer(args, model)
     scheduler = cosine_lr_scheduler(optimizer, args, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     momentum = (functools.partial(moco_momentum, base_m=args.moco_m, epochs=args.epochs,
@@ -246,7 +247,7 @@ class ReferenceMAE(nn.Module):
 
     def __init__(self, args):
         super().__init__()
-        self.encoder = main_pretrain.create_vit(args, patch_drop_rate=args.mask_ratio)
+        self.encoder = pretrain.create_vit(args, patch_drop_rate=args.mask_ratio)
         D, dim = self.encoder.embed_dim, args.decoder_embed_dim
         p = self.encoder.patch_embed.patch_size[0]
         self.num_tokens = self.encoder.num_prefix_tokens + self.encoder.patch_embed.num_patches
@@ -269,14 +270,14 @@ class ReferenceViT(nn.Module):
 
     def __init__(self, args):
         super().__init__()
-        self.vit = main_pretrain.create_vit(args)
+        self.vit = pretrain.create_vit(args)
 
     def forward(self, *images: torch.Tensor) -> torch.Tensor:
         return self.vit.forward_features(torch.cat(images)).float().mean()
 
 
 def frozen_vit(args, model_name: str, img_size: int) -> nn.Module:
-    vit = main_pretrain.create_vit(argparse.Namespace(**{**vars(args), 'model': model_name,
+    vit = pretrain.create_vit(argparse.Namespace(**{**vars(args), 'model': model_name,
                                                           'input_size': img_size, 'drop_path': 0.0}))
     return vit.requires_grad_(False).eval()
 
@@ -303,7 +304,7 @@ def measure_reference(args, device: torch.device, steps: int, warmup: int, full_
     train_model = torch.compile(model) if args.compile else model
     frozen_forward = (torch.compile(frozen.forward_features) if args.compile else frozen.forward_features
                       ) if frozen is not None else None
-    optimizer = main_pretrain.build_optimizer(args, model)
+    optimizer = pretrain.build_optimizer(args, model)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
 
     def run_steps(n):

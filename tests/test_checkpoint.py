@@ -6,7 +6,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-import models_mimco
+import models_mocov3
 from util import checkpoint
 from util.errors import InputError
 
@@ -30,7 +30,7 @@ def features(vit, seed=1):
 
 def mocov3_file(path, vit):
     """The official MoCo v3 layout: module.{base,momentum}_encoder.*, module.predictor.*, arch."""
-    moco = models_mimco.MoCoV3(vit, dim=32, mlp_dim=64)
+    moco = models_mocov3.MoCoV3(vit, dim=32, mlp_dim=64)
     sd = {f'module.{k}': v for k, v in moco.state_dict().items()}
     torch.save({'epoch': 300, 'arch': 'vit_small', 'state_dict': sd, 'optimizer': {}}, path)
     return moco

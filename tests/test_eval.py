@@ -14,10 +14,10 @@ from timm.models.vision_transformer import VisionTransformer
 import engine
 import main_finetune
 import main_linprobe
-import main_pretrain
-import models_mimco
-from util import data
+import models_vit
+from util import data, features
 from util.errors import InputError
+from util.logging import setup_run
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +49,7 @@ def clustered(n_train: int, n_test: int, dim: int, classes: int, seed: int) -> t
 def test_knn_matches_brute_force():
     train_x, train_y, test_x, test_y = clustered(300, 70, 16, 5, seed=0)
     k, t = 20, 0.07
-    scores = main_linprobe.knn_scores(train_x, train_y, test_x, 5, k, t, chunk=16)  # 5 blocks
+    scores = features.knn_scores(train_x, train_y, test_x, 5, k, t, chunk=16)  # 5 blocks
     # Naive reference: one test image at a time, full sort of cosine similarities, votes summed in a loop.
     a = train_x.numpy() / np.linalg.norm(train_x.numpy(), axis=1, keepdims=True)
     expected = np.zeros((70, 5))
@@ -60,15 +60,15 @@ def test_knn_matches_brute_force():
     expected[expected == 0] = -np.inf  # no vote: no prediction
     np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-4)
     assert torch.equal(scores.argmax(1), torch.from_numpy(expected.argmax(1)))
-    assert torch.equal(scores, main_linprobe.knn_scores(train_x, train_y, test_x, 5, k, t, chunk=1000))
+    assert torch.equal(scores, features.knn_scores(train_x, train_y, test_x, 5, k, t, chunk=1000))
     assert 40 < (scores.argmax(1) == test_y).float().mean() * 100 < 100  # a real, imperfect task
 
 
 def test_logreg_matches_sklearn():
     train_x, train_y, test_x, test_y = clustered(150, 100, 12, 4, seed=1)
-    train_x, test_x = main_linprobe.center_normalize(train_x, test_x)
+    train_x, test_x = features.center_normalize(train_x, test_x)
     wd = 0.01
-    ours = main_linprobe.logistic_regression(train_x, train_y, 4, wd)
+    ours = features.logistic_regression(train_x, train_y, 4, wd)
     # sklearn minimises C * sum_i CE_i + |W|^2 / 2, ours mean_i CE_i + wd / 2 |W|^2: C = 1 / (wd n).
     ref = LogisticRegression(C=1 / (wd * len(train_y)), fit_intercept=False, tol=1e-10, max_iter=10000)
     ref.fit(train_x.double().numpy(), train_y.numpy())
@@ -167,9 +167,9 @@ def test_linear_probe_leaves_backbone_identical(tmp_path):
         ['--checkpoint', 'random', '--epochs', '8', '--warmup_epochs', '0', '--optimizer', 'sgd', '--blr', '2',
          '--num_workers', '0', '--no-cache_features', '--shots_per_class', '20', '--batch_size', '50',
          '--output_dir', str(tmp_path)])
-    device = main_finetune.setup_run(args)
+    device = setup_run(args)
     args.accum_iter, args.clip_grad = 1, None
-    backbone = main_linprobe.build_backbone(args)
+    backbone = features.frozen_backbone(args)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     train_set = data.label_subset(data.build_dataset(args, True, data.eval_transform(args)), args)
     val_set = data.build_dataset(args, False, data.eval_transform(args))
@@ -210,11 +210,11 @@ def official_mocov3(tmp_path, with_projector: bool = True):
     as `head`, a momentum encoder and a predictor; 12 heads as read_backbone assumes."""
     torch.manual_seed(0)
     vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=96, depth=2, num_heads=12, num_classes=0)
-    vit.head = models_mimco.build_mlp(3, 96, 64, 32)
+    vit.head = models_vit.build_mlp(3, 96, 64, 32)
     torch.nn.init.uniform_(vit.norm.weight)  # not LayerNorm's default, so loading it shows
     sd = {f'module.base_encoder.{k}': v for k, v in vit.state_dict().items()}
     sd.update({f'module.momentum_encoder.{k}': v.clone() for k, v in vit.state_dict().items()})
-    sd.update({f'module.predictor.{k}': v for k, v in models_mimco.build_mlp(2, 32, 64, 32).state_dict().items()})
+    sd.update({f'module.predictor.{k}': v for k, v in models_vit.build_mlp(2, 32, 64, 32).state_dict().items()})
     path = tmp_path / 'vit_small.pth.tar'
     torch.save({'state_dict': sd, 'arch': 'vit_small', 'epoch': 300}, path)
     plain = tmp_path / 'plain.pth'

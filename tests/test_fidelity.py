@@ -15,11 +15,14 @@ from timm.models.beit import Beit
 import engine
 import main_finetune
 import main_linprobe
-import main_pretrain
+import models_mae
 import models_mimco
+import models_mocov3
+import models_vit
 from tools import export
-from util import checkpoint
+from util import checkpoint, pretrain
 from util.errors import InputError
+from util.features import frozen_backbone
 from util.masking import build_mask_generator, random_masking_indices
 
 MAE = ['--method', 'mae', '--decoder_embed_dim', '64', '--decoder_depth', '2', '--decoder_num_heads', '4',
@@ -87,11 +90,11 @@ def test_official_training_checkpoints_with_args_namespace_load(tmp_path):
 def decay_of(argv: list, **settings) -> tuple:
     """(model, {parameter name: weight decay}) of main_pretrain's model and optimizer."""
     args = parse(argv)
-    main_pretrain.resolve_defaults(args)
+    pretrain.resolve_defaults(args)
     vars(args).update(lr=1e-3, **settings)
-    model, _ = main_pretrain.build_model(args)
+    model, _ = pretrain.build_model(args)
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = main_pretrain.build_optimizer(args, model).param_groups
+    groups = pretrain.build_optimizer(args, model).param_groups
     return model, {names[id(p)]: g['weight_decay'] for g in groups for p in g['params']}
 
 
@@ -149,11 +152,11 @@ def test_mae_keeps_int_of_the_visible_fraction():
 
 
 def test_mae_sincos_tables_in_mae_layout_mocov3_in_its_own():
-    mae = models_mimco.MAE(timm.create_model('vit_digits_patch4_16', num_classes=0), 64, 1, 4)
+    mae = models_mae.MAE(timm.create_model('vit_digits_patch4_16', num_classes=0), 64, 1, 4)
     torch.testing.assert_close(mae.encoder.pos_embed.detach(), sincos_table(4, 128, True), atol=1e-6, rtol=0)
     torch.testing.assert_close(mae.decoder_pos_embed, sincos_table(4, 64, True), atol=1e-6, rtol=0)
     vit = timm.create_model('vit_digits_patch4_16', num_classes=0)
-    models_mimco.mocov3_init(vit, stop_grad_conv1=True)
+    models_mocov3.mocov3_init(vit, stop_grad_conv1=True)
     torch.testing.assert_close(vit.pos_embed.detach(), sincos_table(4, 128, False), atol=1e-6, rtol=0)
 
 
@@ -196,7 +199,7 @@ def test_position_embeddings_resampled_as_mae_interpolate_pos_embed(tmp_path, im
 
 def test_mocov3_convert_to_deit_file_is_12_heads(tmp_path):
     vit = tiny_vit(num_heads=12)
-    models_mimco.set_sincos_pos_embed(vit)  # MoCo v3's fixed table, as its pre-training leaves it
+    models_vit.set_sincos_pos_embed(vit)  # MoCo v3's fixed table, as its pre-training leaves it
     # convert_to_deit.py: module.base_encoder.* without the projector, as {'model': ...}.
     torch.save({'model': {k: v for k, v in vit.state_dict().items() if not k.startswith('head')}},
                tmp_path / 'deit_format.pth')
@@ -274,7 +277,7 @@ def test_vit_without_class_token_works_in_the_probes(tmp_path):
     torch.save(vit.state_dict(), tmp_path / 'avg.pth')
     args = argparse.ArgumentParser(parents=[main_linprobe.get_args_parser()]).parse_args(
         ['--checkpoint', str(tmp_path / 'avg.pth')])
-    backbone = main_linprobe.build_backbone(args)
+    backbone = frozen_backbone(args)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), vit(x))  # fc_norm of the average of the patch tokens
@@ -294,7 +297,7 @@ def test_beit_file_is_refused_in_one_line(tmp_path):
 def test_formats_are_announced_by_what_they_are(tmp_path, capsys):
     vit = tiny_vit(num_heads=1, embed_dim=64)
     torch.save(vit.state_dict(), tmp_path / 'dino_deitsmall16_pretrain.pth')  # DINO's released backbones
-    models_mimco.set_sincos_pos_embed(vit, mae_layout=True)  # MAE's encoder-only release: {'model': ...}
+    models_vit.set_sincos_pos_embed(vit, mae_layout=True)  # MAE's encoder-only release: {'model': ...}
     torch.save({'model': vit.state_dict()}, tmp_path / 'mae_pretrain_vit.pth')
     for name, announced in (('dino_deitsmall16_pretrain.pth', 'DINO backbone'), ('mae_pretrain_vit.pth', 'MAE encoder')):
         assert checkpoint.read_backbone(str(tmp_path / name))[2]['format'] == announced

@@ -11,10 +11,11 @@ from timm.scheduler import CosineLRScheduler
 from timm.models.vision_transformer import VisionTransformer
 
 import main_pretrain
-import models_mimco
+import models_mae
+import models_mocov3
 from engine import train_one_epoch
 from tools import grad_conflict
-from util import checkpoint, data, graft
+from util import checkpoint, data, graft, pretrain
 from util.errors import InputError
 from util.masking import random_masking_indices
 
@@ -93,7 +94,7 @@ def test_random_masking_is_exact_and_unshuffles():
 
 
 def test_mae_patchify_and_reconstruct_shapes():
-    mae = models_mimco.MAE(timm.create_model('vit_digits_patch4_16', num_classes=0), 32, 1, 4)
+    mae = models_mae.MAE(timm.create_model('vit_digits_patch4_16', num_classes=0), 32, 1, 4)
     images = digits_batch(8)
     assert torch.equal(mae.unpatchify(mae.patchify(images), (4, 4)), images)
     # patchify's patch i is the patch the embedding's token i sees.
@@ -108,7 +109,7 @@ def test_mae_loss_falls_and_checkpoint_is_a_backbone(mae_dir):
     assert losses[-1] < losses[0] - 0.3, losses  # measured 1.95 -> 1.13
     ckpt = last_checkpoint(mae_dir)
     assert ckpt['args']['mask_ratio'] == 0.75 and ckpt['args']['opt_betas'] == [0.9, 0.95]
-    mae = models_mimco.MAE(timm.create_model('vit_digits_patch4_16', num_classes=0), 64, 2, 4)
+    mae = models_mae.MAE(timm.create_model('vit_digits_patch4_16', num_classes=0), 64, 2, 4)
     mae.load_state_dict(ckpt['model'])
     backbone = checkpoint.load_backbone(str(mae_dir / 'checkpoint-last.pth'))
     images = digits_batch()
@@ -121,7 +122,7 @@ def test_official_mae_format_loads_with_the_same_features(mae_dir, official_mae_
     assert info['format'] == 'MAE' and 'decoder_pred.weight' in info['skipped'] and 'mask_token' in info['skipped']
     official = checkpoint.load_backbone(str(official_mae_path),
                                         timm.create_model('vit_digits_patch4_16', num_classes=0))
-    mae = models_mimco.MAE(timm.create_model('vit_digits_patch4_16', num_classes=0), 64, 2, 4)
+    mae = models_mae.MAE(timm.create_model('vit_digits_patch4_16', num_classes=0), 64, 2, 4)
     mae.load_state_dict(last_checkpoint(mae_dir)['model'])
     mae.eval()
     images = digits_batch()
@@ -142,8 +143,8 @@ def test_mae_bad_flags_are_named():
 def test_graft_param_groups_map_blocks_to_groups(depth):
     encoder = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=depth, num_heads=2,
                                 num_classes=0)
-    models_mimco.mocov3_init(encoder, stop_grad_conv1=True)
-    model = models_mimco.MoCoV3(encoder, dim=16, mlp_dim=32)
+    models_mocov3.mocov3_init(encoder, stop_grad_conv1=True)
+    model = models_mocov3.MoCoV3(encoder, dim=16, mlp_dim=32)
     multipliers = [0.1, 0.5, 1.0]
     groups = graft.graft_param_groups(model, multipliers, weight_decay=0.1)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -179,7 +180,7 @@ def test_graft_bad_multipliers_and_depth_are_named(official_mae_path):
                                               f'--lr_layer_wise={bad}']))
     encoder = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=0)
     with pytest.raises(InputError, match='divisible by 3'):
-        graft.graft_param_groups(models_mimco.MoCoV3(encoder, 16, 32), [1, 1, 1], 0.1)
+        graft.graft_param_groups(models_mocov3.MoCoV3(encoder, 16, 32), [1, 1, 1], 0.1)
     with pytest.raises(InputError, match='--method mocov3'):
         main_pretrain.main(parse(MAE + ['--graft_pretrained', str(official_mae_path)]))
 
@@ -187,9 +188,9 @@ def test_graft_bad_multipliers_and_depth_are_named(official_mae_path):
 def test_graft_build_freezes_and_pulls(official_mae_path):
     args = parse(GRAFT + ['--graft_pretrained', str(official_mae_path), '--graft_freeze_blocks', '2',
                           '--graft_l1_weight', '1e-3', '--graft_l1_blocks', '4'])
-    main_pretrain.resolve_defaults(args)
+    pretrain.resolve_defaults(args)
     assert args.lr_layer_wise == '0.1,0.1,1'  # the paper's setting is the grafting default
-    model, _ = main_pretrain.build_model(args)
+    model, _ = pretrain.build_model(args)
     mae = torch.load(official_mae_path, weights_only=True)['model']
     for name, value in model.momentum_encoder.state_dict().items():  # both encoders start from MAE
         if not name.startswith('head.'):  # the projector is new
@@ -251,12 +252,12 @@ def test_grafted_training_steps_under_each_precision(mae_dir, amp):
     torch.manual_seed(0)
     args = parse(GRAFT + ['--graft_pretrained', str(mae_dir / 'checkpoint-last.pth'), '--amp', amp,
                           '--batch_size', '32', '--output_dir', ''])
-    main_pretrain.resolve_defaults(args)
+    pretrain.resolve_defaults(args)
     args.distributed, args.lr = False, 1e-3
-    model, _ = main_pretrain.build_model(args)
+    model, _ = pretrain.build_model(args)
     dataset = data.build_dataset(args, True, data.pretrain_transform(args))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(64)), batch_size=32)
-    optimizer = main_pretrain.build_optimizer(args, model)
+    optimizer = pretrain.build_optimizer(args, model)
     scheduler = CosineLRScheduler(optimizer, t_initial=100, t_in_epochs=False)
     scaler = torch.amp.GradScaler('cpu', enabled=amp == 'fp16')  # as main() makes it
     before = [p.detach().clone() for p in model.base_encoder.blocks.parameters()]

@@ -10,11 +10,11 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import losses
-import main_pretrain
 import models_mimco
+import models_mocov3
 from engine import train_one_epoch
 from tests.conftest import FAST, MIMCO, MOCO, ROOT, epoch_losses, parse, run_script
-from util import checkpoint, data
+from util import checkpoint, data, pretrain
 
 
 def test_mocov3_loss_falls(teacher_path):
@@ -26,9 +26,9 @@ def test_mocov3_loss_falls(teacher_path):
 def test_momentum_update_follows_m():
     torch.manual_seed(0)
     args = parse(MOCO + ['--drop_path', '0'])
-    main_pretrain.resolve_defaults(args)
-    encoder = main_pretrain.create_vit(args)
-    moco = models_mimco.MoCoV3(encoder, dim=16, mlp_dim=32)
+    pretrain.resolve_defaults(args)
+    encoder = pretrain.create_vit(args)
+    moco = models_mocov3.MoCoV3(encoder, dim=16, mlp_dim=32)
     with torch.no_grad():
         for p in moco.base_encoder.parameters():
             p.add_(1.0)
@@ -55,7 +55,7 @@ def test_mocov3_one_pass_over_both_views_equals_separate_passes():
     torch.manual_seed(0)
     encoder = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0)
     # float64: only the order of the sums differs, so the two must agree far below float32's rounding.
-    moco = models_mimco.MoCoV3(encoder, dim=16, mlp_dim=32).double().train()
+    moco = models_mocov3.MoCoV3(encoder, dim=16, mlp_dim=32).double().train()
     official = copy.deepcopy(moco)
     views = torch.randn(2, 8, 3, 16, 16, dtype=torch.float64)
     view1, view2 = views[0], views[1] + 1.0  # views with different statistics, for the heads' BatchNorm
@@ -83,15 +83,15 @@ def test_mocov3_one_pass_over_both_views_equals_separate_passes():
 def test_teacher_frozen_and_gets_no_gradient(teacher_path):
     args = parse(MIMCO + ['--teacher', os.path.join(teacher_path, 'checkpoint-last.pth'),
                           '--epochs', '1', '--warmup_epochs', '0', '--output_dir', ''])
-    main_pretrain.resolve_defaults(args)
+    pretrain.resolve_defaults(args)
     args.distributed, args.lr = False, 1e-3
-    model, teacher = main_pretrain.build_model(args)
+    model, teacher = pretrain.build_model(args)
     assert teacher.projector is not None  # --teacher_target auto: the MoCo v3 projector
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student_before = model.student.blocks[0].attn.qkv.weight.clone()
     dataset = data.build_dataset(args, True, data.pretrain_transform(args, model.mask_generator))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(256)), batch_size=64)
-    optimizer = main_pretrain.build_optimizer(args, model)
+    optimizer = pretrain.build_optimizer(args, model)
     from timm.scheduler import CosineLRScheduler
     scheduler = CosineLRScheduler(optimizer, t_initial=10, t_in_epochs=False)
     teacher.train()  # a stray train() must not put the teacher's BatchNorm in training mode
@@ -127,9 +127,9 @@ def test_every_trainable_mimco_parameter_gets_a_gradient(teacher_path, img_loss)
     """DDP without static_graph (as with --accum_iter > 1) fails on a parameter that no loss reaches."""
     args = parse(MIMCO + ['--teacher', os.path.join(teacher_path, 'checkpoint-last.pth'),
                           '--img_loss', img_loss, '--output_dir', ''])
-    main_pretrain.resolve_defaults(args)
+    pretrain.resolve_defaults(args)
     args.distributed = False
-    model, teacher = main_pretrain.build_model(args)
+    model, teacher = pretrain.build_model(args)
     dataset = data.build_dataset(args, True, data.pretrain_transform(args, model.mask_generator))
     inputs, _ = next(iter(torch.utils.data.DataLoader(dataset, batch_size=16)))
     loss, terms = model(*inputs, targets=teacher(inputs[0]))

@@ -21,7 +21,7 @@ import main_linprobe
 import main_pretrain
 from tests.conftest import ROOT, parse
 from tests.test_eval import one_thread, run  # noqa: F401  (one_thread: an autouse fixture, here too)
-from util import checkpoint, data
+from util import checkpoint, data, features, pretrain
 from util.errors import InputError, run_main
 
 
@@ -105,9 +105,9 @@ def test_knn_top5_counts_only_classes_with_a_vote(tmp_path):
     metrics = run(main_linprobe, '--protocol', 'knn', '--checkpoint', 'random', '--knn_k', 1,
                   '--num_workers', 0, '--output_dir', tmp_path)
     assert metrics['acc5'] == metrics['acc1'] < 90
-    votes = main_linprobe.knn_scores(torch.eye(3), torch.tensor([0, 1, 2]), torch.eye(3)[:1], 3, k=2)
+    votes = features.knn_scores(torch.eye(3), torch.tensor([0, 1, 2]), torch.eye(3)[:1], 3, k=2)
     assert votes[0, 2] == -float('inf') and votes[0, 0] > votes[0, 1] > 0  # neighbours 0 and 1 voted
-    assert main_linprobe.topk_accuracy(votes, torch.tensor([2]), (1, 3)) == [0.0, 0.0]
+    assert features.topk_accuracy(votes, torch.tensor([2]), (1, 3)) == [0.0, 0.0]
 
 
 # --------------------------------------------------------------------------- 4. another run's checkpoint
@@ -174,7 +174,7 @@ def test_sixteen_bit_grayscale_keeps_its_levels(tmp_path):
 ])
 def test_accumulation_with_a_contrastive_loss_says_what_it_does(argv, warned, capsys):
     args = parse(argv + ['--batch_size', '32', '--accum_iter', '4'])
-    main_pretrain.resolve_defaults(args)
+    pretrain.resolve_defaults(args)
     printed = capsys.readouterr().out
     if warned:
         assert warned in printed and 'not the total batch of 128' in printed and len(printed.splitlines()) == 1

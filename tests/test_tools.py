@@ -14,7 +14,7 @@ from conftest import FAST, ROOT, parse
 import main_finetune
 import main_linprobe
 import main_pretrain
-import models_mimco
+import models_vit
 from tools import export, visualize
 from util import checkpoint, figures
 from util.errors import InputError
@@ -175,7 +175,7 @@ def test_export_checks_the_architecture(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['vit-s-300ep.pth.tar']  # nothing written
     model = export_then_load(source, 'mocov3_vit_small', str(tmp_path / 'mocov3_vits_timm.pth'))
     torch.testing.assert_close(features(model, 224), features(vit, 224), atol=1e-5, rtol=0)
-    assert models_mimco  # registers mocov3_vit_small
+    assert models_vit  # registers mocov3_vit_small
 
 
 def test_export_plain_timm_vit_small(tmp_path):

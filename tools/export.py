@@ -2,7 +2,7 @@
 
 python tools/export.py --checkpoint output/demo/mimco/checkpoint-last.pth --output mimco_digits.pth
 
-then, anywhere (`import models_mimco` first for the names this repository registers):
+then, anywhere (`import models_vit` first for the names this repository registers):
 
     model = timm.create_model('vit_digits_patch4_16', pretrained=True,
                               pretrained_cfg_overlay=dict(file='mimco_digits.pth'), num_classes=0)
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-import models_mimco  # noqa: E402,F401  registers vit_digits_patch4_16 and mocov3_vit_small with timm
+import models_vit  # noqa: E402,F401  registers vit_digits_patch4_16 and mocov3_vit_small with timm
 from util import checkpoint  # noqa: E402
 from util.errors import InputError, run_main  # noqa: E402
 

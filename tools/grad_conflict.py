@@ -22,7 +22,8 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import models_mimco  # noqa: E402
+import models_mae  # noqa: E402
+import models_mocov3  # noqa: E402
 from util import checkpoint, data  # noqa: E402
 from util.errors import InputError, run_main  # noqa: E402
 
@@ -87,7 +88,7 @@ def build_encoder(args) -> torch.nn.Module:
     return timm.create_model(args.model or 'vit_digits_patch4_16', num_classes=0)
 
 
-def load_heads(state: dict, mae: models_mimco.MAE, moco: models_mimco.MoCoV3, path: str) -> list:
+def load_heads(state: dict, mae: models_mae.MAE, moco: models_mocov3.MoCoV3, path: str) -> list:
     """Load the decoder / projector / predictor that the file holds; returns what was loaded."""
     loaded = []
     parts = [(mae, lambda k: k.startswith('decoder') or k == 'mask_token', '', 'MAE decoder'),
@@ -148,10 +149,10 @@ def main(args) -> list:
     device = torch.device(args.device)
     state = read_file(args)
     encoder = build_encoder(args)
-    mae = models_mimco.MAE(copy.deepcopy(encoder), args.decoder_embed_dim, args.decoder_depth,
+    mae = models_mae.MAE(copy.deepcopy(encoder), args.decoder_embed_dim, args.decoder_depth,
                            args.decoder_num_heads, args.mask_ratio, args.norm_pix_loss)
     mae.encoder.load_state_dict(encoder.state_dict())  # MAE's own init must not replace the weights
-    moco = models_mimco.MoCoV3(copy.deepcopy(encoder), args.moco_dim, args.moco_mlp_dim, args.moco_t)
+    moco = models_mocov3.MoCoV3(copy.deepcopy(encoder), args.moco_dim, args.moco_mlp_dim, args.moco_t)
     loaded = load_heads(state, mae, moco, args.checkpoint)
     mae.to(device), moco.to(device)
 

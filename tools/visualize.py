@@ -22,11 +22,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 
-import main_linprobe  # noqa: E402
-import main_pretrain  # noqa: E402
+from engine import extract_features  # noqa: E402
 from util import checkpoint, data, figures  # noqa: E402
+from util.features import center_normalize, frozen_backbone, logistic_regression  # noqa: E402
 from util.errors import InputError, run_main  # noqa: E402
 from util.masking import build_mask_generator  # noqa: E402
+from util.pretrain import build_model  # noqa: E402
 
 
 def get_args_parser():
@@ -58,14 +59,10 @@ def get_args_parser():
 
 
 def probe_args(args, path: str) -> argparse.Namespace:
-    """main_linprobe's arguments for one backbone, so its loading and feature extraction are reused."""
-    argv = ['--checkpoint', path, '--batch_size', str(args.batch_size), '--num_workers',
-            str(args.num_workers), '--seed', str(args.seed), '--device', args.device,
-            '--dataset', args.dataset, '--output_dir', '', '--amp', 'none', '--print_freq', '1000']
-    argv += ['--model', args.model] * bool(args.model) + ['--data_path', args.data_path] * bool(args.data_path)
-    lp_args = main_linprobe.get_args_parser().parse_args(argv)
-    lp_args.distributed = False
-    return lp_args
+    """What util.features.frozen_backbone, engine.extract_features and util.data read, for one backbone."""
+    return argparse.Namespace(checkpoint=path, model=args.model, input_size=None, global_pool=False, seed=args.seed,
+                              batch_size=args.batch_size, num_workers=args.num_workers, amp='none', print_freq=1000,
+                              dataset=args.dataset, data_path=args.data_path, download=False, distributed=False)
 
 
 def fisher_ratio(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -83,8 +80,8 @@ def fisher_ratio(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def logreg_accuracy(train_x, train_y, val_x, val_y, max_iter: int = 200) -> float:
     """Val top-1 (%) of Layer Grafted's logistic regression on all the frozen train features."""
-    train_x, val_x = main_linprobe.center_normalize(train_x, val_x)
-    classifier = main_linprobe.logistic_regression(train_x, train_y, int(train_y.max()) + 1,
+    train_x, val_x = center_normalize(train_x, val_x)
+    classifier = logistic_regression(train_x, train_y, int(train_y.max()) + 1,
                                                    2.5e-4 / len(train_x), max_iter)
     return (classifier(val_x.double()).argmax(1) == val_y).double().mean().item() * 100
 
@@ -93,8 +90,8 @@ def separability(backbone, lp_args, device, logreg_iters: int = 200) -> tuple:
     """(val features, val labels, logreg val top-1 %, Fisher ratio)."""
     train_set = data.build_dataset(lp_args, True, data.eval_transform(lp_args))
     val_set = data.build_dataset(lp_args, False, data.eval_transform(lp_args))
-    train_x, train_y = main_linprobe.extract_features(backbone, train_set, device, lp_args)
-    val_x, val_y = main_linprobe.extract_features(backbone, val_set, device, lp_args)
+    train_x, train_y = extract_features(backbone, train_set, device, lp_args)
+    val_x, val_y = extract_features(backbone, val_set, device, lp_args)
     accuracy = logreg_accuracy(train_x, train_y, val_x, val_y, logreg_iters)
     return val_x.cpu(), val_y.cpu(), accuracy, fisher_ratio(val_x, val_y)
 
@@ -112,7 +109,7 @@ def method_pictures(path: str, name: str, backbone, images, args) -> list:
     saved = checkpoint.load_file(path)
     run = saved.get('args') if isinstance(saved, dict) and isinstance(saved.get('args'), dict) else {}
     if run.get('method') == 'mae':
-        mae, _ = main_pretrain.build_model(argparse.Namespace(**run))
+        mae, _ = build_model(argparse.Namespace(**run))
         mae.load_state_dict(saved['model'])
         fig, kind = figures.reconstruction_figure(mae.to(images.device).eval(), images, args.seed), 'mae_reconstruction'
     elif run.get('method') == 'mimco':
@@ -138,7 +135,7 @@ def main(args):
     for path, name in zip(args.checkpoints, names):
         lp_args = probe_args(args, path)
         torch.manual_seed(args.seed)  # the random-init baseline is the same every run
-        backbone = main_linprobe.build_backbone(lp_args).to(device)
+        backbone = frozen_backbone(lp_args).to(device)
         val_x, val_y, accuracy, fisher = separability(backbone, lp_args, device, args.logreg_iters)
         print(f'separability | {name} | logreg val top-1 {accuracy:.1f} % | Fisher ratio {fisher:.3f}')
         keep = np.random.default_rng(args.seed).permutation(len(val_x))[:args.max_points]

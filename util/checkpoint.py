@@ -21,7 +21,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-import models_mimco  # noqa: F401  registers our ViT names with timm
+import models_vit  # registers our ViT names with timm
 from util.dist import all_gather_objects, get_rank, get_world_size, is_main_process
 from util.errors import InputError
 
@@ -73,6 +73,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
 def save_checkpoint(state: dict, path: str) -> None:
     """Write whole or not at all: a temporary file in the same folder, then an atomic rename."""
     if not is_main_process():
@@ -90,10 +96,7 @@ def restore_rng(saved, args) -> None:
     if len(states) == get_world_size():
         set_rng_state(states[get_rank()])
         return
-    seed = args.seed + get_rank() + 1000 * args.start_epoch
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    seed_everything(args.seed + get_rank() + 1000 * args.start_epoch)
     print(f'the checkpoint holds the RNG streams of {len(states)} process(es), this run has {get_world_size()}: '
           f'fresh streams seeded per rank (the run goes on, but not bit for bit as it would have)')
 
@@ -244,7 +247,7 @@ def fixed_sincos_layout(state_dict: dict) -> str:
     if side * side != pos.shape[0] - num_prefix or pos.shape[1] % 4:
         return None
     for layout in ('MoCo v3', 'MAE'):
-        table = models_mimco.sincos_pos_embed((side, side), pos.shape[1], num_prefix, mae_layout=layout == 'MAE')
+        table = models_vit.sincos_pos_embed((side, side), pos.shape[1], num_prefix, mae_layout=layout == 'MAE')
         if torch.allclose(pos, table[0], atol=1e-4):
             return layout
     return None
@@ -382,6 +385,6 @@ def load_projector(path: str) -> torch.nn.Module:
     linears = sorted(int(k.split('.')[0]) for k, v in projector.items()
                      if k.endswith('weight') and v.ndim == 2)
     shapes = [projector[f'{i}.weight'].shape for i in linears]
-    head = models_mimco.build_mlp(len(shapes), shapes[0][1], shapes[0][0], shapes[-1][0])
+    head = models_vit.build_mlp(len(shapes), shapes[0][1], shapes[0][0], shapes[-1][0])
     head.load_state_dict(projector)
     return head.eval()

@@ -9,7 +9,9 @@ from collections import defaultdict, deque
 import torch
 import torch.distributed as dist
 
-from util.dist import get_world_size, is_dist_avail_and_initialized, is_main_process
+from util import checkpoint
+from util.dist import get_world_size, init_distributed_mode, is_dist_avail_and_initialized, is_main_process
+from util.errors import InputError
 
 
 class SmoothedValue:
@@ -137,3 +139,25 @@ def tensorboard_writer(log_dir: str):
     from torch.utils.tensorboard import SummaryWriter
     os.makedirs(log_dir, exist_ok=True)
     return SummaryWriter(log_dir=log_dir)
+
+
+def setup_run(args) -> torch.device:
+    """torchrun, AMP default, output folder, seed: the start of main_finetune.py and main_linprobe.py."""
+    init_distributed_mode(args)
+    if args.amp is None:
+        args.amp = 'bf16' if args.device.startswith('cuda') else 'none'
+    if getattr(args, 'accum_iter', 1) < 1:
+        raise InputError(f'--accum_iter must be at least 1, got {args.accum_iter}')
+    args.log_dir = args.log_dir or args.output_dir
+    checkpoint.prepare_output_dir(args.output_dir)
+    checkpoint.seed_everything(args.seed + args.rank)
+    print(json.dumps(vars(args), default=str))
+    return torch.device(args.device)
+
+
+def summarize(args, protocol: str, backbone: str, metrics: dict) -> dict:
+    """The run's one summary line, and its metrics with its arguments as a JSON line in log.txt."""
+    shown = ', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in metrics.items())
+    print(f'{protocol} | {backbone} ({args.model or "model of the file"}) | {shown}')
+    log_json(args.output_dir, {'summary': protocol, **metrics, 'args': vars(args)})
+    return metrics

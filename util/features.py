@@ -1,0 +1,93 @@
+"""Frozen-feature evaluation: the frozen backbone whose forward gives one feature vector per image,
+DINO's weighted kNN and Layer Grafted's logistic regression on those features. Used by
+main_linprobe.py, the kNN monitor of main_pretrain.py (engine.knn_evaluate) and tools/visualize.py.
+"""
+import math
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models_vit import DIGITS_MODEL
+from util import checkpoint
+from util.errors import InputError
+
+
+def frozen_backbone(args) -> nn.Module:
+    """The frozen backbone in eval(), whose forward gives one feature vector per image (B, D)."""
+    kwargs = {'img_size': args.input_size} if args.input_size else {}
+    name = args.model or (DIGITS_MODEL if args.checkpoint == 'random' else None)
+    try:
+        # The same random init on every rank (setup_run seeds each rank differently, and the frozen
+        # backbone is not in DDP, which would otherwise broadcast rank 0's weights).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            model = timm.create_model(name, num_classes=0, **kwargs) if name else None
+    except RuntimeError as e:
+        raise InputError(f'--model {name}: {e}') from None
+    if args.checkpoint != 'random':
+        model = checkpoint.load_backbone(args.checkpoint, model, img_size=args.input_size)
+    args.model = args.model or name
+    args.input_size = model.patch_embed.img_size[0]
+    if not args.global_pool and not model.has_class_token:
+        print('the backbone has no class token: features = the average of its patch tokens (--global_pool)')
+        args.global_pool = True
+    model.reset_classifier(0, 'avg' if args.global_pool else 'token')
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def knn_scores(train_x, train_y, test_x, num_classes: int, k: int = 20, t: float = 0.07,
+               chunk: int = 256) -> torch.Tensor:
+    """DINO's weighted kNN: each of the k most cosine-similar training features votes for its class
+    with weight exp(sim / t). Blocks of `chunk` test features keep memory at chunk x N_train.
+    Returns the votes (N_test, C); a class no neighbour voted for scores -inf (no prediction)."""
+    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+    k = min(k, train_x.shape[0])
+    scores = []
+    for block in test_x.split(chunk):
+        sim = block @ train_x.T  # (b, N_train)
+        top_sim, top_idx = sim.topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(block.shape[0], num_classes, device=block.device)
+        votes.scatter_add_(1, train_y[top_idx], (top_sim / t).exp())  # (b, C)
+        voted = torch.zeros_like(votes, dtype=torch.bool).scatter_(1, train_y[top_idx], True)
+        scores.append(votes.masked_fill(~voted, -math.inf))
+    return torch.cat(scores)
+
+
+def topk_accuracy(scores, targets, topk: tuple) -> list:
+    """timm's accuracy (%), except that a class scored -inf is no prediction: with k = 1 neighbour,
+    kNN's top-5 is its top-1, not four more classes drawn from the ties at zero votes."""
+    values, predicted = scores.topk(max(topk), dim=1)  # (N, max k)
+    hits = (predicted == targets[:, None]) & (values > -math.inf)
+    return [hits[:, :k].any(dim=1).float().mean().item() * 100 for k in topk]
+
+
+def center_normalize(*features) -> tuple:
+    """Each feature vector centred on its own mean and scaled to unit length: the Layer Grafted
+    code's preprocessing (cyanure's `preprocess(centering=True, normalize=True, columns=False)`),
+    per row, so train and val need nothing from each other."""
+    return tuple(F.normalize(x - x.mean(dim=1, keepdim=True), dim=1) for x in features)
+
+
+def logistic_regression(train_x, train_y, num_classes: int, weight_decay: float,
+                        max_iter: int = 1000) -> nn.Linear:
+    """argmin_W mean_i CE(W x_i, y_i) + weight_decay / 2 |W|^2 by full-batch L-BFGS in float64; no
+    bias, as the Layer Grafted code fits it (`fit_intercept=False`)."""
+    x, y = train_x.double(), train_y
+    linear = nn.Linear(x.shape[1], num_classes, bias=False, dtype=torch.float64, device=x.device)
+    nn.init.zeros_(linear.weight)
+    optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=1e-9, tolerance_change=1e-12,
+                                  line_search_fn='strong_wolfe')
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(linear(x), y) + 0.5 * weight_decay * linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return linear.requires_grad_(False)
