@@ -8,6 +8,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import accuracy
 
 from util import data
+from util.features import knn_scores, topk_accuracy
 from util.logging import MetricLogger, SmoothedValue
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -195,7 +196,23 @@ def extract_features(backbone, dataset, device, args) -> tuple:
     labels = [torch.empty(0, dtype=torch.long, device=device)]
     for images, targets in MetricLogger().log_every(loader, args.print_freq, 'Features:'):
         with autocast(device, args.amp):
-            features.append(backbone(images.to(device, non_blocking=True)).float())  # (B, D)
+            tokens = backbone.forward_features(images.to(device, non_blocking=True))
+            features.append(backbone.forward_head(tokens, pre_logits=True).float())  # (B, D), before any head
         labels.append(targets.to(device))
     n = len(dataset)
     return data.gather_shards(torch.cat(features), n), data.gather_shards(torch.cat(labels), n)
+
+
+def knn_evaluate(backbone, train_set, val_set, device, args, k: int = 20, t: float = 0.07, chunk: int = 256) -> dict:
+    """Top-1/top-5 (%) of DINO's weighted kNN on `backbone`'s features, `train_set` the bank: main_linprobe.py
+    --protocol knn, and main_pretrain.py's monitor. The backbone runs in eval() (no drop path: no RNG drawn,
+    so an exact resume stays exact) and goes back to its mode."""
+    was_training = backbone.training
+    backbone.eval()
+    train_x, train_y = extract_features(backbone, train_set, device, args)
+    val_x, val_y = extract_features(backbone, val_set, device, args)
+    backbone.train(was_training)
+    num_classes = len(val_set.classes)
+    scores = knn_scores(train_x, train_y, val_x, num_classes, k, t, chunk)
+    top1, top5 = topk_accuracy(scores, val_y, topk=(1, min(5, num_classes)))
+    return {'acc1': top1, 'acc5': top5}

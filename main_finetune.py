@@ -11,7 +11,6 @@ import datetime
 import os
 import time
 
-import timm
 import torch
 from timm.data import Mixup, create_transform
 from timm.layers import trunc_normal_
@@ -24,7 +23,7 @@ from models_vit import DIGITS_MODEL
 from util import checkpoint, data
 from util.dist import get_world_size
 from util.errors import InputError, run_main
-from util.logging import log_json, setup_run, summarize, tensorboard_writer
+from util.logging import add_run_args, log_json, run_header, setup_run, summarize, tensorboard_writer
 
 # ImageNet gets the full BEiT/MAE recipe; the 8x8 digits get their own light view (util/data.py) and
 # no Mixup/CutMix/erasing by default. A flag given on the command line always wins.
@@ -63,12 +62,6 @@ def get_args_parser():
     p.add_argument('--min_lr', default=1e-6, type=float, help='lr at the end of the cosine')
     p.add_argument('--warmup_epochs', default=5, type=int, help='linear warm-up epochs')
     p.add_argument('--clip_grad', default=None, type=float, help='clip the gradient norm (off by default)')
-    p.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
-                   help='mixed precision (default: bf16 on CUDA, none on CPU)')
-    p.add_argument('--compile', action='store_true', help='torch.compile the model')
-    p.add_argument('--channels_last', action='store_true',
-                   help="images and the patch embedding (a ViT's one convolution) in NHWC memory "
-                        'layout (ViT-S/16 on an H200: the same step time, within noise)')
     # Augmentation and regularisation (the RandAugment / erasing flags act on ImageNet-style data only)
     p.add_argument('--aa', default='rand-m9-mstd0.5-inc1', type=str, help='timm RandAugment policy')
     p.add_argument('--color_jitter', default=None, type=float, help='colour jitter (off when --aa is set)')
@@ -84,38 +77,16 @@ def get_args_parser():
     p.add_argument('--mixup_mode', default='batch', choices=['batch', 'pair', 'elem'], help='Mixup mode')
     p.add_argument('--model_ema', action='store_true', help='keep (and evaluate) an EMA of the weights')
     p.add_argument('--model_ema_decay', default=0.9999, type=float, help='EMA decay')
-    # Data
-    data.add_data_args(p)
-    p.add_argument('--num_workers', default=4, type=int, help='data loader workers per process')
-    # Run
-    p.add_argument('--output_dir', default='./output_dir', help='checkpoints and log.txt go here')
-    p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: output_dir)')
-    p.add_argument('--print_freq', default=20, type=int, help='log every N steps')
-    p.add_argument('--resume', default='', help='checkpoint to resume (default: output_dir/checkpoint-last.pth)')
-    p.add_argument('--start_epoch', default=0, type=int, help='first epoch (set by --resume)')
     p.add_argument('--eval', action='store_true', help='only evaluate (the --resume or --finetune model)')
-    p.add_argument('--seed', default=0, type=int, help='random seed')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                   help='cuda or cpu (default: cuda when available)')
-    p.add_argument('--dist_url', default='env://', help='url of the torch.distributed rendezvous')
+    data.add_data_args(p)
+    add_run_args(p)
     return p
 
 
 def build_backbone(args) -> torch.nn.Module:
     """A timm ViT without classifier, from --finetune (any format) or random; sets --input_size."""
-    kwargs = dict(drop_path_rate=args.drop_path)
-    if args.input_size:
-        kwargs['img_size'] = args.input_size
-    try:
-        model = timm.create_model(args.model, num_classes=0, **kwargs) if args.model else None
-    except RuntimeError as e:
-        raise InputError(f'--model {args.model}: {e}') from None
-    if args.finetune:
-        model = checkpoint.load_backbone(args.finetune, model, img_size=args.input_size,
-                                         drop_path_rate=args.drop_path)
-    elif model is None:
-        args.model = DIGITS_MODEL
-        model = timm.create_model(DIGITS_MODEL, num_classes=0, **kwargs)
+    args.model = args.model or (None if args.finetune else DIGITS_MODEL)
+    model = checkpoint.build_backbone(args.finetune, args.model, args.input_size, drop_path_rate=args.drop_path)
     args.input_size = model.patch_embed.img_size[0]
     return model
 
@@ -167,16 +138,16 @@ def resolve_defaults(args) -> None:
             setattr(args, name, value)
 
 
-def build_datasets(args) -> tuple:
+def add_transforms(args, train_set, val_set):
+    """The training view and the eval transform, at --input_size; returns the labelled training subset."""
     if data.dataset_name(args) == 'digits':
-        train_transform = data.digits_view(args)
+        train_set.transform = data.digits_view(args)
     else:
-        train_transform = create_transform(
+        train_set.transform = create_transform(
             args.input_size, is_training=True, color_jitter=args.color_jitter, auto_augment=args.aa,
             interpolation='bicubic', re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
-    train_set = data.label_subset(data.build_dataset(args, True, train_transform), args)
-    val_set = data.build_dataset(args, False, data.eval_transform(args))
-    return train_set, val_set
+    val_set.transform = data.eval_transform(args)
+    return data.label_subset(train_set, args)
 
 
 def build_mixup(args, num_classes: int):
@@ -193,13 +164,18 @@ def build_mixup(args, num_classes: int):
 def main(args):
     device = setup_run(args)
     resolve_defaults(args)
+    # The data first, for the run header; their transforms once the backbone's input size is known.
+    train_set, val_set = (data.build_dataset(args, is_train, transform=None) for is_train in (True, False))
+    total_batch = args.batch_size * args.accum_iter * get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * total_batch / 256
+    run_header(args, 'main_finetune.py', len(train_set), len(val_set), total_batch)
     model = build_backbone(args)
-    train_set, val_set = build_datasets(args)
+    train_set = add_transforms(args, train_set, val_set)
     num_classes = len(val_set.classes)
     model = add_classifier(model, args, num_classes)
     loader = data.build_loader(train_set, args, is_train=True)
     val_loader = data.build_loader(val_set, args, is_train=False)
-    print(f'{len(train_set)} training / {len(val_set)} val images, {num_classes} classes')
 
     model.to(device, memory_format=memory_format(args))
     model_without_ddp = model
@@ -211,9 +187,6 @@ def main(args):
     model_ema = ModelEmaV3(model_without_ddp, decay=args.model_ema_decay) if args.model_ema else None
     train_model = torch.compile(model) if args.compile else model
 
-    total_batch = args.batch_size * args.accum_iter * get_world_size()
-    if args.lr is None:
-        args.lr = args.blr * total_batch / 256
     optimizer = torch.optim.AdamW(layer_decay_groups(model_without_ddp, args), lr=args.lr,
                                   betas=tuple(args.opt_betas), fused=device.type == 'cuda')
     lr_scheduler = cosine_lr_scheduler(optimizer, args, len(loader))
@@ -236,9 +209,8 @@ def main(args):
         metrics = {'acc1': stats['acc1'], 'acc5': stats['acc5'], 'eval_only': True}
         return summarize(args, 'finetune', args.resume or args.finetune or 'random init', metrics)
 
-    print(f'lr {args.lr:.3g} (blr {args.blr:.3g} x total batch {total_batch} / 256), layer decay '
-          f'{args.layer_decay}, mixup {args.mixup}, cutmix {args.cutmix}; epochs {args.start_epoch}..'
-          f'{args.epochs - 1}')
+    print(f'{len(train_set)} training images, {num_classes} classes; layer decay {args.layer_decay}, mixup '
+          f'{args.mixup}, cutmix {args.cutmix}; epochs {args.start_epoch}..{args.epochs - 1}')
     log_writer = tensorboard_writer(args.log_dir)
     start, stats = time.time(), {}
     for epoch in range(args.start_epoch, args.epochs):

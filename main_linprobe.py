@@ -17,13 +17,13 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from torch.utils.data import TensorDataset
 
-from engine import cosine_lr_scheduler, evaluate, extract_features, lars, train_one_epoch
+from engine import cosine_lr_scheduler, evaluate, extract_features, knn_evaluate, lars, train_one_epoch
 from models_vit import DIGITS_MODEL
 from util import checkpoint, data
-from util.features import center_normalize, frozen_backbone, knn_scores, logistic_regression, topk_accuracy
+from util.features import center_normalize, frozen_backbone, logistic_regression, topk_accuracy
 from util.dist import get_world_size
 from util.errors import InputError, run_main
-from util.logging import log_json, setup_run, summarize, tensorboard_writer
+from util.logging import add_run_args, log_json, run_header, setup_run, summarize, tensorboard_writer
 
 
 def get_args_parser():
@@ -63,23 +63,8 @@ def get_args_parser():
     p.add_argument('--knn_t', default=0.07, type=float, help='temperature of the exp(similarity / T) weights')
     p.add_argument('--knn_chunk', default=256, type=int,
                    help='val features per similarity block (chunk x N_train floats in memory at once)')
-    # Data
     data.add_data_args(p)
-    p.add_argument('--num_workers', default=4, type=int, help='data loader workers per process')
-    # Run
-    p.add_argument('--output_dir', default='./output_dir',
-                   help='log.txt, subset.txt and the linear probe\'s checkpoint-last.pth go here')
-    p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: output_dir)')
-    p.add_argument('--print_freq', default=20, type=int, help='log every N steps')
-    p.add_argument('--resume', default='',
-                   help='linear probe checkpoint to resume (default: output_dir/checkpoint-last.pth)')
-    p.add_argument('--start_epoch', default=0, type=int, help='first linear probe epoch (set by --resume)')
-    p.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
-                   help='mixed precision of the backbone (default: bf16 on CUDA, none on CPU)')
-    p.add_argument('--seed', default=0, type=int, help='random seed (subsets, random init, head)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                   help='cuda or cpu (default: cuda when available)')
-    p.add_argument('--dist_url', default='env://', help='url of the torch.distributed rendezvous')
+    add_run_args(p, train=False)  # --resume, --start_epoch: the linear probe's
     return p
 
 
@@ -159,7 +144,6 @@ def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dic
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == 'cuda' else None)
     total_batch = args.batch_size * get_world_size()
-    args.lr = args.lr or args.blr * total_batch / 256
     if args.optimizer == 'lars':
         optimizer = lars([{'params': list(head.parameters()), 'weight_decay': args.weight_decay}], args.lr)
     else:
@@ -209,30 +193,34 @@ def main(args):
     if args.knn_k < 1 or args.knn_t <= 0 or args.knn_chunk < 1:
         raise InputError(f'--knn_k {args.knn_k}, --knn_t {args.knn_t}, --knn_chunk {args.knn_chunk}: '
                          f'k and the chunk must be at least 1 and the temperature positive')
+    # The data first, for the run header; their transforms once the backbone's input size is known.
+    train_set, val_set = (data.build_dataset(args, is_train, transform=None) for is_train in (True, False))
+    total_batch = args.batch_size * get_world_size() if args.protocol == 'linear' else None
+    if total_batch:
+        args.lr = args.lr or args.blr * total_batch / 256
+    run_header(args, 'main_linprobe.py', len(train_set), len(val_set), total_batch)
     backbone = frozen_backbone(args).to(device)
     before = {k: v.clone() for k, v in backbone.state_dict().items()} if args.protocol == 'linear' else None
-    train_view = (data.crop_flip_view(args) if args.protocol == 'linear' and not args.cache_features
-                  and data.dataset_name(args) != 'digits' else data.eval_transform(args))
-    train_set = data.label_subset(data.build_dataset(args, True, train_view), args)
-    val_set = data.build_dataset(args, False, data.eval_transform(args))
+    val_set.transform = data.eval_transform(args)
+    train_set.transform = (data.crop_flip_view(args) if args.protocol == 'linear' and not args.cache_features
+                           and data.dataset_name(args) != 'digits' else data.eval_transform(args))
+    train_set = data.label_subset(train_set, args)
     num_classes = len(val_set.classes)
     if args.protocol == 'linear':
         metrics = linear_probe(backbone, train_set, val_set, num_classes, device, args)
         changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v, before[k])]
         if changed:  # a bug, not a user error: the protocol's premise is broken
             raise RuntimeError(f'the linear probe changed the frozen backbone: {changed[:4]}')
+    elif args.protocol == 'knn':
+        metrics = knn_evaluate(backbone, train_set, val_set, device, args, args.knn_k, args.knn_t, args.knn_chunk)
     else:
         train_x, train_y = extract_features(backbone, train_set, device, args)
         val_x, val_y = extract_features(backbone, val_set, device, args)
-        if args.protocol == 'knn':
-            scores = knn_scores(train_x, train_y, val_x, num_classes, args.knn_k, args.knn_t, args.knn_chunk)
-        else:
-            train_x, val_x = center_normalize(train_x, val_x)
-            if args.logreg_wd is None:
-                args.logreg_wd = 2.5e-4 / len(train_set)
-            classifier = logistic_regression(train_x, train_y, num_classes, args.logreg_wd, args.logreg_iters)
-            scores = classifier(val_x.double())
-        top1, top5 = topk_accuracy(scores, val_y, topk=(1, min(5, num_classes)))
+        train_x, val_x = center_normalize(train_x, val_x)
+        if args.logreg_wd is None:
+            args.logreg_wd = 2.5e-4 / len(train_set)
+        classifier = logistic_regression(train_x, train_y, num_classes, args.logreg_wd, args.logreg_iters)
+        top1, top5 = topk_accuracy(classifier(val_x.double()), val_y, topk=(1, min(5, num_classes)))
         metrics = {'acc1': top1, 'acc5': top5}
     metrics.update(n_train=len(train_set), n_val=len(val_set))
     pooled = 'avg pool' if args.global_pool else 'CLS'

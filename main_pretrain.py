@@ -7,20 +7,20 @@ Grafting:     python main_pretrain.py --method mocov3 --graft_pretrained mae/che
 Many GPUs:    torchrun --nproc_per_node 8 main_pretrain.py --method mimco --teacher mocov3_vits.pth ...
 """
 import argparse
+import copy
 import datetime
 import functools
-import json
 import os
 import time
 
 import torch
 
-from engine import cosine_lr_scheduler, memory_format, train_one_epoch
+from engine import cosine_lr_scheduler, knn_evaluate, memory_format, train_one_epoch
 from util import checkpoint, data, figures
-from util.dist import get_world_size, init_distributed_mode
+from util.dist import get_world_size
 from util.errors import run_main
-from util.logging import log_json, tensorboard_writer
-from util.pretrain import build_model, build_optimizer, resolve_defaults
+from util.logging import add_run_args, log_json, run_header, setup_run, tensorboard_writer
+from util.pretrain import BACKBONE, build_model, build_optimizer, resolve_defaults
 from util.schedules import moco_momentum
 
 
@@ -102,56 +102,44 @@ def get_args_parser():
     p.add_argument('--warmup_epochs', default=None, type=int,
                    help='linear warm-up (mimco 10, mae 40, mocov3 40)')
     p.add_argument('--clip_grad', default=None, type=float, help='clip the gradient norm (off by default)')
-    p.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
-                   help='mixed precision (default: bf16 on CUDA, none on CPU)')
     p.add_argument('--grad_ckpt', action='store_true', help='gradient checkpointing of the blocks')
-    p.add_argument('--compile', action='store_true', help='torch.compile the model')
-    p.add_argument('--channels_last', action='store_true',
-                   help="images and the patch embedding (a ViT's one convolution) in NHWC memory "
-                        'layout (ViT-S/16 on an H200: the same step time, within noise)')
-    # Data
-    p.add_argument('--data_path', default=None, type=str,
-                   help='ImageFolder root with train/ (default: none, use the built-in digits)')
-    p.add_argument('--dataset', default='auto', choices=['auto', 'digits', 'imagefolder', 'cifar10', 'cifar100'],
-                   help='auto: imagefolder with --data_path, digits without')
-    p.add_argument('--download', action='store_true', help='download CIFAR into --data_path')
     p.add_argument('--crop_min', default=None, type=float, help='RandomResizedCrop min scale')
-    p.add_argument('--num_workers', default=4, type=int, help='data loader workers per process')
-    # Run
-    p.add_argument('--output_dir', default='./output_dir', help='checkpoints and log.txt go here')
-    p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: output_dir)')
     p.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
-    p.add_argument('--print_freq', default=20, type=int, help='log every N steps')
+    p.add_argument('--knn_freq', default=None, type=int,
+                   help='DINO kNN (k 20, T 0.07) of the trained ViT on the val set every N epochs and at the last, '
+                        'as main_linprobe.py --protocol knn (default: 5 on digits; 0 = off, the default with --data_path)')
     p.add_argument('--log_images_freq', default=0, type=int,
                    help='every N epochs, CLS attention maps and MAE reconstructions / MimCo masks to '
                         'TensorBoard (0 = off)')
-    p.add_argument('--resume', default='', help='checkpoint to resume (default: output_dir/checkpoint-last.pth)')
-    p.add_argument('--start_epoch', default=0, type=int, help='first epoch (set by --resume)')
-    p.add_argument('--seed', default=0, type=int, help='random seed')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                   help='cuda or cpu (default: cuda when available)')
-    p.add_argument('--dist_url', default='env://', help='url of the torch.distributed rendezvous')
+    data.add_data_args(p, subsets=False)
+    add_run_args(p)
     return p
 
 
 
+def knn_datasets(args, dataset) -> tuple:
+    """The kNN monitor's bank (the training images) and queries (val), both with the eval transform."""
+    bank = copy.copy(dataset)  # the same images (no second scan of a folder), another transform
+    bank.transform = data.eval_transform(args)
+    return bank, data.build_dataset(args, is_train=False, transform=data.eval_transform(args))
+
+
 def main(args):
-    init_distributed_mode(args)
+    device = setup_run(args)
     resolve_defaults(args)
-    device = torch.device(args.device)
-    checkpoint.seed_everything(args.seed + args.rank)
-    checkpoint.prepare_output_dir(args.output_dir)
-    print(json.dumps({k: v for k, v in vars(args).items()}, default=str))
+    total_batch = args.batch_size * args.accum_iter * get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * total_batch / 256
+    dataset = data.build_dataset(args, is_train=True, transform=None)  # its views come with the model's masks
+    knn_sets = knn_datasets(args, dataset) if args.knn_freq else None
+    run_header(args, 'main_pretrain.py', len(dataset), len(knn_sets[1]) if knn_sets else None, total_batch)
 
     model, teacher = build_model(args)
-    transform = data.pretrain_transform(args, getattr(model, 'mask_generator', None))
-    dataset = data.build_dataset(args, is_train=True, transform=transform)
+    dataset.transform = data.pretrain_transform(args, getattr(model, 'mask_generator', None))
     loader = data.build_loader(dataset, args, is_train=True)
-    print(f'{len(dataset)} training images, {len(loader)} steps per epoch')
-
+    backbone = getattr(model, BACKBONE[args.method])  # the ViT that pre-training trains
     if args.grad_ckpt:
-        backbone = {'mimco': 'student', 'mae': 'encoder', 'mocov3': 'base_encoder'}[args.method]
-        getattr(model, backbone).set_grad_checkpointing(True)
+        backbone.set_grad_checkpointing(True)
     model.to(device, memory_format=memory_format(args))
     if teacher is not None:
         teacher.to(device, memory_format=memory_format(args))
@@ -169,10 +157,6 @@ def main(args):
     if teacher is not None and args.compile:
         teacher = torch.compile(teacher)
 
-    total_batch = args.batch_size * args.accum_iter * get_world_size()
-    if args.lr is None:
-        args.lr = args.blr * total_batch / 256
-    print(f'lr {args.lr:.3g} (blr {args.blr:.3g} x total batch {total_batch} / 256)')
     optimizer = build_optimizer(args, model_without_ddp)
     lr_scheduler = cosine_lr_scheduler(optimizer, args, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
@@ -183,7 +167,7 @@ def main(args):
                       same_run=('method', 'teacher', 'graft_pretrained', 'optimizer'))
     log_writer = tensorboard_writer(args.log_dir)
 
-    print(f'training {args.method} for epochs {args.start_epoch}..{args.epochs - 1}')
+    print(f'training {args.method} for epochs {args.start_epoch}..{args.epochs - 1}, {len(loader)} steps each')
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
@@ -193,9 +177,17 @@ def main(args):
         checkpoint.save_checkpoint(state, os.path.join(args.output_dir, 'checkpoint-last.pth'))
         if args.save_freq and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):
             checkpoint.save_checkpoint(state, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
-        log_json(args.output_dir, {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch})
+        stats = {f'train_{k}': v for k, v in stats.items()}
+        if knn_sets and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
+            knn = knn_evaluate(backbone, *knn_sets, device, args)  # as main_linprobe.py --protocol knn
+            print(f'epoch {epoch}: kNN top-1 {knn["acc1"]:.2f}, top-5 {knn["acc5"]:.2f}')
+            stats.update({f'knn_{k}': v for k, v in knn.items()})
+            if log_writer is not None:
+                for name, value in knn.items():
+                    log_writer.add_scalar(f'knn/{name}', value, epoch)
+        log_json(args.output_dir, {**stats, 'epoch': epoch})
         if log_writer is not None and args.log_images_freq and (epoch + 1) % args.log_images_freq == 0:
-            figures.log_images(log_writer, model_without_ddp, args, epoch)
+            figures.log_images(log_writer, model_without_ddp, backbone, args, epoch)
     if log_writer is not None:
         log_writer.close()
     print(f'training time {datetime.timedelta(seconds=int(time.time() - start))}')

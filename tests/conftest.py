@@ -22,8 +22,9 @@ def parse(argv):
 
 
 def epoch_losses(output_dir):
+    """The per-epoch training losses in log.txt (not its run header or summary lines)."""
     with open(os.path.join(output_dir, 'log.txt')) as f:
-        return [json.loads(line)['train_loss'] for line in f]
+        return [entry['train_loss'] for entry in map(json.loads, f) if 'train_loss' in entry]
 
 
 def run_script(argv, **kwargs):

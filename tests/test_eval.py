@@ -253,7 +253,7 @@ def test_imagefolder_paths_run_the_full_recipe(tmp_path):
     args = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()]).parse_args(
         ['--data_path', str(root), '--input_size', '16'])
     main_finetune.resolve_defaults(args)
-    train_set, _ = main_finetune.build_datasets(args)
+    train_set = main_finetune.add_transforms(args, *(data.build_dataset(args, t, None) for t in (True, False)))
     shown = repr(train_set.transform)
     assert 'RandAugment' in shown and 'RandomErasing' in shown and (args.mixup, args.cutmix) == (0.8, 1.0)
     metrics = run(main_finetune, '--data_path', root, '--input_size', 16, '--epochs', 1, '--batch_size', 8,

@@ -1,5 +1,4 @@
 """MAE and the Layer Grafted cascade on digits, end to end: the real scripts, small settings."""
-import json
 import math
 import os
 import re
@@ -16,6 +15,7 @@ import models_mocov3
 from engine import train_one_epoch
 from tools import grad_conflict
 from util import checkpoint, data, graft, pretrain
+from tests.conftest import epoch_losses
 from util.errors import InputError
 from util.masking import random_masking_indices
 
@@ -37,11 +37,6 @@ def one_thread():
 
 def parse(argv):
     return main_pretrain.get_args_parser().parse_args(argv)
-
-
-def epoch_losses(output_dir):
-    with open(os.path.join(output_dir, 'log.txt')) as f:
-        return [json.loads(line)['train_loss'] for line in f]
 
 
 def last_checkpoint(output_dir):

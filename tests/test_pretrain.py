@@ -148,7 +148,7 @@ def test_mimco_script_trains_logs_and_resumes(teacher_path, tmp_path):
     losses = epoch_losses(out)
     assert losses[-1] < losses[0] - 0.5, losses
     assert os.path.isfile(os.path.join(out, 'checkpoint-last.pth'))
-    logged = json.loads(open(os.path.join(out, 'log.txt')).readline())
+    logged = [json.loads(line) for line in open(os.path.join(out, 'log.txt'))][1]  # after the run header
     assert {'train_patch_loss', 'train_img_loss', 'train_lr', 'epoch'} <= set(logged)
     result = run_script(argv + ['--epochs', '4'])
     assert result.returncode == 0, result.stderr[-2000:]

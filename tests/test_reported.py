@@ -93,7 +93,7 @@ def test_distributed_evaluation_equals_one_process(tmp_path):
         for nproc in (2, 3):
             summary = torchrun(nproc, f'{script.__name__}.py', argv, tmp_path / f'{name}{nproc}')[-1]
             assert summary['acc1'] == pytest.approx(alone['acc1'], abs=1e-4), (name, nproc)
-    epoch = torchrun(2, 'main_finetune.py', common + ['--epochs', 1, '--warmup_epochs', 0], tmp_path / 'ft')[0]
+    epoch = torchrun(2, 'main_finetune.py', common + ['--epochs', 1, '--warmup_epochs', 0], tmp_path / 'ft')[1]  # [0]: the run header
     correct = epoch['test_acc1'] * 7 / 100  # of 8 with a repeat
     assert correct == pytest.approx(round(correct), abs=1e-6)
 

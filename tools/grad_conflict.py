@@ -18,7 +18,6 @@ import matplotlib  # noqa: E402
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
-import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -51,11 +50,7 @@ def get_args_parser():
     p.add_argument('--moco_mlp_dim', default=None, type=int,
                    help="MoCo v3 projector hidden width (default: the checkpoint's, else 4096)")
     p.add_argument('--moco_t', default=0.2, type=float, help='MoCo v3 temperature')
-    p.add_argument('--data_path', default=None, type=str,
-                   help='ImageFolder root with train/ (default: the built-in digits)')
-    p.add_argument('--dataset', default='auto', choices=['auto', 'digits', 'imagefolder', 'cifar10', 'cifar100'],
-                   help='auto: imagefolder with --data_path, digits without')
-    p.add_argument('--download', action='store_true', help='download CIFAR into --data_path')
+    data.add_data_args(p, subsets=False)
     p.add_argument('--num_workers', default=2, type=int, help='data loader workers')
     p.add_argument('--output', default='output_dir/grad_conflict.png', type=str, help='the plot')
     p.add_argument('--seed', default=0, type=int, help='random seed (heads, masks, augmentations)')
@@ -79,13 +74,6 @@ def read_file(args) -> dict:
         if getattr(args, name) is None:
             setattr(args, name, saved.get(name, value))
     return state
-
-
-def build_encoder(args) -> torch.nn.Module:
-    if args.checkpoint:
-        model = timm.create_model(args.model, num_classes=0) if args.model else None
-        return checkpoint.load_backbone(args.checkpoint, model)
-    return timm.create_model(args.model or 'vit_digits_patch4_16', num_classes=0)
 
 
 def load_heads(state: dict, mae: models_mae.MAE, moco: models_mocov3.MoCoV3, path: str) -> list:
@@ -148,7 +136,7 @@ def main(args) -> list:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     state = read_file(args)
-    encoder = build_encoder(args)
+    encoder = checkpoint.build_backbone(args.checkpoint, args.model)
     mae = models_mae.MAE(copy.deepcopy(encoder), args.decoder_embed_dim, args.decoder_depth,
                            args.decoder_num_heads, args.mask_ratio, args.norm_pix_loss)
     mae.encoder.load_state_dict(encoder.state_dict())  # MAE's own init must not replace the weights

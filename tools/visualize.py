@@ -47,10 +47,7 @@ def get_args_parser():
                    help='L-BFGS steps of the logistic regression (its accuracy settles long before 1000)')
     p.add_argument('--max_points', default=2000, type=int,
                    help='val images in the t-SNE maps and the Fisher ratio at most (a seeded sample)')
-    p.add_argument('--data_path', default=None, type=str,
-                   help='ImageFolder root with train/ and val/ (default: none, use the built-in digits)')
-    p.add_argument('--dataset', default='auto', choices=['auto', 'digits', 'imagefolder', 'cifar10', 'cifar100'],
-                   help='auto: imagefolder with --data_path, digits without')
+    data.add_data_args(p, subsets=False)
     p.add_argument('--batch_size', default=256, type=int, help='images per feature-extraction batch')
     p.add_argument('--num_workers', default=0, type=int, help='data loader workers')
     p.add_argument('--seed', default=0, type=int, help='random seed (random init, t-SNE, masks)')
@@ -62,7 +59,7 @@ def probe_args(args, path: str) -> argparse.Namespace:
     """What util.features.frozen_backbone, engine.extract_features and util.data read, for one backbone."""
     return argparse.Namespace(checkpoint=path, model=args.model, input_size=None, global_pool=False, seed=args.seed,
                               batch_size=args.batch_size, num_workers=args.num_workers, amp='none', print_freq=1000,
-                              dataset=args.dataset, data_path=args.data_path, download=False, distributed=False)
+                              dataset=args.dataset, data_path=args.data_path, download=args.download, distributed=False)
 
 
 def fisher_ratio(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -377,6 +377,29 @@ def load_backbone(path: str, model: VisionTransformer = None, img_size: int = No
     return model.eval()
 
 
+def build_backbone(path: str = None, name: str = None, img_size: int = None, seed: int = None,
+                   flag: str = '--model', **kwargs) -> VisionTransformer:
+    """A timm ViT without classifier: `name` (default: the architecture `path` holds, DIGITS_MODEL
+    without `path`) at `img_size`, with the backbone weights of `path` (any format above) or random,
+    drawn from `seed` alone when given (the global stream untouched); `kwargs` go to timm."""
+    name = name or (None if path else models_vit.DIGITS_MODEL)
+    try:
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = timm.create_model(name, num_classes=0, **({'img_size': img_size} if img_size else {}),
+                                      **kwargs) if name else None
+    except RuntimeError as e:
+        raise InputError(f'{flag} {name}: {e}') from None
+    if path:
+        model = load_backbone(path, model, img_size=img_size, flag=flag, **kwargs)
+    size, patch = model.patch_embed.img_size[0], model.patch_embed.patch_size[0]
+    if size % patch:
+        raise InputError(f'--input_size {size} is not a multiple of the patch size {patch} of {flag} '
+                         f'{name}: use e.g. {size // patch * patch}')
+    return model
+
+
 def load_projector(path: str) -> torch.nn.Module:
     """The MoCo v3 projector (`base_encoder.head`) in `path`, or None when it has none."""
     _, projector, _ = read_backbone(path)

@@ -314,13 +314,15 @@ def gather_shards(x: torch.Tensor, n: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- label-efficient subsets
 
-def add_data_args(p) -> None:
-    """Data and labelled-subset flags shared by the evaluation scripts."""
+def add_data_args(p, subsets: bool = True) -> None:
+    """The data flags of every script, and (`subsets`) the labelled-subset flags of the evaluations."""
     p.add_argument('--data_path', default=None, type=str,
-                   help='ImageFolder root with train/ and val/ (default: none, use the built-in digits)')
+                   help='ImageFolder root with train/ (and val/ to evaluate; default: none, the built-in digits)')
     p.add_argument('--dataset', default='auto', choices=['auto', 'digits', 'imagefolder', 'cifar10', 'cifar100'],
                    help='auto: imagefolder with --data_path, digits without')
     p.add_argument('--download', action='store_true', help='download CIFAR into --data_path')
+    if not subsets:
+        return
     p.add_argument('--subset_file', default=None, type=str,
                    help="labelled subset as SimCLR's 1percent.txt / 10percent.txt: one training file name a "
                         'line (<wnid>_<id>.JPEG); digits and CIFAR samples are named <dataset>_<index>')

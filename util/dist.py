@@ -87,10 +87,3 @@ def all_gather(x: torch.Tensor, keep_local_grad: bool = True) -> torch.Tensor:
         gathered[get_rank()] = x
     return torch.cat(gathered, dim=0)
 
-
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    if is_dist_avail_and_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= get_world_size()
-    return x

@@ -4,31 +4,21 @@ main_linprobe.py, the kNN monitor of main_pretrain.py (engine.knn_evaluate) and 
 """
 import math
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from models_vit import DIGITS_MODEL
 from util import checkpoint
-from util.errors import InputError
 
 
 def frozen_backbone(args) -> nn.Module:
     """The frozen backbone in eval(), whose forward gives one feature vector per image (B, D)."""
-    kwargs = {'img_size': args.input_size} if args.input_size else {}
-    name = args.model or (DIGITS_MODEL if args.checkpoint == 'random' else None)
-    try:
-        # The same random init on every rank (setup_run seeds each rank differently, and the frozen
-        # backbone is not in DDP, which would otherwise broadcast rank 0's weights).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            model = timm.create_model(name, num_classes=0, **kwargs) if name else None
-    except RuntimeError as e:
-        raise InputError(f'--model {name}: {e}') from None
-    if args.checkpoint != 'random':
-        model = checkpoint.load_backbone(args.checkpoint, model, img_size=args.input_size)
-    args.model = args.model or name
+    path = None if args.checkpoint == 'random' else args.checkpoint
+    # The same random init on every rank from --seed (setup_run seeds each rank differently, and the
+    # frozen backbone is not in DDP, which would otherwise broadcast rank 0's weights).
+    model = checkpoint.build_backbone(path, args.model, args.input_size, seed=args.seed)
+    args.model = args.model or (None if path else DIGITS_MODEL)
     args.input_size = model.patch_embed.img_size[0]
     if not args.global_pool and not model.has_class_token:
         print('the backbone has no class token: features = the average of its patch tokens (--global_pool)')

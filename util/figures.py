@@ -164,10 +164,9 @@ def save(fig, path: str) -> None:
 
 
 @torch.no_grad()
-def log_images(writer, model, args, epoch: int, num_images: int = 8) -> None:
+def log_images(writer, model, backbone, args, epoch: int, num_images: int = 8) -> None:
     """TensorBoard pictures of a pre-training model (`main_pretrain.py --log_images_freq`): CLS attention
-    of the backbone, plus MAE reconstructions or MimCo masks; fixed val images, fixed masks."""
-    backbone = getattr(model, {'mimco': 'student', 'mae': 'encoder', 'mocov3': 'base_encoder'}[args.method])
+    of its `backbone`, plus MAE reconstructions or MimCo masks; fixed val images, fixed masks."""
     images, _ = sample_images(args, num_images)
     images = images.to(next(model.parameters()).device)
     was_training = model.training

@@ -1,15 +1,20 @@
-"""Metric logging: console lines with ETA and images/s, one JSON line per epoch, TensorBoard."""
+"""What a run prints and logs: its header (versions, device, commit, batch, lr, data), console lines
+with ETA and images/s, one JSON line per epoch in log.txt, TensorBoard, and its summary line."""
 import datetime
 import json
 import math
 import os
+import platform
+import subprocess
 import time
 from collections import defaultdict, deque
 
+import timm
 import torch
 import torch.distributed as dist
+import torchvision
 
-from util import checkpoint
+from util import checkpoint, data
 from util.dist import get_world_size, init_distributed_mode, is_dist_avail_and_initialized, is_main_process
 from util.errors import InputError
 
@@ -141,6 +146,27 @@ def tensorboard_writer(log_dir: str):
     return SummaryWriter(log_dir=log_dir)
 
 
+def add_run_args(p, train: bool = True) -> None:
+    """The flags of a run that every main_*.py has (`train`: also --compile and --channels_last)."""
+    p.add_argument('--num_workers', default=4, type=int, help='data loader workers per process')
+    p.add_argument('--output_dir', default='./output_dir', help='log.txt, checkpoints (and subset.txt) go here')
+    p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: output_dir)')
+    p.add_argument('--print_freq', default=20, type=int, help='log every N steps')
+    p.add_argument('--resume', default='', help='checkpoint to resume (default: output_dir/checkpoint-last.pth)')
+    p.add_argument('--start_epoch', default=0, type=int, help='first epoch (set by --resume)')
+    p.add_argument('--seed', default=0, type=int, help='random seed (weights, augmentations, subsets)')
+    p.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
+                   help='mixed precision (default: bf16 on CUDA, none on CPU)')
+    if train:
+        p.add_argument('--compile', action='store_true', help='torch.compile the model')
+        p.add_argument('--channels_last', action='store_true',
+                       help="images and the patch embedding (a ViT's one convolution) in NHWC memory "
+                            'layout (ViT-S/16 on an H200: the same step time, within noise)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='cuda or cpu (default: cuda when available)')
+    p.add_argument('--dist_url', default='env://', help='url of the torch.distributed rendezvous')
+
+
 def setup_run(args) -> torch.device:
     """torchrun, AMP default, output folder, seed: the start of main_finetune.py and main_linprobe.py."""
     init_distributed_mode(args)
@@ -151,8 +177,46 @@ def setup_run(args) -> torch.device:
     args.log_dir = args.log_dir or args.output_dir
     checkpoint.prepare_output_dir(args.output_dir)
     checkpoint.seed_everything(args.seed + args.rank)
-    print(json.dumps(vars(args), default=str))
     return torch.device(args.device)
+
+
+def git_commit() -> str:
+    """This checkout's commit, `+dirty` when tracked files changed since; None outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        git = [subprocess.run(['git', *argv], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout
+               for argv in (['rev-parse', '--show-toplevel', '--short', 'HEAD'], ['status', '--porcelain', '-uno'])]
+        top, commit = git[0].split()
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    if os.path.realpath(top) != os.path.realpath(root):  # a repository of a folder above, not ours
+        return None
+    return commit + '+dirty' * bool(git[1].strip())
+
+
+def run_header(args, script: str, train_images: int, val_images: int = None, total_batch: int = None) -> dict:
+    """The first console lines and the first JSON line of log.txt (key `run`) of every run: versions,
+    device, commit, processes, total batch and lr (where the script trains with one), the data set's
+    size; then the arguments (on the console, and in the same JSON line)."""
+    device = torch.device(args.device)
+    header = {'run': script, 'torch': torch.__version__, 'torchvision': torchvision.__version__,
+              'timm': timm.__version__, 'commit': git_commit(), 'world_size': get_world_size(),
+              'device': (f'{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}' if device.type == 'cuda'
+                         else f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'),
+              'data': data.dataset_name(args), 'train_images': train_images, 'val_images': val_images}
+    run = f'{header["world_size"]} process(es)'
+    if total_batch:
+        header.update(total_batch=total_batch, blr=args.blr, lr=args.lr)
+        derived = math.isclose(args.lr, args.blr * total_batch / 256)
+        run += f', total batch {total_batch}, lr {args.lr:.3g}' + (
+            f' (blr {args.blr:.3g} x {total_batch} / 256)' if derived else ' (--lr)')
+    print(f'{script} | torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__} | '
+          f'{header["device"]} | commit {header["commit"] or "none (not a git checkout)"}')
+    print(f'{run} | {header["data"]}: {train_images} train / '
+          f'{"no" if val_images is None else val_images} val images')
+    print(json.dumps(vars(args), default=str))
+    log_json(args.output_dir, {**header, 'args': vars(args)})
+    return header
 
 
 def summarize(args, protocol: str, backbone: str, metrics: dict) -> dict:
