@@ -16,6 +16,7 @@ from tests.conftest import ROOT, epoch_losses, parse
 
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 import bench_data  # noqa: E402
+import gpu_all  # noqa: E402
 import bench_step  # noqa: E402
 
 # Heads and decoder as scripts/demo.sh sizes them for digits, so that a step takes milliseconds.
@@ -144,6 +145,30 @@ def test_bench_data_loader_table_runs_the_real_loader(one_thread, capsys):
     for method in ('mimco', 'mae'):
         assert rows[method][1] == (backend if torch.cuda.is_available() else 'torchvision'), rows[method]
         assert rows[method][2] == '16' and float(rows[method][7]) > 0, rows[method]
+
+
+@pytest.mark.slow
+def test_gpu_all_runs_every_block_tiny_on_cpu(capsys):
+    """The GPU session's one command, every block on the CPU with a tiny ViT: each prints its rows."""
+    compile_model = torch.compile
+    results = gpu_all.main(gpu_all.get_args_parser().parse_args(['--tiny']))
+    out = capsys.readouterr().out
+    assert [why for _, _, why in results] == [''] * len(gpu_all.BLOCKS), results
+    tables = [table_rows(block) for block in out.split('\n## ')[1:]]
+    assert tables[0]['torchvision.io.decode_jpeg: decode + crop + flip'][1] and 'mimco' in tables[1]
+    for table, (_, _, _, argv) in zip(tables[2:], gpu_all.BLOCKS[2:]):
+        methods = argv[argv.index('--methods') + 1].split(',')
+        assert all(number(table[m][4]) > 0 for m in methods), table
+    assert 'mae / full-sequence ViT' in tables[6] and number(tables[7]['mocov3'][7]) > 0  # compiled reference
+    assert torch.compile is compile_model  # --tiny's no-op compile does not outlive the run
+
+
+def test_gpu_all_stops_a_block_at_its_budget(capsys):
+    """A block past its budget is stopped (what it printed stays); none starts after --total_s."""
+    results = gpu_all.main(gpu_all.get_args_parser().parse_args(['--tiny', '--total_s', '0.2']))
+    assert results[0][2] == 'stopped at its budget of 0 s' and results[0][1] < 5, results[0]
+    assert all(why == 'skipped: out of time' for _, _, why in results[1:]), results
+    assert capsys.readouterr().out.rstrip().endswith('s')
 
 
 def test_pretrain_bf16_and_compile_fall_back_on_cpu(one_thread, aot_eager_compile, tmp_path):
