@@ -3,7 +3,7 @@
 The JPEGs: crops of scikit-learn's two sample photos, resized to 500x375 (one in four 375x500) and saved at
 quality 90 in an ImageFolder layout in a temporary folder (or --data_path's train/ images).
 
-Decoders (default): per CPU core (one torch thread, one process), the images/s of each way to read a file
+Decoders (default): per CPU core (one torch thread, one process, CPU time), the images/s of each way to read a file
 and make MimCo's and MAE's view (RandomResizedCrop + flip + to tensor + normalise), each row printed once
 measured: the median of --repeats passes and their spread, and the views' mean / max difference to the pil
 path's on the same crops, in 0-255 levels. Optional decoders (pillow-simd, simplejpeg, PyTurboJPEG) are
@@ -139,16 +139,17 @@ class ExternalView:
 
 
 def time_path(view, paths: list, repeats: int) -> tuple:
-    """(img/s of each pass, the first COMPARED views); image i drawn from seed i in every pass."""
+    """(images per CPU second of each pass, the first COMPARED views); image i drawn from seed i in every
+    pass. CPU time, not wall time: on a machine shared with other jobs it still counts this core's work."""
     rates, kept = [], []
     for repeat in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         for i, path in enumerate(paths):
             torch.default_generator.manual_seed(i)  # as SeededSamples (torch.manual_seed costs ~0.6 ms)
             out = view(path)
             if repeat == 0 and i < COMPARED:
                 kept.append(out)
-        rates.append(len(paths) / (time.perf_counter() - start))
+        rates.append(len(paths) / (time.process_time() - start))
     return rates, kept
 
 
@@ -214,7 +215,8 @@ def decoder_table(args, paths: list) -> list:
     torch.set_num_threads(1)
     source = args.data_path or f'{args.image_size[0]}x{args.image_size[1]}, quality 90'
     print(f'{len(paths)} JPEGs ({source}); views {args.input_size} px, crop scale >= {args.crop_min}; '
-          f'{device_name(torch.device("cpu"))}; load average {os.getloadavg()[0]:.1f}\n')
+          f'{device_name(torch.device("cpu"))}; load average {os.getloadavg()[0]:.1f}; '
+          f'img/s per core: images per second of this process\'s CPU time\n')
     print(markdown_table(HEADER, []), flush=True)
     rows, reference = [], None
     for name, view, note in cpu_paths(args):

@@ -1,5 +1,8 @@
 """--data_backend: the torchvision and (GPU-less) nvjpeg decode paths give the pil path's views, and
 nvjpeg without CUDA falls back to the CPU in one printed line."""
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +11,7 @@ from sklearn.datasets import load_sample_image
 
 import main_pretrain
 from tests.conftest import epoch_losses, parse
-from util import decode
+from util import checkpoint, decode
 from util.errors import InputError
 from util.masking import build_mask_generator
 
@@ -77,3 +80,21 @@ def test_nvjpeg_refuses_mocov3_views(jpeg_folder, tmp_path):
     with pytest.raises(InputError, match='BYOL views need --data_backend pil or torchvision'):
         main_pretrain.main(parse(TINY + ['--method', 'mocov3', '--moco_mlp_dim', '64', '--data_path', jpeg_folder,
                                          '--data_backend', 'nvjpeg', '--output_dir', str(tmp_path)]))
+
+
+@pytest.mark.parametrize('backend', ['torchvision', 'nvjpeg'])
+def test_resume_is_exact_with_each_backend(backend, jpeg_folder, tmp_path, monkeypatch):
+    """Every path draws its crops and flips from each sample's seed in the loader workers: a run resumed
+    after epoch 0 ends with the bits of one that never stopped. The nvjpeg path runs its batch code on
+    the CPU here (only nvJPEG's decoding itself needs a GPU), its collate function in a worker."""
+    monkeypatch.setattr(decode, 'resolve_backend', lambda args, device: args.data_backend)
+    argv = TINY + ['--method', 'mae', '--data_path', jpeg_folder, '--data_backend', backend, '--epochs', '2',
+                   '--warmup_epochs', '1', '--decoder_embed_dim', '32', '--decoder_depth', '1',
+                   '--decoder_num_heads', '2', '--num_workers', '1', '--save_freq', '1']
+    main_pretrain.main(parse(argv + ['--output_dir', str(tmp_path / 'whole')]))
+    os.makedirs(tmp_path / 'split')
+    shutil.copy(tmp_path / 'whole' / 'checkpoint-0.pth', tmp_path / 'split' / 'checkpoint-last.pth')
+    main_pretrain.main(parse(argv + ['--output_dir', str(tmp_path / 'split')]))
+    whole, split = (checkpoint.load_file(str(tmp_path / run / 'checkpoint-last.pth')) for run in ('whole', 'split'))
+    assert all(torch.equal(whole['model'][k], split['model'][k]) for k in whole['model'])
+    assert epoch_losses(tmp_path / 'split') == epoch_losses(tmp_path / 'whole')[1:]
