@@ -54,7 +54,8 @@ def get_args_parser():
     # --table loader
     p.add_argument('--data_backend', default='pil', choices=decode.BACKENDS, help='loader: decode path')
     p.add_argument('--methods', default='mimco,mae', type=str, help='loader: methods whose pre-training input to make')
-    p.add_argument('--model', default='vit_small_patch16_224', type=str, help="loader: ViT whose patch grid masks follow")
+    p.add_argument('--model', default='vit_small_patch16_224', type=str,
+                   help="loader: ViT whose patch grid masks follow")
     p.add_argument('--batch_size', default=64, type=int, help='loader: images per batch')
     p.add_argument('--num_workers', default=2, type=int, help='loader: worker processes')
     p.add_argument('--batches', default=20, type=int, help='loader: batches timed after the first')
@@ -113,7 +114,8 @@ def optional_decoders() -> tuple:
             return jpeg.decode(raw, pixel_format=turbojpeg.TJPF_RGB, scaling_factor=factor)
         decoders['turbojpeg'] = turbo
     except (ImportError, OSError, RuntimeError) as e:  # the wrapper, or libturbojpeg, missing
-        skipped['turbojpeg'] = f'not usable ({str(e).splitlines()[0]}): pip install PyTurboJPEG, apt-get install libturbojpeg0'
+        skipped['turbojpeg'] = (f'not usable ({str(e).splitlines()[0]}): pip install PyTurboJPEG, '
+                                'apt-get install libturbojpeg0')
     return decoders, skipped
 
 
@@ -135,7 +137,8 @@ class ExternalView:
         self.reduced += fy < 1
         box = torch.tensor([[round(top * fy), round(left * fx), max(1, round(height * fy)),
                              max(1, round(width * fx)), flip]])
-        return decode.crop_flip_batch([torch.from_numpy(image).permute(2, 0, 1)], box, self.size, torch.device('cpu'))[0]
+        image = torch.from_numpy(image).permute(2, 0, 1)  # (3, h, w)
+        return decode.crop_flip_batch([image], box, self.size, torch.device('cpu'))[0]
 
 
 def time_path(view, paths: list, repeats: int) -> tuple:
@@ -163,7 +166,8 @@ def cpu_paths(args) -> list:
     """(name, view(path), note) of each CPU path; (name, None, why) for those skipped."""
     crop_flip = data.crop_flip_view(args)
     params = decode.CropFlipParams(args)
-    paths = [(f'pil ({pil_build()}): decode + crop + flip', lambda p: crop_flip(data.load_image(p)), '--data_backend pil'),
+    paths = [(f'pil ({pil_build()}): decode + crop + flip', lambda p: crop_flip(data.load_image(p)),
+              '--data_backend pil'),
              ('pil: decode only', data.load_image, ''),
              ('torchvision.io.decode_jpeg: decode + crop + flip', lambda p: crop_flip(decode.load_tensor(p)),
               '--data_backend torchvision'),
@@ -171,7 +175,7 @@ def cpu_paths(args) -> list:
              ('nvjpeg path, worker part: read + header + crop box', lambda p: params(decode.load_encoded(p)),
               "the GPU path's CPU cost")]
     if 'SIMD' not in pil_build():
-        paths.append(('pillow-simd', None, 'not the PIL here (it replaces Pillow): run this in a venv with pillow-simd'))
+        paths.append(('pillow-simd', None, 'not the PIL here (it replaces Pillow): run this in a venv with it'))
     decoders, skipped = optional_decoders()
     for name, decode_hwc in decoders.items():
         for scaled in (False, True):
@@ -192,7 +196,8 @@ def gpu_row(args, paths: list, reference: list) -> list:
     batches = [samples[i:i + args.gpu_batch] for i in range(0, len(samples), args.gpu_batch)]
 
     def run(batch):
-        return decode.crop_flip_batch([s[0] for s in batch], torch.stack([s[1] for s in batch]), args.input_size, device)
+        boxes = torch.stack([s[1] for s in batch])
+        return decode.crop_flip_batch([s[0] for s in batch], boxes, args.input_size, device)
     views = run(batches[0])[:COMPARED].cpu()  # warm-up
     rates = []
     for _ in range(args.repeats):
@@ -208,7 +213,8 @@ def gpu_row(args, paths: list, reference: list) -> list:
 
 def row(name: str, rates: list, apart: str, note: str) -> list:
     median = statistics.median(rates)
-    return [name, f'{median:,.0f}', f'±{50 * (max(rates) - min(rates)) / median:.0f} % ({len(rates)} runs)', apart, note]
+    spread = f'±{50 * (max(rates) - min(rates)) / median:.0f} % ({len(rates)} runs)'  # half the range
+    return [name, f'{median:,.0f}', spread, apart, note]
 
 
 def decoder_table(args, paths: list) -> list:

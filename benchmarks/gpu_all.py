@@ -36,7 +36,8 @@ BLOCKS = [
     (75, 'compiled MAE ViT-B/16', bench_step, ['--methods', 'mae', '--no_reference'] + VIT_B + COMPILED),
     (40, 'eager MAE ViT-L/16 and a full-sequence ViT-L step', bench_step,
      ['--methods', 'mae', '--batch_size', '128', '--steps', '10', '--warmup', '3'] + VIT_L),
-    (100, 'compiled MoCo v3 ViT-S/16 and its compiled reference', bench_step, ['--methods', 'mocov3'] + VIT_S + COMPILED),
+    (100, 'compiled MoCo v3 ViT-S/16 and its compiled reference', bench_step,
+     ['--methods', 'mocov3'] + VIT_S + COMPILED),
 ]
 # --tiny: the same blocks on the CPU in seconds, --compile a no-op (tests/test_bench.py compiles for real).
 TINY_DATA = ['--images', '8', '--image_size', '64', '48', '--input_size', '32', '--repeats', '1', '--num_workers', '0',
@@ -57,20 +58,23 @@ def on_alarm(signum, frame):
 def run_block(module, argv: list, seconds: float) -> str:
     """Run one benchmark within `seconds`; '' or why it stopped."""
     signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    # Again every 0.5 s after the budget: an exception raised while Python runs a __del__ is swallowed.
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01), 0.5)
     try:
-        module.main(module.get_args_parser().parse_args(argv))
-        return ''
+        try:
+            module.main(module.get_args_parser().parse_args(argv))
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        why = ''
     except OutOfTime:
-        return f'stopped at its budget of {seconds:.0f} s'
+        why = f'stopped at its budget of {seconds:.0f} s'
     except Exception as e:  # one failed block must not cost the others' figures
-        return f'failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        torch._dynamo.reset()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        why = f'failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return why
 
 
 def main(args) -> list:

@@ -35,24 +35,25 @@ def jpeg_folder(tmp_path_factory):
     return str(root)
 
 
-def first_batch(argv, device='cpu') -> tuple:
+def first_batch(argv) -> tuple:
     args = parse(TINY + argv)
     main_pretrain.resolve_defaults(args)
     mask_generator = build_mask_generator('block', (4, 4), 0.5)  # MimCo's: the student's 4 x 4 patch grid
-    _, loader = decode.build_pretrain_loader(args, mask_generator, torch.device(device))
+    _, loader = decode.build_pretrain_loader(args, mask_generator, torch.device('cpu'))
     loader.sampler.set_epoch(3)
     return next(iter(loader))
 
 
 def test_torchvision_and_nvjpeg_paths_give_the_pil_views(jpeg_folder, monkeypatch):
     """Same seeds, same crop boxes, flips and masks; libjpeg-turbo decodes alike in PIL and torchvision,
-    and torch's antialiased bicubic is within 1 % of PIL's. The nvjpeg path's batch code, run on the CPU,
-    gives the torchvision path's views exactly."""
+    and torch's antialiased bicubic is within a few levels of Pillow's (a shifted crop or a missed flip
+    would be tens of levels off). The nvjpeg path's batch code, run on the CPU, gives the torchvision
+    path's views exactly."""
     (pil_views, pil_masks), pil_targets = first_batch(['--data_path', jpeg_folder])
     (tv_views, tv_masks), tv_targets = first_batch(['--data_path', jpeg_folder, '--data_backend', 'torchvision'])
     assert torch.equal(pil_masks, tv_masks) and torch.equal(pil_targets, tv_targets)
     levels = (pil_views - tv_views).abs() * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255
-    assert levels.mean() < 0.5 and levels.max() <= 3, (levels.mean(), levels.max())
+    assert levels.mean() < 0.5 and levels.max() <= 8, (levels.mean(), levels.max())
     assert pil_views.std() > 0.3  # real images, not blank crops
 
     monkeypatch.setattr(decode, 'resolve_backend', lambda args, device: args.data_backend)
