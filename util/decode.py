@@ -1,4 +1,4 @@
-"""Where the pre-training JPEGs are decoded (--data_backend); the views are the same in every path.
+"""Where the pre-training JPEGs are decoded (--data_backend); every path draws the same crops, flips and masks.
 
 - `pil` (default): PIL decodes in the loader workers and the transforms of util/data.py run on PIL images.
 - `torchvision`: `torchvision.io.decode_jpeg` decodes in the workers (libjpeg-turbo: the same pixels as
@@ -6,7 +6,7 @@
 - `nvjpeg` (MimCo, MAE: crop + flip views): the workers only read the file and draw the crop box and flip
   (the draws of `crop_flip_view`, in its order, from each sample's seed); nvJPEG decodes the batch on the
   GPU, where the crops are resized and flipped. Without CUDA it falls back to `torchvision`.
-Files other than baseline RGB or grey JPEGs (PNG, CMYK) are decoded on the CPU in every path.
+Files other than RGB or grey JPEGs (PNG, CMYK JPEG) are decoded by PIL on the CPU in every path.
 """
 import io
 
