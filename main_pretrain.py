@@ -21,7 +21,7 @@ from timm.optim import param_groups_weight_decay
 
 import models_mimco
 from engine import cosine_lr_scheduler, lars, memory_format, train_one_epoch
-from util import checkpoint, data, figures
+from util import checkpoint, decode, figures
 from util.graft import (EMBEDDINGS, block_index, graft_encoder, graft_param_groups,
                         parse_lr_layer_wise)
 from util.dist import init_distributed_mode, is_main_process, get_world_size
@@ -136,6 +136,9 @@ def get_args_parser():
     p.add_argument('--download', action='store_true', help='download CIFAR into --data_path')
     p.add_argument('--crop_min', default=None, type=float, help='RandomResizedCrop min scale')
     p.add_argument('--num_workers', default=4, type=int, help='data loader workers per process')
+    p.add_argument('--data_backend', default='pil', choices=decode.BACKENDS,
+                   help='where image files are decoded: pil, torchvision (decode_jpeg in the workers), nvjpeg '
+                        '(mimco, mae: decoded, cropped and flipped on the GPU; torchvision without CUDA)')
     # Run
     p.add_argument('--output_dir', default='./output_dir', help='checkpoints and log.txt go here')
     p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: output_dir)')
@@ -315,9 +318,7 @@ def main(args):
     print(json.dumps({k: v for k, v in vars(args).items()}, default=str))
 
     model, teacher = build_model(args)
-    transform = data.pretrain_transform(args, getattr(model, 'mask_generator', None))
-    dataset = data.build_dataset(args, is_train=True, transform=transform)
-    loader = data.build_loader(dataset, args, is_train=True)
+    dataset, loader = decode.build_pretrain_loader(args, getattr(model, 'mask_generator', None), device)
     print(f'{len(dataset)} training images, {len(loader)} steps per epoch')
 
     if args.grad_ckpt:
