@@ -91,6 +91,12 @@ def to_device(x, device, channels_last: bool = False):
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside `torch.compile` and DDP."""
+    model = getattr(model, '_orig_mod', model)
+    return getattr(model, 'module', model)
+
+
 def check_finite(values: list, first_step: int, epoch: int, terms: dict, lr: float) -> None:
     """Stop the run on a non-finite loss, before any checkpoint of this epoch is written."""
     for offset, value in enumerate(values):
@@ -123,6 +129,8 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, scaler, device,
         update = (step + 1) % accum == 0 or step == steps - 1
         accumulated = min(accum, steps - step // accum * accum)  # batches in this step's accumulation
         sync = contextlib.nullcontext() if update or not args.distributed else model.no_sync()
+        if momentum_schedule is not None:  # here, not in the forward: a compiled model would recompile for each m
+            unwrap(model).update_momentum_encoder(momentum_schedule(epoch + step / steps))
         with sync:
             with autocast(device, args.amp):
                 if criterion is not None:  # supervised: fine-tuning, linear probing
@@ -134,8 +142,6 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, scaler, device,
                     kwargs = {}
                     if teacher is not None:
                         kwargs['targets'] = teacher(inputs[0])
-                    if momentum_schedule is not None:
-                        kwargs['m'] = momentum_schedule(epoch + step / steps)
                     loss, terms = model(*inputs, **kwargs)
             scaler.scale(loss / accumulated).backward()
         if update:

@@ -16,7 +16,7 @@ import time
 import torch
 
 from engine import cosine_lr_scheduler, knn_evaluate, memory_format, train_one_epoch
-from util import checkpoint, data, figures
+from util import checkpoint, data, decode, figures
 from util.dist import get_world_size
 from util.errors import run_main
 from util.logging import add_run_args, log_json, run_header, setup_run, tensorboard_writer
@@ -104,6 +104,9 @@ def get_args_parser():
     p.add_argument('--clip_grad', default=None, type=float, help='clip the gradient norm (off by default)')
     p.add_argument('--grad_ckpt', action='store_true', help='gradient checkpointing of the blocks')
     p.add_argument('--crop_min', default=None, type=float, help='RandomResizedCrop min scale')
+    p.add_argument('--data_backend', default='pil', choices=decode.BACKENDS,
+                   help='where image files are decoded: pil, torchvision (decode_jpeg in the workers), nvjpeg '
+                        '(mimco, mae: decoded, cropped and flipped on the GPU; torchvision without CUDA)')
     p.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
     p.add_argument('--knn_freq', default=None, type=int,
                    help='DINO kNN (k 20, T 0.07) of the trained ViT on the val set every N epochs and at the last, '
@@ -135,8 +138,7 @@ def main(args):
     run_header(args, 'main_pretrain.py', len(dataset), len(knn_sets[1]) if knn_sets else None, total_batch)
 
     model, teacher = build_model(args)
-    dataset.transform = data.pretrain_transform(args, getattr(model, 'mask_generator', None))
-    loader = data.build_loader(dataset, args, is_train=True)
+    dataset, loader = decode.build_pretrain_loader(args, dataset, getattr(model, 'mask_generator', None), device)
     backbone = getattr(model, BACKBONE[args.method])  # the ViT that pre-training trains
     if args.grad_ckpt:
         backbone.set_grad_checkpointing(True)

@@ -65,10 +65,12 @@ class MoCoV3(nn.Module):
         features = encoder.forward_head(tokens, pre_logits=True)  # (2B, D)
         return tuple(encoder.head(f) for f in features.chunk(2))  # 2 x (B, dim)
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor, m: float) -> tuple:
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, m: float = None) -> tuple:
+        """With `m`, the momentum update first (engine.train_one_epoch makes it before the forward)."""
+        if m is not None:
+            self.update_momentum_encoder(m)  # the queries do not read the momentum encoder
         q1, q2 = (self.predictor(z) for z in self.project_views(self.base_encoder, view1, view2))  # (B, dim)
         with torch.no_grad():
-            self.update_momentum_encoder(m)
             k1, k2 = self.project_views(self.momentum_encoder, view1, view2)
         # Symmetrised InfoNCE (MoCo v3, Alg. 1).
         loss = (losses.moco_infonce(q1, k2, self.temperature)

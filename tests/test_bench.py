@@ -1,10 +1,12 @@
 """The benchmarks run end to end on CPU, and the CUDA-first flags (--amp bf16, --compile) fall back
 cleanly there. No timing is asserted: that is the benchmarks' job, on an idle machine."""
+import argparse
 import functools
 import math
 import os
 import shlex
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from tests.conftest import ROOT, epoch_losses, parse
 
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 import bench_data  # noqa: E402
+import gpu_all  # noqa: E402
 import bench_step  # noqa: E402
 
 # Heads and decoder as scripts/demo.sh sizes them for digits, so that a step takes milliseconds.
@@ -47,7 +50,7 @@ def table_rows(text: str) -> dict:
 
 
 def number(cell: str) -> float:
-    return float(cell.split()[0])
+    return float(cell.split()[0].replace(',', ''))  # '1,234 ok' -> 1234
 
 
 def check_step_rows(rows: dict, methods: list) -> None:
@@ -83,6 +86,19 @@ def test_bench_step_bf16_compile_channels_last_on_cpu(one_thread, aot_eager_comp
     check_step_rows(table_rows(out), ['mimco'])
 
 
+def test_compiled_mocov3_compiles_once(one_thread, aot_eager_compile, monkeypatch, capsys):
+    """MoCo v3's momentum changes every step: passed to the compiled model as a float, it made Dynamo
+    recompile the whole model with a symbolic float (179 s of warm-up instead of 8 here, and the likely
+    reason the compiled GPU benchmark did not finish in 250 s). The loop now updates the momentum
+    encoder outside the model's graph."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, 'error_on_recompile', True)
+    out = run_bench(bench_step, TINY_BENCH + ['--device', 'cpu', '--methods', 'mocov3', '--compile', '--no_reference',
+                                              '--warmup', '1', '--steps', '3'], capsys)
+    cells = dict(zip(bench_step.HEADER, table_rows(out)['mocov3']))
+    assert number(cells['img/s']) > 0 and cells['reference ms'] == 'n/a' and cells['time ratio'] == 'n/a', cells
+
+
 def test_bench_step_prints_each_row_once_measured(one_thread, monkeypatch, capsys):
     """A benchmark stopped part-way (a timeout on a lent GPU) keeps the rows it measured."""
     measure_ours = bench_step.measure_ours
@@ -101,11 +117,75 @@ def test_bench_step_prints_each_row_once_measured(one_thread, monkeypatch, capsy
     assert number(dict(zip(bench_step.HEADER, rows['mimco']))['warm-up s']) > 0
 
 
-def test_bench_data_reads_each_method(capsys):
-    out = run_bench(bench_data, ['--batches', '2', '--batch_size', '16', '--num_workers', '0'], capsys)
+def test_bench_data_decoder_table_on_its_own_jpegs(one_thread, capsys):
+    """Each decode path is timed on the JPEGs the benchmark writes, its views compared with the pil
+    path's on the same crops; optional decoders missing here are skipped with the reason."""
+    out = run_bench(bench_data, ['--images', '6', '--repeats', '2', '--image_size', '64', '48', '--input_size', '32'],
+                    capsys)
+    assert out.startswith('6 JPEGs (64x48, quality 90); views 32 px')
     rows = table_rows(out)
-    for method in bench_step.METHODS:
-        assert rows[method][1] == 'digits' and float(rows[method][7]) > 0, rows[method]
+    pil = next(cells for name, cells in rows.items() if name.startswith('pil (Pillow'))
+    torchvision = rows['torchvision.io.decode_jpeg: decode + crop + flip']
+    assert number(pil[1]) > 0 and pil[3] == '0.00 / 0' and pil[2].endswith('(2 runs)')
+    mean, largest = (float(x) for x in torchvision[3].split(' / '))
+    assert number(torchvision[1]) > 0 and mean < 0.5 and largest <= 16, torchvision  # torch's bicubic, not PIL's
+    assert number(rows['nvjpeg path, worker part: read + header + crop box'][1]) > 0
+    for name, cells in rows.items():  # measured, or skipped with a reason
+        assert cells[1] or cells[4].startswith('skipped: '), cells
+    if not torch.cuda.is_available():
+        assert rows['nvjpeg (GPU)'][4] == 'skipped: no CUDA device'
+
+
+def test_bench_data_loader_table_runs_the_real_loader(one_thread, capsys):
+    """--table loader: util.decode's training loader over the written JPEGs; nvjpeg falls back to the
+    CPU (torchvision) where there is no CUDA, and the row says so."""
+    backend = 'nvjpeg'
+    out = run_bench(bench_data, ['--table', 'loader', '--images', '16', '--image_size', '64', '48',
+                                 '--input_size', '32', '--model', 'vit_digits_patch4_16', '--batch_size', '4',
+                                 '--batches', '2', '--num_workers', '0', '--data_backend', backend], capsys)
+    rows = table_rows(out)
+    for method in ('mimco', 'mae'):
+        assert rows[method][1] == (backend if torch.cuda.is_available() else 'torchvision'), rows[method]
+        assert rows[method][2] == '16' and float(rows[method][7]) > 0, rows[method]
+
+
+@pytest.mark.slow
+def test_gpu_all_runs_every_block_tiny_on_cpu(capsys):
+    """The GPU session's one command, every block on the CPU with a tiny ViT: each prints its rows."""
+    compile_model = torch.compile
+    results = gpu_all.main(gpu_all.get_args_parser().parse_args(['--tiny']))
+    out = capsys.readouterr().out
+    assert [why for _, _, why in results] == [''] * len(gpu_all.BLOCKS), results
+    tables = [table_rows(block) for block in out.split('\n## ')[1:]]
+    assert tables[0]['torchvision.io.decode_jpeg: decode + crop + flip'][1] and 'mimco' in tables[1]
+    for table, (_, _, _, argv) in zip(tables[2:], gpu_all.BLOCKS[2:]):
+        methods = argv[argv.index('--methods') + 1].split(',')
+        assert all(number(table[m][4]) > 0 for m in methods), table
+    assert 'mae / full-sequence ViT' in tables[6] and number(tables[7]['mocov3'][7]) > 0  # compiled reference
+    assert torch.compile is compile_model  # --tiny's no-op compile does not outlive the run
+
+
+class EndlessBenchmark:
+    """A benchmark that prints a row, then never ends (a compilation that would not finish)."""
+
+    @staticmethod
+    def get_args_parser():
+        return argparse.ArgumentParser(add_help=False)
+
+    @staticmethod
+    def main(args):
+        print('| row | measured |', flush=True)
+        while True:
+            time.sleep(0.01)
+
+
+def test_gpu_all_stops_a_block_at_its_budget(monkeypatch, capsys):
+    """A block past its budget is stopped (the rows it printed stay); none starts after --total_s."""
+    monkeypatch.setattr(gpu_all, 'BLOCKS', [(0.3, 'endless', EndlessBenchmark, []), (60, 'next', EndlessBenchmark, [])])
+    results = gpu_all.main(gpu_all.get_args_parser().parse_args(['--total_s', '0.3']))
+    assert [why for _, _, why in results] == ['stopped at its budget of 0 s', 'skipped: out of time'], results
+    assert 0.3 <= results[0][1] < 5
+    assert '| row | measured |' in capsys.readouterr().out
 
 
 def test_pretrain_bf16_and_compile_fall_back_on_cpu(one_thread, aot_eager_compile, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 
-ROWS = ['random init', 'MoCo v3 (the teacher): MoCo v3 1 ep', 'MimCo ← MoCo v3 teacher: MoCo v3 1 ep → MimCo 1 ep',
+ROWS = ['random init', "MoCo v3 (MimCo's teacher): MoCo v3 1 ep", 'MimCo ← MoCo v3 teacher: MoCo v3 1 ep → MimCo 1 ep',
         'MAE: MAE 1 ep', 'Layer Grafted: MAE → MoCo v3 (0.1,0.1,1): MAE 1 ep → grafted MoCo v3 1 ep']
 
 
@@ -29,3 +29,5 @@ def test_demo_quick(tmp_path):
         cells = [cell.strip() for cell in row.strip('|').split('|')[1:]]
         assert len(cells) == 5 and all(0.0 <= float(cell) <= 100.0 for cell in cells), row
     assert 'by `scripts/demo.sh --quick --output_dir' in written
+    orderings = [line for line in written.splitlines() if line.startswith('- ')]
+    assert len(orderings) == 4 and all(re.search(r': (yes|no) \(\d+\.\d vs \d+\.\d\)$', line) for line in orderings), written

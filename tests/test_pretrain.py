@@ -156,6 +156,25 @@ def test_mimco_script_trains_logs_and_resumes(teacher_path, tmp_path):
     assert len(epoch_losses(out)) == 4
 
 
+def test_mimco_student_learns_from_its_teacher(teacher_path, tmp_path):
+    """A short MimCo run from the suite's MoCo v3 teacher (kNN 67.5): the student's kNN top-1 after 5
+    epochs was 58.3 / 59.2 / 63.1 (seeds 0 / 1 / 2) with the BatchNorm heads and the border-extended
+    digits view, and 44.7 / 49.7 / 45.0 before them (GELU heads, RandomAffine with a black margin); random
+    init gives 36.7."""
+    import argparse
+    import main_linprobe
+    import main_pretrain
+    out = str(tmp_path / 'mimco')
+    main_pretrain.main(parse(MIMCO + ['--teacher', os.path.join(teacher_path, 'checkpoint-last.pth'),
+                                      '--epochs', '5', '--warmup_epochs', '1', '--blr', '2e-3',
+                                      '--drop_path', '0', '--output_dir', out]))
+    parser = argparse.ArgumentParser(parents=[main_linprobe.get_args_parser()])
+    knn = main_linprobe.main(parser.parse_args(['--protocol', 'knn', '--num_workers', '0', '--output_dir',
+                                                str(tmp_path / 'knn'), '--checkpoint',
+                                                os.path.join(out, 'checkpoint-last.pth')]))
+    assert knn['acc1'] > 54.0, knn
+
+
 def test_mimco_without_teacher_explains(tmp_path):
     result = run_script(['--method', 'mimco', '--output_dir', str(tmp_path)])
     assert result.returncode == 2

@@ -14,7 +14,7 @@ import os
 # (row label, pre-training folders in order, folder of its evaluations): the layout of scripts/demo.sh.
 ROWS = [
     ('random init', [], 'random'),
-    ('MoCo v3 (the teacher)', ['mocov3'], 'mocov3'),
+    ("MoCo v3 (MimCo's teacher)", ['mocov3'], 'mocov3'),
     ('MimCo ← MoCo v3 teacher', ['mocov3', 'mimco'], 'mimco'),
     ('MAE', ['mae'], 'mae'),
     ('Layer Grafted: MAE → MoCo v3 (0.1,0.1,1)', ['mae', 'grafted'], 'grafted'),
@@ -65,6 +65,26 @@ def table(output_dir: str) -> tuple:
     return '\n'.join(lines), values
 
 
+# The papers' orderings (row, is at least / beats, row, column): MimCo's student at least equals its teacher
+# (MimCo, Zhou et al. 2022); the grafted model beats both parents on 1 % labels (Layer Grafted, Table 1).
+ORDERINGS = [('mimco', '>=', 'mocov3', 'knn'), ('mimco', '>=', 'mocov3', 'logreg1'),
+             ('grafted', '>', 'mae', 'logreg1'), ('grafted', '>', 'mocov3', 'logreg1')]
+
+
+def orderings(values: dict) -> list:
+    """One line per ordering of ORDERINGS: whether this run shows it, with the two numbers."""
+    columns = dict((folder, title) for title, folder in COLUMNS)
+    lines = []
+    for a, relation, b, column in ORDERINGS:
+        x, y = values[a][column], values[b][column]
+        if x is None or y is None:
+            continue
+        holds = x >= y if relation == '>=' else x > y
+        lines.append(f'- {STAGE_NAMES[a]} {"≥" if relation == ">=" else ">"} {STAGE_NAMES[b]} on {columns[column]}: '
+                     f'{"yes" if holds else "no"} ({x:.1f} vs {y:.1f})')
+    return lines
+
+
 def main(args):
     text, values = table(args.output_dir)
     header = [f'Measured {datetime.date.today().isoformat()}'
@@ -72,6 +92,9 @@ def main(args):
               + (f', wall time {datetime.timedelta(seconds=int(args.wall_time))}' if args.wall_time else '')
               + '. Val top-1 (%) on the 360 val digits; 1 % = 1 labelled image per class, 10 % = 14.', '']
     result = '\n'.join(header) + '\n' + text + '\n'  # a blank line before the table (Markdown)
+    shown = orderings(values)
+    if shown:
+        result += '\nThe papers\' orderings in this run:\n' + '\n'.join(shown) + '\n'
     with open(os.path.join(args.output_dir, 'results.md'), 'w') as f:
         f.write(result)
     print(result, end='')
