@@ -20,7 +20,7 @@ from timm.utils import ModelEmaV3
 
 from engine import cosine_lr_scheduler, evaluate, memory_format, train_one_epoch
 from models_vit import DIGITS_MODEL
-from util import checkpoint, data
+from util import backbones, checkpoint, data
 from util.dist import get_world_size
 from util.errors import InputError, run_main
 from util.logging import add_run_args, log_json, run_header, setup_run, summarize, tensorboard_writer
@@ -86,7 +86,7 @@ def get_args_parser():
 def build_backbone(args) -> torch.nn.Module:
     """A timm ViT without classifier, from --finetune (any format) or random; sets --input_size."""
     args.model = args.model or (None if args.finetune else DIGITS_MODEL)
-    model = checkpoint.build_backbone(args.finetune, args.model, args.input_size, drop_path_rate=args.drop_path)
+    model = backbones.build_backbone(args.finetune, args.model, args.input_size, drop_path_rate=args.drop_path)
     args.input_size = model.patch_embed.img_size[0]
     return model
 
@@ -119,7 +119,7 @@ def layer_decay_groups(model, args) -> list:
 
 def projector_layer(args) -> torch.nn.Linear:
     """Layer Grafted's 10 % protocol: the first Linear of the MoCo v3 projector (D -> mlp_dim)."""
-    projector = checkpoint.load_projector(args.finetune) if args.finetune else None
+    projector = backbones.load_projector(args.finetune) if args.finetune else None
     if projector is None:
         raise InputError(f'--init_from_projector needs a --finetune checkpoint with a MoCo v3 projector '
                          f'(base_encoder.head); {args.finetune or "no --finetune"} has none: drop the '

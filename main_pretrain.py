@@ -79,7 +79,7 @@ def get_args_parser():
     # Layer Grafted Pre-training, stage 2 (--method mocov3)
     p.add_argument('--graft_pretrained', default=None, type=str,
                    help='start the base and momentum encoders from this stage-1 backbone (an MAE '
-                        'checkpoint of ours or the official format; any format util/checkpoint reads)')
+                        'checkpoint of ours or the official format; any format util/backbones reads)')
     p.add_argument('--lr_layer_wise', default=None, type=str,
                    help='lr multipliers a,b,c of three equal groups of blocks (embeddings with the '
                         'first, final norm and heads with the last); default 0.1,0.1,1 with '

@@ -16,7 +16,7 @@ class MAE(nn.Module):
     encoder"); a light decoder adds mask tokens and regresses the pixels of the masked patches.
 
     The decoder's names (`mask_token`, `decoder_*`) are those of the official checkpoints, so
-    `util.checkpoint` tells the backbone (`encoder.*`) from the decoder in ours and theirs alike.
+    `util.backbones` tells the backbone (`encoder.*`) from the decoder in ours and theirs alike.
     """
 
     def __init__(self, encoder: VisionTransformer, decoder_embed_dim: int = 512,

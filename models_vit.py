@@ -1,6 +1,6 @@
 """The ViT architectures this repository registers with timm, their fixed 2-D sin-cos position
 embeddings, and MoCo v3's MLP (projector, predictor; MimCo's BN heads). It imports nothing of ours:
-util/checkpoint.py reads files into these, and every model file builds on them.
+util/backbones.py reads files into these, and every model file builds on them.
 """
 import torch
 import torch.nn as nn

@@ -7,7 +7,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import models_mocov3
-from util import checkpoint
+from util import backbones, checkpoint
 from util.errors import InputError
 
 
@@ -40,11 +40,11 @@ def test_mocov3_official_format_12_heads(tmp_path):
     vit = tiny_vit(num_heads=12)
     reference = features(vit)
     moco = mocov3_file(tmp_path / 'moco.pth', vit)
-    loaded = checkpoint.load_backbone(str(tmp_path / 'moco.pth'))
+    loaded = backbones.load_backbone(str(tmp_path / 'moco.pth'))
     assert loaded.blocks[0].attn.num_heads == 12 and not loaded.training
     torch.testing.assert_close(features(loaded), reference, atol=1e-5, rtol=0)
     # The projector (base_encoder.head) is kept aside and equals the original.
-    projector = checkpoint.load_projector(str(tmp_path / 'moco.pth'))
+    projector = backbones.load_projector(str(tmp_path / 'moco.pth'))
     z = torch.randn(5, 96)
     moco.base_encoder.head.eval()
     torch.testing.assert_close(projector(z), moco.base_encoder.head(z))
@@ -54,7 +54,7 @@ def test_mocov3_official_vit_small_by_name(tmp_path):
     vit = timm.create_model('mocov3_vit_small', num_classes=0, img_size=32).eval()
     assert vit.blocks[0].attn.num_heads == 12
     mocov3_file(tmp_path / 'moco.pth', vit)
-    loaded = checkpoint.load_backbone(str(tmp_path / 'moco.pth'))
+    loaded = backbones.load_backbone(str(tmp_path / 'moco.pth'))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.forward_features(x), vit.forward_features(x), atol=1e-5, rtol=0)
@@ -70,7 +70,7 @@ def test_dino_plain_and_full(tmp_path):
     full['teacher']['head.mlp.0.weight'] = torch.randn(8, 64)
     torch.save(full, tmp_path / 'dino_full.pth')
     for name in ('dino_plain.pth', 'dino_full.pth'):
-        loaded = checkpoint.load_backbone(str(tmp_path / name))
+        loaded = backbones.load_backbone(str(tmp_path / name))
         torch.testing.assert_close(features(loaded), reference, atol=1e-5, rtol=0)
 
 
@@ -83,7 +83,7 @@ def test_mae_and_timm_formats(tmp_path):
     torch.save({'model': sd}, tmp_path / 'mae.pth')
     torch.save(vit.state_dict(), tmp_path / 'timm.pth')
     for name in ('mae.pth', 'timm.pth'):
-        loaded = checkpoint.load_backbone(str(tmp_path / name))
+        loaded = backbones.load_backbone(str(tmp_path / name))
         torch.testing.assert_close(features(loaded), reference, atol=1e-5, rtol=0)
 
 
@@ -91,7 +91,7 @@ def test_given_model_and_resampled_grid(tmp_path):
     vit = tiny_vit(num_heads=1, embed_dim=64)
     torch.save(vit.state_dict(), tmp_path / 'timm.pth')
     target = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=1, num_classes=0)
-    loaded = checkpoint.load_backbone(str(tmp_path / 'timm.pth'), target)
+    loaded = backbones.load_backbone(str(tmp_path / 'timm.pth'), target)
     assert loaded.pos_embed.shape == (1, 65, 64)
     torch.testing.assert_close(loaded.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
 
@@ -101,22 +101,22 @@ def test_wrong_architecture_is_named(tmp_path):
     torch.save(vit.state_dict(), tmp_path / 'timm.pth')
     wrong = VisionTransformer(img_size=16, patch_size=4, embed_dim=128, depth=2, num_heads=2, num_classes=0)
     with pytest.raises(InputError, match=r'embed_dim 64, depth 2.*--teacher_model'):
-        checkpoint.load_backbone(str(tmp_path / 'timm.pth'), wrong, flag='--teacher_model')
+        backbones.load_backbone(str(tmp_path / 'timm.pth'), wrong, flag='--teacher_model')
     deeper = VisionTransformer(img_size=16, patch_size=4, embed_dim=64, depth=3, num_heads=1, num_classes=0)
     with pytest.raises(InputError, match=r'missing blocks\.2'):
-        checkpoint.load_backbone(str(tmp_path / 'timm.pth'), deeper)
+        backbones.load_backbone(str(tmp_path / 'timm.pth'), deeper)
 
 
 def test_not_a_vit_and_corrupt_file(tmp_path):
     resnet = timm.create_model('resnet10t', num_classes=0)
     torch.save(resnet.state_dict(), tmp_path / 'resnet.pth')
     with pytest.raises(InputError, match='holds no Vision Transformer'):
-        checkpoint.load_backbone(str(tmp_path / 'resnet.pth'))
+        backbones.load_backbone(str(tmp_path / 'resnet.pth'))
     (tmp_path / 'broken.pth').write_bytes(b'not a checkpoint at all')
     with pytest.raises(InputError, match='not a readable PyTorch checkpoint'):
-        checkpoint.load_backbone(str(tmp_path / 'broken.pth'))
+        backbones.load_backbone(str(tmp_path / 'broken.pth'))
     with pytest.raises(InputError, match='does not exist'):
-        checkpoint.load_backbone(str(tmp_path / 'missing.pth'))
+        backbones.load_backbone(str(tmp_path / 'missing.pth'))
 
 
 class MakesAFile:
@@ -134,7 +134,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     torch.save({'model': MakesAFile(str(victim))}, tmp_path / 'evil.pth')
     assert not victim.exists()
     with pytest.raises(InputError, match='could run code'):
-        checkpoint.load_backbone(str(tmp_path / 'evil.pth'))
+        backbones.load_backbone(str(tmp_path / 'evil.pth'))
     assert not victim.exists()
 
 

@@ -16,6 +16,7 @@ import main_finetune
 import main_linprobe
 import models_vit
 from util import data, features
+from util.digits import Digits
 from util.errors import InputError
 from util.logging import setup_run
 
@@ -90,7 +91,7 @@ def subset_args(tmp_path, **kwargs):
 
 
 def test_train_fraction_is_stratified_seeded_and_saved(tmp_path):
-    digits = data.Digits(train=True)
+    digits = Digits(train=True)
     subset = data.label_subset(digits, subset_args(tmp_path, train_fraction=0.1))
     counts, full = np.bincount(subset.targets, minlength=10), np.bincount(digits.targets, minlength=10)
     assert (np.abs(counts - 0.1 * full) <= 0.5).all() and counts.sum() == len(subset.indices)

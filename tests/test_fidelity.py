@@ -20,7 +20,7 @@ import models_mimco
 import models_mocov3
 import models_vit
 from tools import export
-from util import checkpoint, pretrain
+from util import backbones, pretrain
 from util.errors import InputError
 from util.features import frozen_backbone
 from util.masking import build_mask_generator, random_masking_indices
@@ -74,14 +74,14 @@ def official_training_files(tmp_path, vit) -> dict:
 def test_official_training_checkpoints_with_args_namespace_load(tmp_path):
     vit = tiny_vit()
     for name, path in official_training_files(tmp_path, vit).items():
-        loaded = checkpoint.load_backbone(path, tiny_vit())
+        loaded = backbones.load_backbone(path, tiny_vit())
         torch.testing.assert_close(features(loaded), features(vit), atol=1e-5, rtol=0, msg=name)
     # A Namespace is let through, not what it holds: a pickle that would call code stays refused.
     victim = tmp_path / 'pwned.txt'
     torch.save({'model': vit.state_dict(), 'args': argparse.Namespace(model=MakesAFile(str(victim)))},
                tmp_path / 'evil.pth')
     with pytest.raises(InputError, match='could run code'):
-        checkpoint.load_backbone(str(tmp_path / 'evil.pth'))
+        backbones.load_backbone(str(tmp_path / 'evil.pth'))
     assert not victim.exists()
 
 
@@ -186,7 +186,7 @@ def test_finetune_final_norm_takes_layer_decay_scale_one(pool):
 def test_position_embeddings_resampled_as_mae_interpolate_pos_embed(tmp_path, img_size):
     vit = tiny_vit(num_heads=1, embed_dim=64)
     torch.save(vit.state_dict(), tmp_path / 'timm.pth')
-    loaded = checkpoint.load_backbone(str(tmp_path / 'timm.pth'), img_size=img_size)
+    loaded = backbones.load_backbone(str(tmp_path / 'timm.pth'), img_size=img_size)
     # MAE/DeiT interpolate_pos_embed: plain bicubic (align_corners=False) on the patch grid; CLS kept.
     grid = vit.pos_embed[:, 1:].detach().reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
     side = img_size // 4
@@ -203,7 +203,7 @@ def test_mocov3_convert_to_deit_file_is_12_heads(tmp_path):
     # convert_to_deit.py: module.base_encoder.* without the projector, as {'model': ...}.
     torch.save({'model': {k: v for k, v in vit.state_dict().items() if not k.startswith('head')}},
                tmp_path / 'deit_format.pth')
-    loaded = checkpoint.load_backbone(str(tmp_path / 'deit_format.pth'))
+    loaded = backbones.load_backbone(str(tmp_path / 'deit_format.pth'))
     assert loaded.blocks[0].attn.num_heads == 12
     torch.testing.assert_close(features(loaded), features(vit), atol=1e-5, rtol=0)
 
@@ -215,7 +215,7 @@ def test_mocov3_vit_small_refused_as_a_6_head_model(tmp_path):
                 'arch': 'vit_small', 'epoch': 300}, path)
     six = timm.create_model('vit_small_patch16_224', num_classes=0, img_size=32, depth=1)
     with pytest.raises(InputError, match='12 attention heads.*--model mocov3_vit_small'):
-        checkpoint.load_backbone(path, six)
+        backbones.load_backbone(path, six)
 
 
 def test_mocov3_main_lincls_file_loads(tmp_path):
@@ -224,7 +224,7 @@ def test_mocov3_main_lincls_file_loads(tmp_path):
     sd = {f'module.{k}': v for k, v in vit.state_dict().items()}  # DDP-wrapped ViT with its linear head
     torch.save({'epoch': 90, 'arch': 'vit_small', 'state_dict': sd, 'best_acc1': 73.2, 'optimizer': {}},
                tmp_path / 'linear-vit-s-300ep.pth.tar')
-    loaded = checkpoint.load_backbone(str(tmp_path / 'linear-vit-s-300ep.pth.tar'))
+    loaded = backbones.load_backbone(str(tmp_path / 'linear-vit-s-300ep.pth.tar'))
     assert loaded.blocks[0].attn.num_heads == 12
     torch.testing.assert_close(features(loaded), features(vit), atol=1e-5, rtol=0)
 
@@ -242,7 +242,7 @@ def test_finetune_output_loads_back_everywhere(tmp_path):
     del saved['num_heads']
     torch.save(saved, tmp_path / 'no_heads.pth')
     for path in (best, str(tmp_path / 'no_heads.pth')):
-        loaded = checkpoint.load_backbone(path)
+        loaded = backbones.load_backbone(path)
         assert loaded.blocks[0].attn.num_heads == 4
         assert torch.equal(loaded.fc_norm.weight, saved['model']['fc_norm.weight'])
     finetuned = timm.create_model('vit_digits_patch4_16', num_classes=10, global_pool='avg')
@@ -269,7 +269,7 @@ def test_finetune_output_of_a_12_head_file_loads_with_12_heads(tmp_path):
                 'arch': 'vit_small'}, tmp_path / 'moco.pth')
     run(main_finetune, '--finetune', tmp_path / 'moco.pth', '--epochs', 1, '--warmup_epochs', 0,
         '--batch_size', 256, '--num_workers', 0, '--print_freq', 1000, '--output_dir', tmp_path / 'ft')
-    assert checkpoint.load_backbone(str(tmp_path / 'ft' / 'checkpoint-last.pth')).blocks[0].attn.num_heads == 12
+    assert backbones.load_backbone(str(tmp_path / 'ft' / 'checkpoint-last.pth')).blocks[0].attn.num_heads == 12
 
 
 def test_vit_without_class_token_works_in_the_probes(tmp_path):
@@ -291,7 +291,7 @@ def test_beit_file_is_refused_in_one_line(tmp_path):
                 use_abs_pos_emb=False, use_rel_pos_bias=True)
     torch.save(beit.state_dict(), tmp_path / 'beit.pth')
     with pytest.raises(InputError, match='BEiT/SimMIM'):
-        checkpoint.load_backbone(str(tmp_path / 'beit.pth'))
+        backbones.load_backbone(str(tmp_path / 'beit.pth'))
 
 
 def test_formats_are_announced_by_what_they_are(tmp_path, capsys):
@@ -300,8 +300,8 @@ def test_formats_are_announced_by_what_they_are(tmp_path, capsys):
     models_vit.set_sincos_pos_embed(vit, mae_layout=True)  # MAE's encoder-only release: {'model': ...}
     torch.save({'model': vit.state_dict()}, tmp_path / 'mae_pretrain_vit.pth')
     for name, announced in (('dino_deitsmall16_pretrain.pth', 'DINO backbone'), ('mae_pretrain_vit.pth', 'MAE encoder')):
-        assert checkpoint.read_backbone(str(tmp_path / name))[2]['format'] == announced
-    checkpoint.load_backbone(str(tmp_path / 'mae_pretrain_vit.pth'))
+        assert backbones.read_backbone(str(tmp_path / name))[2]['format'] == announced
+    backbones.load_backbone(str(tmp_path / 'mae_pretrain_vit.pth'))
     printed = capsys.readouterr().out
     assert 'MAE encoder format' in printed and 'heads assumed' in printed and '--model' in printed
 

@@ -14,7 +14,7 @@ import models_mae
 import models_mocov3
 from engine import train_one_epoch
 from tools import grad_conflict
-from util import checkpoint, data, graft, pretrain
+from util import backbones, data, graft, pretrain
 from tests.conftest import epoch_losses
 from util.errors import InputError
 from util.masking import random_masking_indices
@@ -106,16 +106,16 @@ def test_mae_loss_falls_and_checkpoint_is_a_backbone(mae_dir):
     assert ckpt['args']['mask_ratio'] == 0.75 and ckpt['args']['opt_betas'] == [0.9, 0.95]
     mae = models_mae.MAE(timm.create_model('vit_digits_patch4_16', num_classes=0), 64, 2, 4)
     mae.load_state_dict(ckpt['model'])
-    backbone = checkpoint.load_backbone(str(mae_dir / 'checkpoint-last.pth'))
+    backbone = backbones.load_backbone(str(mae_dir / 'checkpoint-last.pth'))
     images = digits_batch()
     with torch.no_grad():
         assert torch.allclose(backbone.forward_features(images), mae.encoder.forward_features(images))
 
 
 def test_official_mae_format_loads_with_the_same_features(mae_dir, official_mae_path):
-    state, _, info = checkpoint.read_backbone(str(official_mae_path))
+    state, _, info = backbones.read_backbone(str(official_mae_path))
     assert info['format'] == 'MAE' and 'decoder_pred.weight' in info['skipped'] and 'mask_token' in info['skipped']
-    official = checkpoint.load_backbone(str(official_mae_path),
+    official = backbones.load_backbone(str(official_mae_path),
                                         timm.create_model('vit_digits_patch4_16', num_classes=0))
     mae = models_mae.MAE(timm.create_model('vit_digits_patch4_16', num_classes=0), 64, 2, 4)
     mae.load_state_dict(last_checkpoint(mae_dir)['model'])

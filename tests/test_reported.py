@@ -168,8 +168,9 @@ def test_sixteen_bit_grayscale_keeps_its_levels(tmp_path):
 
 @pytest.mark.parametrize('argv,warned', [
     (['--method', 'mocov3'], 'momentum encoder moves at every micro-batch (4 times'),
-    (['--method', 'mimco'], "MimCo's image-level InfoNCE negatives see one micro-batch"),
-    (['--method', 'mimco', '--img_loss', 'cosine'], None),
+    (['--method', 'mimco'], "MimCo's image-level InfoNCE negatives and its heads' BatchNorm see one micro-batch"),
+    (['--method', 'mimco', '--img_loss', 'cosine'], "its heads' BatchNorm see one micro-batch"),
+    (['--method', 'mimco', '--img_loss', 'cosine', '--head_norm', 'none'], None),
     (['--method', 'mae'], None),
 ])
 def test_accumulation_with_a_contrastive_loss_says_what_it_does(argv, warned, capsys):

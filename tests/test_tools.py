@@ -16,7 +16,7 @@ import main_linprobe
 import main_pretrain
 import models_vit
 from tools import export, visualize
-from util import checkpoint, figures
+from util import backbones, figures
 from util.errors import InputError
 
 SCRIPTS = {'main_pretrain.py': main_pretrain, 'main_finetune.py': main_finetune,
@@ -157,7 +157,7 @@ def test_export_loads_into_timm(teacher_path, tmp_path):
     assert name == 'vit_digits_patch4_16'
     assert all(not k.startswith(('head', 'base_encoder', 'momentum')) for k in torch.load(out, weights_only=True))
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=out), num_classes=0)
-    torch.testing.assert_close(features(model), features(checkpoint.load_backbone(source)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(features(model), features(backbones.load_backbone(source)), atol=1e-5, rtol=0)
     assert not torch.allclose(features(model), features(timm.create_model(name, num_classes=0)), atol=1e-3)
 
 

@@ -23,7 +23,7 @@ PROTOCOLS = ['knn', 'linear', 'logreg1', 'logreg10', 'finetune']
 def get_args_parser():
     p = argparse.ArgumentParser('all evaluations of one backbone', add_help=False)
     p.add_argument('--checkpoint', default='random', type=str,
-                   help='backbone (any format util/checkpoint reads), or `random` for the random-init '
+                   help='backbone (any format util/backbones reads), or `random` for the random-init '
                         'baseline (fine-tuned from scratch)')
     p.add_argument('--output_dir', default='output_dir/eval', help='one sub-folder per evaluation')
     p.add_argument('--protocols', nargs='+', default=PROTOCOLS, choices=PROTOCOLS, help='evaluations to run')

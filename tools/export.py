@@ -7,10 +7,10 @@ then, anywhere (`import models_vit` first for the names this repository register
     model = timm.create_model('vit_digits_patch4_16', pretrained=True,
                               pretrained_cfg_overlay=dict(file='mimco_digits.pth'), num_classes=0)
 
-Any file util/checkpoint reads can be exported (ours, MoCo v3, DINO, MAE, timm). Heads, decoders,
+Any file util/backbones reads can be exported (ours, MoCo v3, DINO, MAE, timm). Heads, decoders,
 projectors and mask tokens are left out: the file holds exactly the keys of timm's ViT without a
 classifier. The export is checked by loading it through timm and comparing features with
-`util.checkpoint.load_backbone` on the original file.
+`util.backbones.load_backbone` on the original file.
 """
 import argparse
 import os
@@ -22,7 +22,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import models_vit  # noqa: E402,F401  registers vit_digits_patch4_16 and mocov3_vit_small with timm
-from util import checkpoint  # noqa: E402
+from util import backbones  # noqa: E402
 from util.errors import InputError, run_main  # noqa: E402
 
 TOLERANCE = 1e-5
@@ -66,14 +66,14 @@ def max_feature_difference(a, b, img_size: int, in_chans: int) -> float:
 
 
 def main(args):
-    _, _, info = checkpoint.read_backbone(args.checkpoint)
+    _, _, info = backbones.read_backbone(args.checkpoint)
     name = model_name(args, info)
     # The architecture as the file describes it (heads from `arch`, size from the weights) ...
-    reference = checkpoint.load_backbone(args.checkpoint)
+    reference = backbones.load_backbone(args.checkpoint)
     img_size = reference.patch_embed.img_size[0]
     # ... and the same weights in the named timm model, shape- and head-checked.
     named = timm.create_model(name, num_classes=0, img_size=img_size)
-    backbone = checkpoint.load_backbone(args.checkpoint, named, flag='--model', verbose=False)
+    backbone = backbones.load_backbone(args.checkpoint, named, flag='--model', verbose=False)
     state_dict = {k: v.detach().clone().contiguous() for k, v in backbone.state_dict().items()}
     fc_norm = 'fc_norm.weight' in state_dict  # a global-pool fine-tuned backbone: its norm after the pooling
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

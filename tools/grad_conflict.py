@@ -23,14 +23,14 @@ import torch.nn.functional as F  # noqa: E402
 
 import models_mae  # noqa: E402
 import models_mocov3  # noqa: E402
-from util import checkpoint, data  # noqa: E402
+from util import backbones, checkpoint, data  # noqa: E402
 from util.errors import InputError, run_main  # noqa: E402
 
 
 def get_args_parser():
     p = argparse.ArgumentParser('MIM vs CL gradient conflict per block', add_help=False)
     p.add_argument('--checkpoint', default=None, type=str,
-                   help='encoder weights (any format util/checkpoint reads; default: none, a randomly '
+                   help='encoder weights (any format util/backbones reads; default: none, a randomly '
                         'initialised encoder, the baseline)')
     p.add_argument('--model', default=None, type=str,
                    help='timm name of the encoder (default: inferred from the file, else vit_digits_patch4_16)')
@@ -136,7 +136,7 @@ def main(args) -> list:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     state = read_file(args)
-    encoder = checkpoint.build_backbone(args.checkpoint, args.model)
+    encoder = backbones.build_backbone(args.checkpoint, args.model)
     mae = models_mae.MAE(copy.deepcopy(encoder), args.decoder_embed_dim, args.decoder_depth,
                            args.decoder_num_heads, args.mask_ratio, args.norm_pix_loss)
     mae.encoder.load_state_dict(encoder.state_dict())  # MAE's own init must not replace the weights

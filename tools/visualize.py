@@ -33,7 +33,7 @@ from util.pretrain import build_model  # noqa: E402
 def get_args_parser():
     p = argparse.ArgumentParser('mimco pictures and separability', add_help=False)
     p.add_argument('--checkpoints', nargs='+', default=['random'],
-                   help='backbones (any format util/checkpoint reads), `random` for the random-init '
+                   help='backbones (any format util/backbones reads), `random` for the random-init '
                         'baseline of --model; each gets a t-SNE panel and an attention row')
     p.add_argument('--names', nargs='+', default=None,
                    help="a short name per checkpoint (default: the checkpoint's folder name, or random)")

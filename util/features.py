@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models_vit import DIGITS_MODEL
-from util import checkpoint
+from util import backbones
 
 
 def frozen_backbone(args) -> nn.Module:
@@ -17,7 +17,7 @@ def frozen_backbone(args) -> nn.Module:
     path = None if args.checkpoint == 'random' else args.checkpoint
     # The same random init on every rank from --seed (setup_run seeds each rank differently, and the
     # frozen backbone is not in DDP, which would otherwise broadcast rank 0's weights).
-    model = checkpoint.build_backbone(path, args.model, args.input_size, seed=args.seed)
+    model = backbones.build_backbone(path, args.model, args.input_size, seed=args.seed)
     args.model = args.model or (None if path else DIGITS_MODEL)
     args.input_size = model.patch_embed.img_size[0]
     if not args.global_pool and not model.has_class_token:

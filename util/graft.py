@@ -4,7 +4,7 @@ import re
 
 from timm.optim import param_groups_weight_decay
 
-from util import checkpoint
+from util import backbones
 from util.errors import InputError
 
 BLOCK_INDEX = re.compile(r'(?:^|\.)blocks\.(\d+)\.')
@@ -14,7 +14,7 @@ EMBEDDINGS = re.compile(r'(?:^|\.)(cls_token|reg_token|pos_embed|patch_embed|nor
 def graft_encoder(args, encoder) -> None:
     """Layer Grafted stage 2 (Jiang et al., 2023, Sec. 3): the encoder starts from the stage-1 (MIM)
     encoder, its patch and position embeddings frozen. load_backbone raises on any missing block."""
-    checkpoint.load_backbone(args.graft_pretrained, encoder, flag='--model')
+    backbones.load_backbone(args.graft_pretrained, encoder, flag='--model')
     encoder.train()
     depth = len(encoder.blocks)
     if not 0 <= args.graft_freeze_blocks <= depth:

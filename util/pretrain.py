@@ -10,7 +10,7 @@ import models_mae
 import models_mimco
 import models_mocov3
 from engine import lars
-from util import checkpoint, data
+from util import backbones, data
 from util.dist import get_world_size
 from util.errors import InputError
 from util.graft import EMBEDDINGS, block_index, graft_encoder, graft_param_groups, parse_lr_layer_wise
@@ -52,8 +52,10 @@ def resolve_defaults(args) -> None:
 
 def warn_accumulated_contrast(args) -> None:
     """--accum_iter adds up gradients; a contrastive loss's negatives (and BatchNorm) are not added up."""
+    mimco = [part for part, used in (("MimCo's image-level InfoNCE negatives", args.img_loss == 'infonce'),
+                                     ("its heads' BatchNorm", args.head_norm == 'bn')) if used]
     seen = {'mocov3': "MoCo v3's InfoNCE negatives and its projector's BatchNorm",
-            'mimco': "MimCo's image-level InfoNCE negatives" if args.img_loss == 'infonce' else None}.get(args.method)
+            'mimco': ' and '.join(mimco) or None}.get(args.method)
     if args.accum_iter == 1 or not seen:
         return
     momentum = (f', and the momentum encoder moves at every micro-batch ({args.accum_iter} times per '
@@ -86,7 +88,7 @@ def check_mae_and_graft_args(args) -> None:
 
 def create_vit(args, **kwargs):
     """The random-init --model at --input_size: the student, encoder or base encoder."""
-    return checkpoint.build_backbone(None, args.model, args.input_size, drop_path_rate=args.drop_path, **kwargs)
+    return backbones.build_backbone(None, args.model, args.input_size, drop_path_rate=args.drop_path, **kwargs)
 
 
 def build_teacher(args, student) -> models_mimco.Teacher:
@@ -96,8 +98,8 @@ def build_teacher(args, student) -> models_mimco.Teacher:
                          'targets (a MoCo v3 or DINO checkpoint, e.g. mocov3_vits.pth). Train one here '
                          'with `python main_pretrain.py --method mocov3 --output_dir teacher` and pass '
                          '--teacher teacher/checkpoint-last.pth')
-    state_dict, projector_state, info = checkpoint.read_backbone(args.teacher)
-    found = checkpoint.vit_kwargs(state_dict, info)
+    state_dict, projector_state, info = backbones.read_backbone(args.teacher)
+    found = backbones.vit_kwargs(state_dict, info)
     grid = student.patch_embed.grid_size
     img_size = grid[0] * found['patch_size']
     if 'cls_token' not in state_dict or found['in_chans'] != student.patch_embed.proj.in_channels:
@@ -107,12 +109,12 @@ def build_teacher(args, student) -> models_mimco.Teacher:
     if grid[0] != grid[1]:
         raise InputError(f'the student\'s patch grid {tuple(grid)} is not square, so no teacher input '
                          f'size gives the teacher the same grid: use a square --input_size')
-    backbone = checkpoint.build_backbone(args.teacher, args.teacher_model, img_size, flag='--teacher_model')
+    backbone = backbones.build_backbone(args.teacher, args.teacher_model, img_size, flag='--teacher_model')
     use_projector = args.teacher_target == 'head' or (args.teacher_target == 'auto' and projector_state)
     if use_projector and not projector_state:
         raise InputError(f'--teacher_target head: {args.teacher} has no projector (base_encoder.head); '
                          f'use --teacher_target backbone')
-    projector = checkpoint.load_projector(args.teacher) if use_projector else None
+    projector = backbones.load_projector(args.teacher) if use_projector else None
     teacher = models_mimco.Teacher(backbone, projector)
     print(f'teacher: {info["format"]} ViT, width {backbone.embed_dim}, depth {len(backbone.blocks)}, '
           f'patch {found["patch_size"]}, at {img_size} px (grid {tuple(grid)}); image-level target: '
