@@ -173,17 +173,21 @@ def main(args):
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
+        epoch_start = time.time()
         stats = train_one_epoch(train_model, loader, optimizer, lr_scheduler, scaler, device, epoch,
                                 args, log_writer, teacher=teacher, momentum_schedule=momentum_schedule)
+        stats['seconds'] = time.time() - epoch_start  # the training steps alone (the kNN monitor: knn_seconds)
         state = checkpoint.training_state(args, epoch, model_without_ddp, optimizer, scaler)
         checkpoint.save_checkpoint(state, os.path.join(args.output_dir, 'checkpoint-last.pth'))
         if args.save_freq and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):
             checkpoint.save_checkpoint(state, os.path.join(args.output_dir, f'checkpoint-{epoch}.pth'))
         stats = {f'train_{k}': v for k, v in stats.items()}
         if knn_sets and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
+            knn_start = time.time()
             knn = knn_evaluate(backbone, *knn_sets, device, args)  # as main_linprobe.py --protocol knn
-            print(f'epoch {epoch}: kNN top-1 {knn["acc1"]:.2f}, top-5 {knn["acc5"]:.2f}')
-            stats.update({f'knn_{k}': v for k, v in knn.items()})
+            print(f'epoch {epoch}: kNN top-1 {knn["acc1"]:.2f}, top-5 {knn["acc5"]:.2f} '
+                  f'({time.time() - knn_start:.1f} s)')
+            stats.update({f'knn_{k}': v for k, v in knn.items()}, knn_seconds=time.time() - knn_start)
             if log_writer is not None:
                 for name, value in knn.items():
                     log_writer.add_scalar(f'knn/{name}', value, epoch)

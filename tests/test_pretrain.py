@@ -192,6 +192,17 @@ def test_torchrun_two_processes_on_cpu(teacher_path, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'rank 1 of 2' in result.stdout + result.stderr
     assert len(epoch_losses(out)) == 1
+    with open(os.path.join(out, 'log.txt')) as f:
+        header, epoch = [json.loads(line) for line in f][:2]
+    assert header['world_size'] == 2 and header['total_batch'] == 128
+    # The kNN monitor on 2 ranks (each val image once): what one process gives for the saved backbone.
+    import argparse
+    import main_linprobe
+    parser = argparse.ArgumentParser(parents=[main_linprobe.get_args_parser()])
+    knn = main_linprobe.main(parser.parse_args(['--protocol', 'knn', '--num_workers', '0', '--output_dir',
+                                                str(tmp_path / 'knn'), '--checkpoint',
+                                                os.path.join(out, 'checkpoint-last.pth')]))
+    assert abs(epoch['knn_acc1'] - knn['acc1']) < 0.3, (epoch, knn)  # one val image is 0.28 points
     # Each rank's RNG stream is saved (and resumed) as its own: their drop path and masks differ.
     rng = checkpoint.load_file(os.path.join(out, 'checkpoint-last.pth'))['rng']
     assert len(rng) == 2 and not torch.equal(rng[0]['torch'], rng[1]['torch'])
