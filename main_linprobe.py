@@ -144,6 +144,7 @@ def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dic
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == 'cuda' else None)
     total_batch = args.batch_size * get_world_size()
+    args.lr = args.lr or args.blr * total_batch / 256  # main() has set it for the run header
     if args.optimizer == 'lars':
         optimizer = lars([{'params': list(head.parameters()), 'weight_decay': args.weight_decay}], args.lr)
     else:

@@ -17,7 +17,7 @@
 # 0.9: 81.4; 0.99: 75.6); batch 64 beats 128 at the same compute (81.4 vs 80.0 at m 0.9); blr 3e-3 for
 # MoCo v3 (1.5e-4: 72.5 at m 0.99), 1e-3 for MAE, 2e-3 for the fine-tune (5 epochs: 60.3 vs 45.6 at
 # 5e-4). MimCo: batch 128 at blr 2e-3 (lr 1e-3; the earlier lr 2.5e-4 learned 4x slower), no drop path,
-# AdamW betas (0.9, 0.999), 256-wide heads (README, "MimCo": the controlled comparison).
+# AdamW betas (0.9, 0.999), 256-wide heads (docs/demo.md: the controlled comparison).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

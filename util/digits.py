@@ -48,7 +48,7 @@ class DigitsJitter(torch.nn.Module):
     The 8x8 digits touch their frame, so a black margin (torchvision's RandomAffine fills with a
     constant) would make every view unlike the val images, and whole-pixel shifts (its translations
     are rounded) are coarse on a 16 px image: a MimCo student on the demo's teacher lost 3.6 kNN points
-    with the black margin and 1.3 with whole-pixel shifts (README, "MimCo", the controlled comparison).
+    with the black margin and 1.3 with whole-pixel shifts (docs/demo.md, the controlled comparison).
     """
 
     def __init__(self, degrees: float = 10.0, scale: tuple = (0.85, 1.1), translate: float = 0.05):
