@@ -5,7 +5,7 @@
 #   a short fine-tune (tools/eval_all.py); one Markdown table at the end (tools/demo_table.py), also
 #   written to <output_dir>/results.md.
 #
-#   scripts/demo.sh                        # about 13 min on 2 idle CPU cores
+#   scripts/demo.sh                        # about 16 min on 2 idle CPU cores (15 min 33 s, 2026-11-30)
 #   scripts/demo.sh --quick                # 1 epoch a stage: an end-to-end check (about 4 min on 2 cores)
 #   scripts/demo.sh --output_dir DIR       # default output/demo; the demo's sub-folders are replaced
 #   MIMCO_EPOCHS=60 MAE_EPOCHS=100 GRAFT_EPOCHS=40 scripts/demo.sh   # DESIGN.md's prototype sizes
@@ -38,10 +38,10 @@ WORKERS=${WORKERS:-0}  # 1 worker saved only ~10 % of a MoCo v3 epoch on 2 cores
 if [ "$QUICK" = 1 ]; then
   MIMCO_EPOCHS=1 MAE_EPOCHS=1 GRAFT_EPOCHS=1 FT_EPOCHS=1 LINEAR_EPOCHS=2 WARMUP=0
 fi
-GRAFT_EPOCHS=${GRAFT_EPOCHS:-20}  # ~11.5 s/epoch on 2 cores (DESIGN.md prototype: 40)
+GRAFT_EPOCHS=${GRAFT_EPOCHS:-20}  # ~9 s/epoch on 2 cores (DESIGN.md prototype: 40)
 MOCO_EPOCHS=$GRAFT_EPOCHS         # MimCo's teacher and the MoCo v3 row: the grafted stage 2's epochs
 MIMCO_EPOCHS=${MIMCO_EPOCHS:-30}  # ~5 s/epoch (prototype: 60)
-MAE_EPOCHS=${MAE_EPOCHS:-60}      # ~3.4 s/epoch (prototype: 100)
+MAE_EPOCHS=${MAE_EPOCHS:-60}      # ~2.8 s/epoch (prototype: 100)
 FT_EPOCHS=${FT_EPOCHS:-5}         # ~5 s/epoch; each of the 5 rows' evaluations takes ~45 s in all
 LINEAR_EPOCHS=${LINEAR_EPOCHS:-90}
 WARMUP=${WARMUP:-}                # empty: about a tenth of each stage's epochs

@@ -101,3 +101,13 @@ def test_readme_test_command_is_what_ci_runs():
     command = re.search(r'```bash\n(.*?)\n```', tests, flags=re.S).group(1).strip()
     assert command == 'python3 -m pytest -q tests'
     assert command in read('.ci/run').splitlines()
+
+
+def test_pictures_are_small_and_shown():
+    """Every PNG under docs/ is at most 150 kB and shown by a page (the README shows the demo's)."""
+    pictures = sorted(glob.glob(os.path.join(ROOT, 'docs', '*.png')))
+    assert pictures
+    text = ''.join(open(os.path.join(ROOT, page)).read() for page in PAGES)
+    for path in pictures:
+        assert os.path.getsize(path) <= 150_000, path
+        assert f'docs/{os.path.basename(path)}' in text or f']({os.path.basename(path)})' in text, path
