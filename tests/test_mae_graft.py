@@ -239,7 +239,8 @@ def test_grafted_loss_falls_and_every_block_moves(mae_dir, tmp_path):
     assert ckpt['scaler'] == {}  # fp32 on CPU: the scaler is off
 
 
-@pytest.mark.parametrize('amp', ['none', 'bf16', 'fp16'])
+@pytest.mark.parametrize('amp', ['none', pytest.param('bf16', marks=pytest.mark.slow),
+                                 pytest.param('fp16', marks=pytest.mark.slow)])  # 20-25 s each on 2 cores
 def test_grafted_training_steps_under_each_precision(mae_dir, amp):
     """fp32, bf16 autocast and fp16 autocast with an enabled GradScaler all lower the grafted loss
     through engine.train_one_epoch. CPU autocast in half precision is ~10x slower than fp32 here,

@@ -201,6 +201,7 @@ def test_sigkill_leaves_a_checkpoint_that_resumes(tmp_path):
     assert checkpoint.load_file(last)['epoch'] == state['epoch'] + 1
 
 
+@pytest.mark.slow  # 33 s on 2 cores
 def test_non_finite_loss_stops_with_step_terms_and_lr(tmp_path, teacher_path):
     out = str(tmp_path / 'nan')
     argv = MIMCO + ['--teacher', os.path.join(teacher_path, 'checkpoint-last.pth'), '--output_dir', out,
