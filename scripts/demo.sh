@@ -53,6 +53,7 @@ stage() {
   echo "[demo $(date +%H:%M:%S), $(( $(date +%s) - START )) s] stage $STAGE/9: $*"
 }
 warmup() { echo "${WARMUP:-$(( ($1 + 9) / 10 ))}"; }
+epochs() { if [ "$1" = 1 ]; then echo "1 epoch"; else echo "$1 epochs"; fi; }
 pretrain() {  # pretrain <folder> <epochs> <flags...>: quiet, the log goes to <folder>/console.txt
   local dir="$OUT/$1" epochs="$2"; shift 2
   mkdir -p "$dir"
@@ -75,15 +76,15 @@ mkdir -p "$OUT"
 echo "[demo] digits, CPU; output in $OUT; epochs: MoCo v3 $MOCO_EPOCHS, MimCo $MIMCO_EPOCHS, MAE $MAE_EPOCHS," \
      "grafted $GRAFT_EPOCHS, fine-tune $FT_EPOCHS"
 
-stage "MoCo v3, $MOCO_EPOCHS epochs (MimCo's teacher; as many epochs as the grafted stage 2)"
+stage "MoCo v3, $(epochs $MOCO_EPOCHS) (MimCo's teacher; as many epochs as the grafted stage 2)"
 MOCO=(--method mocov3 --moco_mlp_dim 512 --moco_m 0.8 --blr 3e-3)
 pretrain mocov3 "$MOCO_EPOCHS" "${MOCO[@]}"
-stage "MimCo student of that teacher, $MIMCO_EPOCHS epochs"
+stage "MimCo student of that teacher, $(epochs $MIMCO_EPOCHS)"
 pretrain mimco "$MIMCO_EPOCHS" --method mimco --teacher "$OUT/mocov3/checkpoint-last.pth" --batch_size 128 \
     --blr 2e-3 --drop_path 0 --opt_betas 0.9 0.999 --head_dim 256
-stage "MAE, $MAE_EPOCHS epochs (Layer Grafted stage 1)"
+stage "MAE, $(epochs $MAE_EPOCHS) (Layer Grafted stage 1)"
 pretrain mae "$MAE_EPOCHS" --method mae --decoder_embed_dim 64 --decoder_depth 2 --decoder_num_heads 4 --blr 1e-3
-stage "grafted MoCo v3 from the MAE, $GRAFT_EPOCHS epochs, --lr_layer_wise 0.1,0.1,1 (stage 2)"
+stage "grafted MoCo v3 from the MAE, $(epochs $GRAFT_EPOCHS), --lr_layer_wise 0.1,0.1,1 (stage 2)"
 pretrain grafted "$GRAFT_EPOCHS" "${MOCO[@]}" \
     --graft_pretrained "$OUT/mae/checkpoint-last.pth" --lr_layer_wise 0.1,0.1,1
 
