@@ -120,7 +120,6 @@ def get_args_parser():
     return p
 
 
-
 def knn_datasets(args, dataset) -> tuple:
     """The kNN monitor's bank (the training images) and queries (val), both with the eval transform."""
     bank = copy.copy(dataset)  # the same images (no second scan of a folder), another transform
@@ -195,9 +194,9 @@ def main(args):
         if knn_sets and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
             knn_start = time.time()
             knn = knn_evaluate(backbone, *knn_sets, device, args)  # as main_linprobe.py --protocol knn
-            print(f'epoch {epoch}: kNN top-1 {knn["acc1"]:.2f}, top-5 {knn["acc5"]:.2f} '
-                  f'({time.time() - knn_start:.1f} s)')
-            stats.update({f'knn_{k}': v for k, v in knn.items()}, knn_seconds=time.time() - knn_start)
+            seconds = time.time() - knn_start
+            print(f'epoch {epoch}: kNN top-1 {knn["acc1"]:.2f}, top-5 {knn["acc5"]:.2f} ({seconds:.1f} s)')
+            stats.update({f'knn_{k}': v for k, v in knn.items()}, knn_seconds=seconds)
             if log_writer is not None:
                 for name, value in knn.items():
                     log_writer.add_scalar(f'knn/{name}', value, epoch)

@@ -37,9 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import main_pretrain  # noqa: E402
-from util import pretrain  # noqa: E402
 from engine import autocast, cosine_lr_scheduler, memory_format, to_device, train_one_epoch  # noqa: E402
-from util import checkpoint  # noqa: E402
+from util import checkpoint, pretrain  # noqa: E402
 from util.schedules import moco_momentum  # noqa: E402
 
 METHODS = ('mimco', 'mae', 'mocov3')
@@ -194,8 +193,7 @@ def measure_ours(args, device: torch.device, steps: int, warmup: int) -> dict:
         model, teacher = pretrain.build_model(args)
     batch = synthetic_batch(args, model, device)
     if args.grad_ckpt:
-        backbone = {'mimco': 'student', 'mae': 'encoder', 'mocov3': 'base_encoder'}[args.method]
-        getattr(model, backbone).set_grad_checkpointing(True)
+        getattr(model, pretrain.BACKBONE[args.method]).set_grad_checkpointing(True)
     model.to(device, memory_format=memory_format(args))
     teacher = teacher.to(device, memory_format=memory_format(args)) if teacher is not None else None
     # As main(): compile the model and the teacher, the optimizer holds the uncompiled parameters.
@@ -264,7 +262,7 @@ class ReferenceViT(nn.Module):
 
 def frozen_vit(args, model_name: str, img_size: int) -> nn.Module:
     vit = pretrain.create_vit(argparse.Namespace(**{**vars(args), 'model': model_name,
-                                                          'input_size': img_size, 'drop_path': 0.0}))
+                                                    'input_size': img_size, 'drop_path': 0.0}))
     return vit.requires_grad_(False).eval()
 
 

@@ -138,7 +138,7 @@ def main(args) -> list:
     state = read_file(args)
     encoder = backbones.build_backbone(args.checkpoint, args.model)
     mae = models_mae.MAE(copy.deepcopy(encoder), args.decoder_embed_dim, args.decoder_depth,
-                           args.decoder_num_heads, args.mask_ratio, args.norm_pix_loss)
+                         args.decoder_num_heads, args.mask_ratio, args.norm_pix_loss)
     mae.encoder.load_state_dict(encoder.state_dict())  # MAE's own init must not replace the weights
     moco = models_mocov3.MoCoV3(copy.deepcopy(encoder), args.moco_dim, args.moco_mlp_dim, args.moco_t)
     loaded = load_heads(state, mae, moco, args.checkpoint)
