@@ -28,12 +28,9 @@ HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 
 
 def _vit_prefix(state_dict: dict, prefer: tuple) -> str:
+    """The key prefix of the ViT in `state_dict`, the first holding a word of `prefer` if any; None if none."""
     prefixes = [k[:-len(PATCH_KEY)] for k in state_dict if k.endswith(PATCH_KEY)]
-    for word in prefer:
-        for prefix in prefixes:
-            if word in prefix:
-                return prefix
-    return prefixes[0] if prefixes else None
+    return next((p for word in prefer for p in prefixes if word in p), prefixes[0] if prefixes else None)
 
 
 def _wrapped_state_dict(path: str, checkpoint: dict, info: dict) -> tuple:
@@ -109,12 +106,11 @@ def read_backbone(path: str) -> tuple:
     outside = sorted({k[len(prefix):].split('.')[0] if k.startswith(prefix)
                       else k.removeprefix('module.').split('.')[0]
                       for k in sd if not k.startswith(prefix) or dropped(k[len(prefix):])})
-    if info['format'] in ('DeiT/fine-tuned', 'DINO backbone', 'timm'):  # may be an official pre-training's
-        layout = fixed_sincos_layout(backbone)
-        if layout == 'MoCo v3':  # e.g. its convert_to_deit.py output: MoCo v3's ViTs all have 12 heads
-            info.update(format='MoCo v3 (convert_to_deit.py)', num_heads=12)
-        elif layout == 'MAE':
-            info['format'] = 'MAE encoder'
+    # May be an official pre-training's: MoCo v3's convert_to_deit.py output (its ViTs all have 12 heads).
+    layout = fixed_sincos_layout(backbone) if info['format'] in ('DeiT/fine-tuned', 'DINO backbone', 'timm') else None
+    if layout:
+        info.update({'MoCo v3': dict(format='MoCo v3 (convert_to_deit.py)', num_heads=12),
+                     'MAE': dict(format='MAE encoder')}[layout])
     info.update(prefix=prefix, skipped=skipped, outside=outside)
     return backbone, projector, info
 
@@ -175,9 +171,7 @@ def load_backbone(path: str, model: VisionTransformer = None, img_size: int = No
     state_dict, _, info = read_backbone(path)
     guessed = ''
     if model is None:
-        kwargs = vit_kwargs(state_dict, info)
-        if img_size:
-            kwargs['img_size'] = img_size
+        kwargs = {**vit_kwargs(state_dict, info), **({'img_size': img_size} if img_size else {})}
         if info['model']:
             model = timm.create_model(info['model'], num_classes=0, img_size=kwargs['img_size'], **model_kwargs)
         else:
@@ -230,9 +224,8 @@ def load_projector(path: str) -> torch.nn.Module:
     _, projector, _ = read_backbone(path)
     if projector is None:
         return None
-    linears = sorted(int(k.split('.')[0]) for k, v in projector.items()
-                     if k.endswith('weight') and v.ndim == 2)
-    shapes = [projector[f'{i}.weight'].shape for i in linears]
+    shapes = [v.shape for k, v in sorted(projector.items(), key=lambda kv: int(kv[0].split('.')[0]))
+              if k.endswith('weight') and v.ndim == 2]
     head = models_vit.build_mlp(len(shapes), shapes[0][1], shapes[0][0], shapes[-1][0])
     head.load_state_dict(projector)
     return head.eval()

@@ -14,6 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 from util.dist import all_gather_objects, get_rank, get_world_size, is_main_process
 from util.errors import InputError
 
+
 def load_file(path: str) -> dict:
     """torch.load with weights_only=True: a file whose pickle would run code is refused unrun."""
     if not os.path.isfile(path):
@@ -35,12 +36,11 @@ def load_file(path: str) -> dict:
                          f'{str(e).splitlines()[0][:160]}') from None
 
 
-# --------------------------------------------------------------------------- training state (ours)
-
 def rng_state() -> dict:
-    np_state = np.random.get_state()
+    """torch, Python, NumPy (its key array as a tensor, for weights_only) and CUDA RNG states."""
+    name, keys, *rest = np.random.get_state()
     state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
-             'numpy': [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+             'numpy': [name, torch.from_numpy(keys.astype(np.int64)), *rest]}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
@@ -48,7 +48,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state['torch'])
-    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state['python']))
+    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state['python']))
     name, keys, *rest = state['numpy']
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     if 'cuda' in state and torch.cuda.is_available():
@@ -104,19 +104,10 @@ def prepare_output_dir(path: str) -> None:
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f'.write-test.{os.getpid()}')
-        with open(probe, 'w'):
-            pass
+        open(probe, 'w').close()
         os.remove(probe)
     except OSError as e:
         raise InputError(f'--output_dir {path} is not writable ({e.strerror}): pick another folder') from None
-
-
-def resume_path(args) -> str:
-    """--resume if given, else output_dir/checkpoint-last.pth when it exists."""
-    if args.resume:
-        return args.resume
-    last = os.path.join(args.output_dir, 'checkpoint-last.pth') if args.output_dir else ''
-    return last if last and os.path.isfile(last) else ''
 
 
 def _same_setting(saved, given) -> bool:
@@ -153,7 +144,8 @@ def resume(args, model, optimizer=None, scaler=None, validate=None, same_run: tu
     `validate(path, checkpoint)` may refuse the file before anything is restored; an implicit resume
     (no --resume) also refuses a run whose SAME_RUN or `same_run` flags differ. Returns the checkpoint read
     (None when there is nothing to resume)."""
-    path = resume_path(args)
+    last = os.path.join(args.output_dir, 'checkpoint-last.pth') if args.output_dir else ''
+    path = args.resume or (last if last and os.path.isfile(last) else '')
     if not path:
         return None
     checkpoint = load_file(path)
@@ -180,6 +172,3 @@ def resume(args, model, optimizer=None, scaler=None, validate=None, same_run: tu
         restore_rng(checkpoint['rng'], args)
     print(f'resumed from {path} (epoch {checkpoint["epoch"]}); continuing at epoch {args.start_epoch}')
     return checkpoint
-
-
-# --------------------------------------------------------------------------- backbones

@@ -6,13 +6,14 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 from torchvision import datasets
 from torchvision.transforms import v2 as T
 
 from util.digits import Digits, DigitsJitter
 from util.dist import all_gather, get_rank, get_world_size
 from util.errors import InputError
+
 
 def load_image(path: str) -> Image.Image:
     try:
@@ -41,25 +42,25 @@ def dataset_name(args) -> str:
     return 'imagefolder' if args.data_path else 'digits'
 
 
+LAYOUT = '--data_path must hold train/ and val/ with one sub-folder per class (the ImageNet layout)'
+
+
 def build_dataset(args, is_train: bool, transform) -> Dataset:
+    """digits (no --data_path), CIFAR-10/100, or the ImageFolder train/ or val/ of --data_path."""
     name = dataset_name(args)
     if name == 'digits':
         return Digits(train=is_train, transform=transform)
     if not args.data_path:
         raise InputError(f'--dataset {name} needs --data_path (or leave both out to use digits)')
     if name in ('cifar10', 'cifar100'):
-        cls = datasets.CIFAR10 if name == 'cifar10' else datasets.CIFAR100
+        cifar = datasets.CIFAR10 if name == 'cifar10' else datasets.CIFAR100
         try:
-            return cls(args.data_path, train=is_train, transform=transform,
-                       download=getattr(args, 'download', False))
+            return cifar(args.data_path, train=is_train, transform=transform, download=getattr(args, 'download', False))
         except RuntimeError as e:
             raise InputError(f'{name} not found in {args.data_path} ({e}); add --download') from None
-    if name != 'imagefolder':
-        raise InputError(f'unknown --dataset {name!r}: use digits, imagefolder, cifar10 or cifar100')
     root = os.path.join(args.data_path, 'train' if is_train else 'val')
     if not os.path.isdir(root):
-        raise InputError(f'data folder {root} does not exist: --data_path must hold train/ and '
-                         f'val/ with one sub-folder per class (the ImageNet layout)')
+        raise InputError(f'data folder {root} does not exist: {LAYOUT}')
     try:
         if is_train:
             return datasets.ImageFolder(root, transform=transform, loader=load_image)
@@ -68,8 +69,7 @@ def build_dataset(args, is_train: bool, transform) -> Dataset:
     except (FileNotFoundError, RuntimeError) as e:
         raise InputError(f'no images in {root}: {e}') from None
     if not dataset.samples:
-        raise InputError(f'no images in {root}: --data_path must hold train/ and val/ with one '
-                         f'sub-folder per class (the ImageNet layout)')
+        raise InputError(f'no images in {root}: {LAYOUT}')
     return dataset
 
 
@@ -97,111 +97,76 @@ class ValImageFolder(datasets.ImageFolder):
         return classes, class_to_idx
 
 
-def normalize(args):
+BICUBIC = T.InterpolationMode.BICUBIC
+
+
+def normalize(args=None) -> T.Normalize:
     return T.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
-def to_tensor():
-    return T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True)])
+def to_tensor() -> list:
+    """A PIL image or uint8 tensor (C, H, W) to float32 in [0, 1]."""
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
 
 
-def digits_view(args):
+def digits_view(args) -> T.Compose:
     """Digits are centred strokes: a small affine jitter and pixel noise, no crops or flips (a flipped
     2 is no digit)."""
-    return T.Compose([
-        T.Resize(args.input_size, interpolation=T.InterpolationMode.BICUBIC),
-        to_tensor(), DigitsJitter(), T.GaussianNoise(sigma=0.05, clip=False), normalize(args)])
+    return T.Compose([T.Resize(args.input_size, interpolation=BICUBIC), *to_tensor(), DigitsJitter(),
+                      T.GaussianNoise(sigma=0.05, clip=False), normalize()])
 
 
-def byol_view(args, blur_p: float, solarize_p: float):
+def byol_view(args, blur_p: float, solarize_p: float) -> T.Compose:
     """One of MoCo v3's two asymmetric BYOL views (Chen et al., 2021, Sec. 4)."""
     return T.Compose([
-        T.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0),
-                            interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(23, sigma=(0.1, 2.0))], p=blur_p),
-        T.RandomHorizontalFlip(),
-        to_tensor(),
-        T.RandomSolarize(0.5, p=solarize_p),
-        normalize(args)])
+        T.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=BICUBIC),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(23, sigma=(0.1, 2.0))], p=blur_p), T.RandomHorizontalFlip(),
+        *to_tensor(), T.RandomSolarize(0.5, p=solarize_p), normalize()])
 
 
-def crop_flip_view(args):
+def crop_flip_view(args) -> T.Compose:
     """MimCo/MAE: RandomResizedCrop + flip only."""
-    return T.Compose([
-        T.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0),
-                            interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(), to_tensor(), normalize(args)])
+    return T.Compose([T.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=BICUBIC),
+                      T.RandomHorizontalFlip(), *to_tensor(), normalize()])
 
 
-def eval_transform(args):
+def eval_transform(args) -> T.Compose:
     """Resize 256 / centre crop 224 (scaled to --input_size); digits are only upsampled."""
     if dataset_name(args) == 'digits':
-        resize = [T.Resize(args.input_size, interpolation=T.InterpolationMode.BICUBIC)]
+        resize = [T.Resize(args.input_size, interpolation=BICUBIC)]
     else:
-        resize = [T.Resize(int(args.input_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
-                  T.CenterCrop(args.input_size)]
-    return T.Compose(resize + [to_tensor(), normalize(args)])
+        resize = [T.Resize(int(args.input_size * 256 / 224), interpolation=BICUBIC), T.CenterCrop(args.input_size)]
+    return T.Compose(resize + to_tensor() + [normalize()])
 
 
-class TwoViews:
-    """MoCo v3's input: two independently augmented views of one image."""
+class Views:
+    """The tuple of tensors one pre-training step takes from an image: each view of it (MoCo v3's two,
+    MimCo's and MAE's one), then, for MimCo, its patch mask, made here in the loader's workers."""
 
-    def __init__(self, view1, view2):
-        self.view1, self.view2 = view1, view2
+    def __init__(self, *views, mask_generator=None):
+        self.views, self.mask_generator = views, mask_generator
 
-    def __call__(self, image):
-        return self.view1(image), self.view2(image)
-
-
-class ViewWithMask:
-    """MimCo's input: one view and its patch mask, made in the loader's workers."""
-
-    def __init__(self, view, mask_generator):
-        self.view, self.mask_generator = view, mask_generator
-
-    def __call__(self, image):
-        return self.view(image), self.mask_generator()
+    def __call__(self, image) -> tuple:
+        views = tuple(view(image) for view in self.views)
+        return views + (self.mask_generator(),) if self.mask_generator is not None else views
 
 
-class OneView:
-    def __init__(self, view):
-        self.view = view
-
-    def __call__(self, image):
-        return (self.view(image),)
-
-
-def pretrain_transform(args, mask_generator=None):
+def pretrain_transform(args, mask_generator=None) -> Views:
     """The tuple of tensors one pre-training step takes for `args.method`."""
     digits = dataset_name(args) == 'digits'
     if args.method == 'mocov3':
         if digits:
-            return TwoViews(digits_view(args), digits_view(args))
-        return TwoViews(byol_view(args, blur_p=1.0, solarize_p=0.0),
-                        byol_view(args, blur_p=0.1, solarize_p=0.2))
-    view = digits_view(args) if digits else crop_flip_view(args)
-    if mask_generator is not None:
-        return ViewWithMask(view, mask_generator)
-    return OneView(view)
+            return Views(digits_view(args), digits_view(args))
+        return Views(byol_view(args, blur_p=1.0, solarize_p=0.0), byol_view(args, blur_p=0.1, solarize_p=0.2))
+    return Views(digits_view(args) if digits else crop_flip_view(args), mask_generator=mask_generator)
 
 
-class EpochIndices(Sampler):
-    """Yields (epoch, index) pairs of a DistributedSampler, so each sample can know its epoch."""
-
-    def __init__(self, sampler: DistributedSampler):
-        self.sampler = sampler
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+class EpochSampler(DistributedSampler):
+    """A DistributedSampler that yields (epoch, index) pairs, so each sample can know its epoch."""
 
     def __iter__(self):
-        epoch = self.sampler.epoch
-        return ((epoch, index) for index in self.sampler)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
+        return ((self.epoch, index) for index in super().__iter__())
 
 
 class SeededSamples(Dataset):
@@ -220,9 +185,8 @@ class SeededSamples(Dataset):
         seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2 ** 63
         # torch.manual_seed would also visit every accelerator (~0.2 ms); the CPU generator is what
         # transforms draw from. A loader worker's own streams need no restoring.
-        in_main_process = get_worker_info() is None
-        saved = (torch.default_generator.get_state(), random.getstate(),
-                 np.random.get_state() if in_main_process else None)
+        main_process = get_worker_info() is None
+        saved = torch.default_generator.get_state(), random.getstate(), main_process and np.random.get_state()
         torch.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2 ** 32)
@@ -231,7 +195,7 @@ class SeededSamples(Dataset):
         finally:
             torch.default_generator.set_state(saved[0])
             random.setstate(saved[1])
-            if in_main_process:
+            if main_process:
                 np.random.set_state(saved[2])
 
 
@@ -247,12 +211,11 @@ def build_loader(dataset, args, is_train: bool, batch_size: int = None, random_s
         raise InputError(f'--batch_size {batch_size} x {world_size} process(es) is larger than the '
                          f'{len(dataset)} training images: lower --batch_size')
     if is_train:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=get_rank(), shuffle=True,
-                                     seed=args.seed, drop_last=True)
+        sampler = (EpochSampler if random_samples else DistributedSampler)(
+            dataset, num_replicas=world_size, rank=get_rank(), shuffle=True, seed=args.seed, drop_last=True)
+        dataset = SeededSamples(dataset, args.seed) if random_samples else dataset
     else:  # each image once: DistributedSampler would pad the last ranks with repeats
         sampler = range(get_rank(), len(dataset), world_size)
-    if is_train and random_samples:
-        dataset, sampler = SeededSamples(dataset, args.seed), EpochIndices(sampler)
     # Each new iterator draws its workers' base seed from `generator`; from the global stream, that
     # draw would come at other times in a resumed run (persistent workers start once per run), and
     # the drop path drawn after it would differ. The workers' seeds matter to nothing: every sample
@@ -275,8 +238,6 @@ def gather_shards(x: torch.Tensor, n: int) -> torch.Tensor:
     gathered = all_gather(x, keep_local_grad=False).view(world_size, rows, *x.shape[1:])
     return gathered.transpose(0, 1).reshape(world_size * rows, *x.shape[1:])[:n]
 
-
-# --------------------------------------------------------------------------- label-efficient subsets
 
 def add_data_args(p, subsets: bool = True) -> None:
     """The data flags of every script, and (`subsets`) the labelled-subset flags of the evaluations."""
@@ -301,16 +262,13 @@ def sample_names(dataset) -> list:
     `<dataset>_<index>` for sets without files (digits_0, digits_1, ... in Digits' train order)."""
     if hasattr(dataset, 'samples'):
         return [os.path.basename(path) for path, _ in dataset.samples]
-    prefix = type(dataset).__name__.lower()
-    return [f'{prefix}_{i}' for i in range(len(dataset))]
+    return [f'{type(dataset).__name__.lower()}_{i}' for i in range(len(dataset))]
 
 
 def stratified_subset(targets, fraction: float = None, shots: int = None, seed: int = 0) -> list:
     """Sorted indices holding round(fraction * n_c) (at least 1) or `shots` images of each class c,
     drawn without replacement by a generator seeded with `seed` alone."""
-    rng = np.random.default_rng(seed)
-    targets = np.asarray(targets)
-    chosen = []
+    rng, targets, chosen = np.random.default_rng(seed), np.asarray(targets), []
     for c in np.unique(targets):
         members = np.flatnonzero(targets == c)
         k = shots if shots is not None else max(1, int(round(fraction * len(members))))
@@ -339,8 +297,8 @@ def read_subset_file(path: str, names: list) -> list:
 def label_subset(dataset, args) -> Dataset:
     """The labelled training subset chosen by --subset_file / --train_fraction / --shots_per_class, or
     the whole set. Its names go to output_dir/subset.txt, which --subset_file reads back."""
-    given = [flag for flag in ('subset_file', 'train_fraction', 'shots_per_class')
-             if getattr(args, flag, None) is not None]
+    flags = ('subset_file', 'train_fraction', 'shots_per_class')
+    given = [flag for flag in flags if getattr(args, flag, None) is not None]
     if not given:
         return dataset
     if len(given) > 1:
@@ -354,13 +312,12 @@ def label_subset(dataset, args) -> Dataset:
         indices = read_subset_file(args.subset_file, names)
     else:
         indices = stratified_subset(dataset.targets, args.train_fraction, args.shots_per_class, args.seed)
+    listed = os.path.join(args.output_dir or '.', 'subset.txt')
     if args.output_dir and get_rank() == 0:
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, 'subset.txt'), 'w') as f:
+        with open(listed, 'w') as f:
             f.writelines(f'{names[i]}\n' for i in indices)
-    print(f'labelled subset: {len(indices)} of {len(dataset)} training images (--{given[0]}); '
-          f'names in {os.path.join(args.output_dir or ".", "subset.txt")}')
+    print(f'labelled subset: {len(indices)} of {len(dataset)} training images (--{given[0]}); names in {listed}')
     subset = torch.utils.data.Subset(dataset, indices)
-    subset.targets = [dataset.targets[i] for i in indices]
-    subset.classes = dataset.classes
+    subset.targets, subset.classes = [dataset.targets[i] for i in indices], dataset.classes
     return subset

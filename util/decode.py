@@ -53,10 +53,8 @@ def load_encoded(path: str) -> tuple:
     """--data_backend nvjpeg's loader: (the JPEG's bytes, or the decoded image where nvJPEG cannot take
     the file, its lazily opened header)."""
     encoded, header = read_bytes(path)
-    if not decodable_jpeg(header):
-        image = data.load_image(path)
-        return TF.pil_to_tensor(image), image
-    return encoded, header
+    image = None if decodable_jpeg(header) else data.load_image(path)
+    return (encoded, header) if image is None else (TF.pil_to_tensor(image), image)
 
 
 class CropFlipParams:
@@ -64,8 +62,8 @@ class CropFlipParams:
     flip), in its order, on the image's size read from its header; no decoding."""
 
     def __init__(self, args):
-        crop, flip = data.crop_flip_view(args).transforms[:2]
-        self.crop, self.flip_p = crop, flip.p
+        self.crop, flip = data.crop_flip_view(args).transforms[:2]
+        self.flip_p = flip.p
 
     def __call__(self, sample: tuple) -> tuple:
         encoded, header = sample
@@ -77,10 +75,8 @@ class CropFlipParams:
 def collate_encoded(batch: list) -> tuple:
     """Samples ((encoded, box), *rest), target -> ((list of encoded, boxes (B, 5)), *rest), targets:
     encoded files differ in length, so they stay a list."""
-    encoded = [sample[0][0][0] for sample in batch]
-    boxes = torch.stack([sample[0][0][1] for sample in batch])
     rest, targets = default_collate([(sample[0][1:], sample[1]) for sample in batch])
-    return ((encoded, boxes), *rest), targets
+    return (([sample[0][0][0] for sample in batch], torch.stack([sample[0][0][1] for sample in batch])), *rest), targets
 
 
 def crop_flip_batch(encoded: list, boxes: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
@@ -140,16 +136,12 @@ def build_pretrain_loader(args, dataset, mask_generator, device: torch.device) -
     """(dataset, loader) of the pre-training batches of `dataset` (built without a transform), decoded as
     --data_backend says."""
     backend = resolve_backend(args, device)
-    if backend == 'nvjpeg':
-        view = CropFlipParams(args)
-        transform = data.ViewWithMask(view, mask_generator) if mask_generator is not None else data.OneView(view)
-    else:
-        transform = data.pretrain_transform(args, mask_generator)
-    dataset.transform = transform
+    dataset.transform = (data.Views(CropFlipParams(args), mask_generator=mask_generator) if backend == 'nvjpeg'
+                         else data.pretrain_transform(args, mask_generator))
     if backend != 'pil':  # ImageFolder reads each file through its `loader`
         dataset.loader = load_encoded if backend == 'nvjpeg' else load_tensor
     loader = data.build_loader(dataset, args, is_train=True)
-    if backend != 'nvjpeg':
-        return dataset, loader
-    loader.collate_fn = collate_encoded  # read when each epoch's iterator starts
-    return dataset, DecodeOnDevice(loader, args.input_size, device)
+    if backend == 'nvjpeg':
+        loader.collate_fn = collate_encoded  # read when each epoch's iterator starts
+        loader = DecodeOnDevice(loader, args.input_size, device)
+    return dataset, loader

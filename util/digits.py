@@ -21,10 +21,8 @@ class Digits(Dataset):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
         digits = load_digits()
-        indices = np.arange(len(digits.target))
-        train_idx, val_idx = train_test_split(
-            indices, test_size=DIGITS_VAL_FRACTION, random_state=DIGITS_SPLIT_SEED,
-            stratify=digits.target)
+        train_idx, val_idx = train_test_split(np.arange(len(digits.target)), test_size=DIGITS_VAL_FRACTION,
+                                              random_state=DIGITS_SPLIT_SEED, stratify=digits.target)
         keep = np.sort(train_idx if train else val_idx)
         self.images = (digits.images[keep] * (255.0 / 16.0)).round().astype(np.uint8)  # (n, 8, 8)
         self.targets = digits.target[keep].tolist()
@@ -36,9 +34,7 @@ class Digits(Dataset):
 
     def __getitem__(self, index):
         image = Image.fromarray(self.images[index], mode='L').convert('RGB')
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.targets[index]
+        return self.transform(image) if self.transform is not None else image, self.targets[index]
 
 
 class DigitsJitter(torch.nn.Module):

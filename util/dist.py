@@ -29,36 +29,27 @@ _builtin_print = builtins.print
 def setup_for_distributed(is_master: bool) -> None:
     """Silence print() on every rank but 0; `print(..., force=True)` still prints. Wraps the
     original print each time, so calling main() twice in one process does not stack wrappers."""
-    builtin_print = _builtin_print
-
-    def print(*args, **kwargs):
-        force = kwargs.pop('force', False)
+    def print(*args, force: bool = False, **kwargs):
         if is_master or force:
-            now = datetime.datetime.now().strftime('%H:%M:%S')
-            builtin_print(f'[{now}]', *args, **kwargs)
+            _builtin_print(f'[{datetime.datetime.now():%H:%M:%S}]', *args, **kwargs)
 
     builtins.print = print
 
 
 def init_distributed_mode(args) -> None:
     """Read torchrun's environment; nccl on CUDA, gloo on CPU. Without torchrun: one process."""
-    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
-        args.rank = int(os.environ['RANK'])
-        args.world_size = int(os.environ['WORLD_SIZE'])
-        args.gpu = int(os.environ.get('LOCAL_RANK', 0))
-    else:
+    args.distributed = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+    if not args.distributed:
         args.rank, args.world_size, args.gpu = 0, 1, 0
-        args.distributed = False
-        setup_for_distributed(True)
-        return
-    args.distributed = True
+        return setup_for_distributed(True)
+    args.rank, args.world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    args.gpu = int(os.environ.get('LOCAL_RANK', 0))
     use_cuda = args.device.startswith('cuda') and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(args.gpu)
         args.device = f'cuda:{args.gpu}'
     backend = 'nccl' if use_cuda else 'gloo'
-    dist.init_process_group(backend=backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank)
+    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank)
     dist.barrier()
     setup_for_distributed(args.rank == 0)
     print(f'distributed: rank {args.rank} of {args.world_size}, backend {backend}', force=True)
@@ -86,4 +77,3 @@ def all_gather(x: torch.Tensor, keep_local_grad: bool = True) -> torch.Tensor:
     if keep_local_grad:
         gathered[get_rank()] = x
     return torch.cat(gathered, dim=0)
-

@@ -12,8 +12,7 @@ class InputError(ValueError):
 
 def one_line(error: Exception) -> str:
     """The message itself, also when a DataLoader worker wrapped it in its traceback."""
-    text = str(error).strip()
-    marker = f'{type(error).__name__}: '
+    text, marker = str(error).strip(), f'{type(error).__name__}: '
     if 'Original Traceback' in text and marker in text:
         text = text[text.rindex(marker) + len(marker):]
     return ' '.join(text.split())

@@ -68,9 +68,8 @@ def logistic_regression(train_x, train_y, num_classes: int, weight_decay: float,
     x, y = train_x.double(), train_y
     linear = nn.Linear(x.shape[1], num_classes, bias=False, dtype=torch.float64, device=x.device)
     nn.init.zeros_(linear.weight)
-    optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=1e-9, tolerance_change=1e-12,
-                                  line_search_fn='strong_wolfe')
+    optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
+                                  tolerance_change=1e-12, line_search_fn='strong_wolfe')
 
     def closure():
         optimizer.zero_grad()

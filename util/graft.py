@@ -20,11 +20,11 @@ def graft_encoder(args, encoder) -> None:
     if not 0 <= args.graft_freeze_blocks <= depth:
         raise InputError(f'--graft_freeze_blocks {args.graft_freeze_blocks}: the encoder has {depth} '
                          f'blocks, pick 0..{depth}')
-    encoder.patch_embed.requires_grad_(False)
-    encoder.pos_embed.requires_grad_(False)
+    frozen = [encoder.patch_embed, encoder.pos_embed]
     if args.graft_freeze_blocks:  # the CLS token with them, as the official --fixTo
-        encoder.cls_token.requires_grad_(False)
-        encoder.blocks[:args.graft_freeze_blocks].requires_grad_(False)
+        frozen += [encoder.cls_token, encoder.blocks[:args.graft_freeze_blocks]]
+    for part in frozen:
+        part.requires_grad_(False)
     frozen = f', cls_token, blocks 0..{args.graft_freeze_blocks - 1}' if args.graft_freeze_blocks else ''
     print(f'grafted {depth} blocks from {args.graft_pretrained}; frozen: patch_embed, pos_embed{frozen}')
 
@@ -49,9 +49,8 @@ def block_index(name: str) -> int:
 def graft_group(name: str, depth: int, num_groups: int) -> int:
     """The group of contiguous blocks a parameter trains with: a block's own; the embeddings with
     the first; everything else (final norm, projector, predictor) with the last."""
-    if block_index(name) >= 0:
-        return block_index(name) // (depth // num_groups)
-    return 0 if EMBEDDINGS.search(name) else num_groups - 1
+    block = block_index(name)
+    return block // (depth // num_groups) if block >= 0 else 0 if EMBEDDINGS.search(name) else num_groups - 1
 
 
 def graft_param_groups(model, multipliers: list, weight_decay: float,

@@ -20,47 +20,36 @@ from util.errors import InputError
 
 
 class SmoothedValue:
-    """A window median/average and a global average of a series.
-
-    Tensors are kept as they come (no host sync) and turned into floats only when read.
-    """
+    """A series: its last `window_size` values (median, last) and its global average. Tensors are kept
+    as they come (no host sync) and turned into floats, all in one sync, only when read."""
 
     def __init__(self, window_size: int = 20, fmt: str = '{median:.4f} ({global_avg:.4f})'):
-        self.window = deque(maxlen=window_size)
-        self.pending = []
-        self.total, self.count = 0.0, 0
-        self.fmt = fmt
+        self.window, self.pending, self.total, self.count, self.fmt = deque(maxlen=window_size), [], 0.0, 0, fmt
 
     def update(self, value, n: int = 1) -> None:
         if isinstance(value, torch.Tensor):
             self.pending.append(value.detach().float().reshape(()))
-        else:
-            self._add(float(value), n)
-
-    def _add(self, value: float, n: int = 1) -> None:
-        self.window.append(value)
-        self.total += value * n
+            return
+        self.window.append(float(value))
+        self.total += float(value) * n
         self.count += n
 
     def flush(self) -> list:
         """Convert the pending tensors in one sync; returns the values added."""
-        if not self.pending:
-            return []
-        values = torch.stack(self.pending).cpu().tolist()
+        values = torch.stack(self.pending).cpu().tolist() if self.pending else []
         self.pending.clear()
         for value in values:
-            self._add(value)
+            self.update(value)
         return values
 
     def synchronize_between_processes(self) -> None:
+        """The global average over every rank (the window stays this rank's)."""
         self.flush()
-        if not is_dist_avail_and_initialized():
-            return
-        backend_cuda = dist.get_backend() == 'nccl'
-        t = torch.tensor([self.count, self.total], dtype=torch.float64,
-                         device='cuda' if backend_cuda else 'cpu')
-        dist.all_reduce(t)
-        self.count, self.total = int(t[0].item()), t[1].item()
+        if is_dist_avail_and_initialized():
+            t = torch.tensor([self.count, self.total], dtype=torch.float64,
+                             device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+            dist.all_reduce(t)
+            self.count, self.total = int(t[0].item()), t[1].item()
 
     @property
     def median(self) -> float:
@@ -82,9 +71,10 @@ class SmoothedValue:
 
 
 class MetricLogger:
+    """Named SmoothedValues, printed as `name: median (average)` with progress, ETA and images/s."""
+
     def __init__(self, delimiter: str = '  '):
-        self.meters = defaultdict(SmoothedValue)
-        self.delimiter = delimiter
+        self.meters, self.delimiter = defaultdict(SmoothedValue), delimiter
 
     def update(self, **kwargs) -> None:
         for name, value in kwargs.items():
@@ -107,27 +97,24 @@ class MetricLogger:
     def log_every(self, iterable, print_freq: int, header: str = '', batch_size: int = None):
         """Yield from `iterable`, printing progress, ETA and images/s (all ranks) every print_freq."""
         start = last = time.time()
-        iter_time, data_time = SmoothedValue(fmt='{avg:.4f}'), SmoothedValue(fmt='{avg:.4f}')
-        total = len(iterable)
-        width = len(str(total))
+        step_times, data_times, total = deque(maxlen=20), deque(maxlen=20), len(iterable)
         for i, obj in enumerate(iterable):
-            data_time.update(time.time() - last)
+            data_times.append(time.time() - last)
             yield obj
-            iter_time.update(time.time() - last)
+            step_times.append(time.time() - last)
             last = time.time()
             if i % print_freq == 0 or i == total - 1:
-                seconds = sum(iter_time.window) / len(iter_time.window)
+                seconds = sum(step_times) / len(step_times)
                 eta = datetime.timedelta(seconds=int(seconds * (total - i - 1)))
-                parts = [f'{header} [{i:>{width}}/{total}]', f'eta: {eta}', str(self)]
+                parts = [f'{header} [{i:>{len(str(total))}}/{total}]', f'eta: {eta}', str(self)]
                 if batch_size:
                     parts.append(f'img/s: {batch_size * get_world_size() / seconds:.0f}')
-                parts.append(f'time: {seconds:.4f}  data: {sum(data_time.window) / len(data_time.window):.4f}')
+                parts.append(f'time: {seconds:.4f}  data: {sum(data_times) / len(data_times):.4f}')
                 if torch.cuda.is_available():
                     parts.append(f'max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB')
                 print(self.delimiter.join(parts))
         elapsed = time.time() - start
-        print(f'{header} total time: {datetime.timedelta(seconds=int(elapsed))} '
-              f'({elapsed / max(total, 1):.4f} s / it)')
+        print(f'{header} total time: {datetime.timedelta(seconds=int(elapsed))} ({elapsed / max(total, 1):.4f} s / it)')
 
 
 def log_json(output_dir: str, stats: dict) -> None:

@@ -39,14 +39,13 @@ class BlockMaskGenerator:
         self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
 
     def _add_block(self, mask: torch.Tensor, budget: int) -> int:
+        """Mask one block of at most `budget` new patches (10 tries, as BEiT); returns how many it added."""
         for _ in range(10):
             area = random.uniform(self.min_patches, budget)
             aspect = math.exp(random.uniform(*self.log_aspect))
-            h = int(round(math.sqrt(area * aspect)))
-            w = int(round(math.sqrt(area / aspect)))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
             if 0 < h <= self.height and 0 < w <= self.width:
-                top = random.randint(0, self.height - h)
-                left = random.randint(0, self.width - w)
+                top, left = random.randint(0, self.height - h), random.randint(0, self.width - w)
                 block = mask[top:top + h, left:left + w]
                 added = h * w - int(block.sum())
                 if 0 < added <= budget:
@@ -55,8 +54,7 @@ class BlockMaskGenerator:
         return 0
 
     def __call__(self) -> torch.Tensor:
-        mask = torch.zeros(self.height, self.width, dtype=torch.bool)
-        count = 0
+        mask, count = torch.zeros(self.height, self.width, dtype=torch.bool), 0
         while self.num_masked - count >= self.min_patches:
             added = self._add_block(mask, self.num_masked - count)
             if added == 0:
@@ -82,11 +80,8 @@ class RandomMaskGenerator:
 
 
 def build_mask_generator(mask_type: str, grid_size: tuple, mask_ratio: float):
-    if mask_type == 'block':
-        return BlockMaskGenerator(grid_size, mask_ratio)
-    if mask_type == 'random':
-        return RandomMaskGenerator(grid_size, mask_ratio)
-    raise ValueError(f'unknown --mask_type {mask_type!r}: use block or random')
+    """--mask_type block or random (argparse allows nothing else)."""
+    return (BlockMaskGenerator if mask_type == 'block' else RandomMaskGenerator)(grid_size, mask_ratio)
 
 
 class MaskNoiseGenerator:
@@ -104,8 +99,9 @@ def random_masking_indices(batch_size: int, num_patches: int, mask_ratio: float,
                            device=None, noise: torch.Tensor = None) -> tuple:
     """MAE's per-sample random masking by sorting noise (He et al., 2022, Sec. 3).
 
-    `noise` (B, N), uniform in [0, 1), may come from the data loader. Returns ids_keep (B, N_keep), ids_restore (B, N) and mask (B, N) with 1 = masked, 0 = kept, in
-    the original patch order: `gather(cat(kept, masked), ids_restore)` undoes the shuffle.
+    `noise` (B, N), uniform in [0, 1), may come from the data loader. Returns ids_keep (B, N_keep),
+    ids_restore (B, N) and mask (B, N) with 1 = masked, 0 = kept, in the original patch order:
+    `gather(cat(kept, masked), ids_restore)` undoes the shuffle.
     """
     check_mask_ratio(mask_ratio)
     num_keep = max(1, int(num_patches * (1 - mask_ratio)))  # MAE's count: 19 of 196 at 0.9 (round: 20)
@@ -113,8 +109,6 @@ def random_masking_indices(batch_size: int, num_patches: int, mask_ratio: float,
         noise = torch.rand(batch_size, num_patches, device=device)  # (B, N)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :num_keep]
     mask = torch.ones(batch_size, num_patches, device=device)
     mask[:, :num_keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)
-    return ids_keep, ids_restore, mask
+    return ids_shuffle[:, :num_keep], ids_restore, torch.gather(mask, 1, ids_restore)

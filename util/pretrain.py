@@ -42,9 +42,6 @@ def resolve_defaults(args) -> None:
         args.amp = 'bf16' if args.device.startswith('cuda') else 'none'
     if getattr(args, 'mask_ratio', None) is not None:
         check_mask_ratio(args.mask_ratio)
-    if args.accum_iter < 1:
-        raise InputError(f'--accum_iter must be at least 1, got {args.accum_iter}')
-    args.log_dir = args.log_dir or args.output_dir
     args.opt_betas = list(args.opt_betas)
     check_mae_and_graft_args(args)
     warn_accumulated_contrast(args)
@@ -55,15 +52,14 @@ def warn_accumulated_contrast(args) -> None:
     mimco = [part for part, used in (("MimCo's image-level InfoNCE negatives", args.img_loss == 'infonce'),
                                      ("its heads' BatchNorm", args.head_norm == 'bn')) if used]
     seen = {'mocov3': "MoCo v3's InfoNCE negatives and its projector's BatchNorm",
-            'mimco': ' and '.join(mimco) or None}.get(args.method)
-    if args.accum_iter == 1 or not seen:
-        return
-    momentum = (f', and the momentum encoder moves at every micro-batch ({args.accum_iter} times per '
-                f'optimizer step)' if args.method == 'mocov3' else '')
-    print(f'warning: --accum_iter {args.accum_iter} adds up gradients, not negatives: {seen} see one '
-          f'micro-batch ({args.batch_size} images per process), not the total batch of '
-          f'{args.batch_size * args.accum_iter * get_world_size()}{momentum}; for the paper\'s setting raise '
-          f'--batch_size instead (--grad_ckpt saves memory)')
+            'mimco': ' and '.join(mimco)}.get(args.method)
+    if args.accum_iter > 1 and seen:
+        momentum = (f', and the momentum encoder moves at every micro-batch ({args.accum_iter} times per '
+                    f'optimizer step)' if args.method == 'mocov3' else '')
+        print(f'warning: --accum_iter {args.accum_iter} adds up gradients, not negatives: {seen} see one '
+              f'micro-batch ({args.batch_size} images per process), not the total batch of '
+              f'{args.batch_size * args.accum_iter * get_world_size()}{momentum}; for the paper\'s setting '
+              f'raise --batch_size instead (--grad_ckpt saves memory)')
 
 
 def check_mae_and_graft_args(args) -> None:
