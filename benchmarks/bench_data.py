@@ -1,11 +1,9 @@
-"""Images/s of the pre-training data path, on JPEGs it writes itself at ImageNet's sizes.
-
-The JPEGs: crops of scikit-learn's two sample photos at 500x375 (one in four 375x500), quality 90, in an ImageFolder
-in a temporary folder (or --data_path's train/ images). Decoders (default): per CPU core (one torch thread, CPU time),
-the images/s of each way to read a file and make MimCo's and MAE's view (RandomResizedCrop + flip + to tensor +
-normalise), each row printed once measured: the median of --repeats passes, their spread, and the views' mean / max
-difference to the pil path's on the same crops, in 0-255 levels; on CUDA, the nvjpeg path's GPU part (img/s of the
-device). Loader (--table loader): the real training loader (workers, masks, batches) of --data_backend.
+"""Images/s of the pre-training data path, on JPEGs it writes itself at ImageNet's sizes: crops of scikit-learn's two
+sample photos at 500x375 (one in four 375x500), quality 90, in a temporary ImageFolder (or --data_path's train/).
+Decoders (default): per CPU core (one torch thread, CPU time), the images/s of each way to read a file and make MimCo's
+and MAE's view (RandomResizedCrop + flip + to tensor + normalise): the median of --repeats passes, their spread, and the
+views' mean / max difference to the pil path's on the same crops, in 0-255 levels; on CUDA, the nvjpeg path's GPU part
+(img/s of the device). Loader (--table loader): the real training loader of --data_backend. Rows print as measured.
 
 python benchmarks/bench_data.py --images 300 --repeats 3
 python benchmarks/bench_data.py --table loader --data_backend nvjpeg --num_workers 8 --batch_size 256
@@ -27,20 +25,17 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # bench_step puts the repository on sys.path, for util.
-from bench_step import device_name, markdown_header, markdown_row, method_list, pretrain_args, timed  # noqa: E402
+from bench_step import device_name, markdown_row, method_list, pretrain_args, timed  # noqa: E402
 from util import data, decode, pretrain  # noqa: E402
 from util.masking import build_mask_generator  # noqa: E402
 
-HEADER = ['path', 'img/s per core', 'spread', 'Δ vs pil mean / max (levels)', 'note']
 COMPARED = 32  # images whose views are compared with the pil path's
 
 
 def get_args_parser():
     p = argparse.ArgumentParser('mimco data-path benchmark', add_help=False)
-    p.add_argument('--table', default='decoders', choices=['decoders', 'loader'],
-                   help='decoders: per-core img/s of each decode path; loader: the real training loader')
-    p.add_argument('--data_path', default=None, type=str,
-                   help='ImageFolder root whose train/ to read (default: JPEGs written to a temporary folder)')
+    p.add_argument('--table', default='decoders', choices=['decoders', 'loader'], help='decode paths, or the loader')
+    p.add_argument('--data_path', default=None, type=str, help='ImageFolder root to read train/ of (default: JPEGs)')
     p.add_argument('--images', default=300, type=int, help='JPEGs to write (and to read per pass)')
     p.add_argument('--image_size', default=[500, 375], type=int, nargs=2, help='width height of the JPEGs written')
     p.add_argument('--input_size', default=224, type=int, help='side of the views')
@@ -116,11 +111,10 @@ def cpu_paths(args) -> list:
 
 def gpu_row(args, paths: list, reference: list) -> list:
     """The nvjpeg path's GPU part: batched nvJPEG decode, crop, flip, normalise, on pre-read files."""
-    params = decode.CropFlipParams(args)
+    params, cuda = decode.CropFlipParams(args), torch.device('cuda')
     # The workers' part of every image, seeded as in the worker row: (encoded, crop box) each.
     _, samples = time_path(lambda path: params(decode.load_encoded(path)), paths, 1, keep=len(paths))
     batches = [samples[i:i + args.gpu_batch] for i in range(0, len(samples), args.gpu_batch)]
-    cuda = torch.device('cuda')
 
     def run(batch):
         return decode.crop_flip_batch([s[0] for s in batch], torch.stack([s[1] for s in batch]), args.input_size, cuda)
@@ -141,7 +135,8 @@ def decoder_table(args, paths: list) -> list:
     print(f'{len(paths)} JPEGs ({source}); views {args.input_size} px, crop scale >= {args.crop_min}; '
           f'{device_name(torch.device("cpu"))}; load average {os.getloadavg()[0]:.1f}; '
           f'img/s per core: images per second of this process\'s CPU time\n')
-    print(markdown_header(HEADER), flush=True)
+    header = ['path', 'img/s per core', 'spread', 'Δ vs pil mean / max (levels)', 'note']
+    print(markdown_row(header, header=True), flush=True)
     rows, reference = [], None
     for name, view, note in cpu_paths(args):
         rates, views = time_path(view, paths, args.repeats)
@@ -157,10 +152,8 @@ def decoder_table(args, paths: list) -> list:
 
 def measure_loader(args, batches: int) -> dict:
     """Seconds to the first batch, then images/s over `batches` more (epochs restart as in training)."""
-    mask_generator = None
-    if args.method == 'mimco':  # as build_model: the masks follow the student's patch grid
-        grid = pretrain.create_vit(args).patch_embed.grid_size
-        mask_generator = build_mask_generator(args.mask_type, grid, args.mask_ratio)
+    grid = pretrain.create_vit(args).patch_embed.grid_size  # as build_model: MimCo's masks follow the student's
+    mask_generator = build_mask_generator(args.mask_type, grid, args.mask_ratio) if args.method == 'mimco' else None
     dataset = data.build_dataset(args, is_train=True, transform=None)
     dataset, loader = decode.build_pretrain_loader(args, dataset, mask_generator, torch.device(args.device))
 
@@ -168,20 +161,18 @@ def measure_loader(args, batches: int) -> dict:
         for epoch in itertools.count():
             loader.sampler.set_epoch(epoch)
             yield from loader
-    batches_seen, start = epochs(), time.perf_counter()
-    next(batches_seen)
-    first_s, start = time.perf_counter() - start, time.perf_counter()
-    for _ in itertools.islice(batches_seen, batches):
-        pass
-    if args.device.startswith('cuda'):
-        torch.cuda.synchronize()
-    img_s = batches * args.batch_size / (time.perf_counter() - start)
-    return {'first_s': first_s, 'img_s': img_s, 'images': len(dataset)}
+    stream = epochs()
+
+    def draw(n):
+        for _ in range(n):
+            next(stream)
+    seconds = timed(draw, torch.device(args.device), batches, 1, None)  # warm-up: the first batch
+    return {'first_s': seconds['warmup_s'], 'img_s': args.batch_size * 1000 / seconds['ms'], 'images': len(dataset)}
 
 
 def loader_table(bench, data_path: str) -> list:
     header = ['method', 'data backend', 'images', 'size', 'batch', 'workers', 'batches timed', 'img/s', 'first batch s']
-    print(f'device: {device_name(torch.device(bench.device))}\n\n{markdown_header(header)}', flush=True)
+    print(f'device: {device_name(torch.device(bench.device))}\n\n{markdown_row(header, header=True)}', flush=True)
     rows = []
     for method in bench.methods:
         args = pretrain_args(bench, method, '--num_workers', str(bench.num_workers), '--input_size',

@@ -1,21 +1,18 @@
 """Time and memory of one pre-training step of each method, next to a bare-timm reference.
 
 Ours is the real code (`util.pretrain.build_model` and `build_optimizer`, `engine.train_one_epoch`) on synthetic
-batches already on the device (the data loader is bench_data.py's). The reference, in the same process, is a bare
-timm ViT doing only the arithmetic the method needs (heads, projectors and losses must fit in the targets' margin):
+batches already on the device. The reference, in the same process, is a bare timm ViT doing only the arithmetic
+the method needs (heads, projectors and losses must fit in the targets' margin):
 - mimco:  student ViT fwd + bwd + AdamW step on the full sequence, plus one teacher ViT fwd without grad;
 - mae:    the encoder on the visible tokens (timm's PatchDropout) plus the decoder blocks, fwd + bwd + step;
 - mocov3: base ViT fwd + bwd + step on both views, plus the momentum update and momentum ViT fwd.
-Peak memory: CUDA's max_memory_allocated (n/a on the CPU). --compile compiles ours and the reference alike
-(warm-up s: ours, compilation included); --no_reference leaves the reference out.
+Peak memory: CUDA's max_memory_allocated (n/a on the CPU). Warm-up s: ours, --compile's compilation included.
 
-python benchmarks/bench_step.py                                                  # CPU, the tiny digits ViT
-python benchmarks/bench_step.py --model vit_small_patch16_224 --batch_size 256  # one GPU
-bash benchmarks/gpu_all.sh                                                       # every GPU figure, < 8 min
+python benchmarks/bench_step.py                                                 # CPU, the tiny digits ViT
+python benchmarks/bench_step.py --model vit_small_patch16_224 --batch_size 256  # one GPU; all: gpu_all.sh
 """
 import argparse
 import contextlib
-import copy
 import functools
 import gc
 import io
@@ -40,9 +37,7 @@ METHODS = ('mimco', 'mae', 'mocov3')
 # DESIGN.md, "Speed and memory", as issue 17 restates them: time ratio ours / reference, memory ratio,
 # MAE / a full-sequence ViT step (ViT-L/16; ViT-B's floor is 0.55), teacher share of a MimCo step.
 TIME_TARGET = {'mimco': 1.10, 'mae': 1.05, 'mocov3': 1.05}
-MEMORY_TARGET = 1.15
-MAE_VS_FULL_VIT = 0.40
-TEACHER_SHARE = 0.35
+MEMORY_TARGET, MAE_VS_FULL_VIT, TEACHER_SHARE = 1.15, 0.40, 0.35
 HEADER = ['method', 'model', 'batch', 'step ms', 'img/s', 'peak MiB', 'warm-up s', 'reference ms',
           'reference MiB', 'time ratio', 'mem ratio', 'target']
 
@@ -57,8 +52,7 @@ def method_list(text: str) -> list:
 def get_args_parser():
     p = argparse.ArgumentParser('mimco step benchmark', add_help=False)
     p.add_argument('--methods', default=','.join(METHODS), type=method_list, help='mimco, mae, mocov3')
-    p.add_argument('--model', default='vit_digits_patch4_16', type=str,
-                   help='timm ViT of the student (GPU: e.g. vit_small_patch16_224)')
+    p.add_argument('--model', default='vit_digits_patch4_16', type=str, help='timm ViT of the student')
     p.add_argument('--teacher_model', default=None, type=str, help="MimCo's random-init teacher (default: --model)")
     p.add_argument('--batch_size', default=64, type=int, help='images per step')
     p.add_argument('--input_size', default=None, type=int, help="image size (default: the model's)")
@@ -68,8 +62,7 @@ def get_args_parser():
     p.add_argument('--steps', default=10, type=int, help='timed steps per measurement')
     p.add_argument('--warmup', default=3, type=int, help='untimed steps before timing (compile, cuDNN, allocator)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
-    p.add_argument('--pretrain_args', default='', type=str,
-                   help='more main_pretrain.py flags for ours and the reference, e.g. "--grad_ckpt --head_dim 1024"')
+    p.add_argument('--pretrain_args', default='', type=str, help='more main_pretrain.py flags, e.g. "--head_dim 1024"')
     p.add_argument('--threads', default=0, type=int, help="torch CPU threads (0: torch's default)")
     p.add_argument('--seed', default=0, type=int, help='random seed of weights and batches')
     return p
@@ -121,18 +114,9 @@ def pretrain_args(bench, method: str, *flags: str):
     return args
 
 
-def step_args(bench, method: str, teacher_path: str = None):
-    """pretrain_args of the step measured: --input_size, --amp, --compile and --pretrain_args too."""
-    flags = ['--num_workers', '0'] + (['--input_size', str(bench.input_size)] if bench.input_size else [])
-    flags += (['--amp', bench.amp] if bench.amp else []) + (['--compile'] if bench.compile else [])
-    flags += ['--teacher', teacher_path, '--teacher_model', bench.teacher_model or bench.model] if teacher_path else []
-    return pretrain_args(bench, method, *flags, *shlex.split(bench.pretrain_args))
-
-
-def write_teacher(bench, folder: str) -> str:
+def write_teacher(bench, folder: str, flags: list) -> str:
     """A random-init MoCo v3 checkpoint of the teacher's size, in our format (no download)."""
-    args = step_args(argparse.Namespace(**{**vars(bench), 'model': bench.teacher_model or bench.model,
-                                             'compile': False}), 'mocov3')
+    args = pretrain_args(bench, 'mocov3', *flags, '--model', bench.teacher_model or bench.model)
     model, _ = pretrain.build_model(args)
     path = os.path.join(folder, 'teacher.pth')
     checkpoint.save_checkpoint({'model': model.state_dict(), 'args': dict(vars(args))}, path)
@@ -153,10 +137,9 @@ def measure_ours(args, device: torch.device, steps: int, warmup: int) -> dict:
         getattr(model, pretrain.BACKBONE[args.method]).set_grad_checkpointing(True)
     # As main(): compile the model and the teacher, the optimizer holds the uncompiled parameters.
     model.to(device, memory_format=memory_format(args))
+    teacher = teacher.to(device, memory_format=memory_format(args)) if teacher is not None else None
     train_model = torch.compile(model) if args.compile else model
-    if teacher is not None:
-        teacher = teacher.to(device, memory_format=memory_format(args))
-        teacher = torch.compile(teacher) if args.compile else teacher
+    teacher = torch.compile(teacher) if teacher is not None and args.compile else teacher
     optimizer = pretrain.build_optimizer(args, model)
     scheduler = cosine_lr_scheduler(optimizer, args, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
@@ -179,9 +162,8 @@ def measure_ours(args, device: torch.device, steps: int, warmup: int) -> dict:
 
 
 class Reference(nn.Module):
-    """A bare timm ViT on the full sequence, its loss the plain mean of its tokens; with `mae`, MAE's arithmetic
-    with nothing else: the ViT on the visible tokens (PatchDropout keeps 1 - mask_ratio of the patches) and a
-    stack of timm Blocks on the full sequence."""
+    """A timm ViT on the full sequence, its loss the mean of its tokens; with `mae`, on the visible tokens
+    (PatchDropout keeps 1 - mask_ratio of the patches) and timm Blocks on the full sequence after it."""
 
     def __init__(self, args, mae: bool = False):
         super().__init__()
@@ -216,8 +198,8 @@ def measure_reference(args, device: torch.device, steps: int, warmup: int, full_
         patch = pretrain.create_vit(teacher_args).patch_embed.patch_size[0]
         teacher_args.input_size = model.vit.patch_embed.grid_size[0] * patch
         frozen = pretrain.create_vit(teacher_args).requires_grad_(False).eval()
-    elif method == 'mocov3':
-        frozen = copy.deepcopy(model.vit).requires_grad_(False)
+    elif method == 'mocov3':  # the momentum ViT
+        frozen = pretrain.create_vit(args).requires_grad_(False)
     if frozen is not None:
         frozen.to(device, memory_format=memory_format(args))
         frozen_forward = torch.compile(frozen.forward_features) if args.compile else frozen.forward_features
@@ -247,12 +229,10 @@ def measure_reference(args, device: torch.device, steps: int, warmup: int, full_
     return timed(run_steps, device, steps, warmup, base)
 
 
-def markdown_row(cells: list) -> str:
-    return '| ' + ' | '.join(str(c) for c in cells) + ' |'
-
-
-def markdown_header(header: list) -> str:
-    return markdown_row(header) + '\n|' + '---|' * len(header)
+def markdown_row(cells: list, header: bool = False) -> str:
+    """A Markdown table row; with `header`, the rule under it too."""
+    row = '| ' + ' | '.join(str(c) for c in cells) + ' |'
+    return row + '\n|' + '---|' * len(cells) if header else row
 
 
 def fmt(value, spec: str = '.1f') -> str:
@@ -260,25 +240,23 @@ def fmt(value, spec: str = '.1f') -> str:
 
 
 def ratio_cell(ours, reference, target: float) -> str:
-    """ours / reference with ' ok' or ' MISS' against `target`; n/a without both."""
-    if not ours or not reference:
-        return 'n/a'
-    return f'{ours / reference:.2f} ' + ('ok' if ours / reference <= target else 'MISS')
+    """ours / reference, with ' ok' or ' MISS' against `target`; n/a without both."""
+    ratio = ours / reference if ours and reference else None
+    return fmt(ratio, '.2f') + ('' if ratio is None else ' ok' if ratio <= target else ' MISS')
 
 
 def method_rows(method: str, args, ours: dict, ref: dict, full_vit: dict = None) -> list:
     """Ours against the reference (None: --no_reference), MimCo's teacher share, MAE against a full ViT step."""
     B, ref, target = args.batch_size, ref or {'ms': None, 'peak': None}, TIME_TARGET[method]
-
     def row(name, model, ms, peak, ratio, goal, middle=('', '', ''), mem_ratio=''):
         return [name, model, B, fmt(ms), fmt(1000 * B / ms, '.0f'), peak, *middle, ratio, mem_ratio, goal]
     rows = [row(method, args.model, ours['ms'], fmt(ours['peak'], '.0f'), ratio_cell(ours['ms'], ref['ms'], target),
-                f'time ≤ {target:.2f}×, mem ≤ {MEMORY_TARGET:.2f}×',
-                (fmt(ours['warmup_s']), fmt(ref['ms']), fmt(ref['peak'], '.0f')),
-                ratio_cell(ours['peak'], ref['peak'], MEMORY_TARGET))]
+                f'time ≤ {target:.2f}×, mem ≤ {MEMORY_TARGET:.2f}×', (fmt(ours['warmup_s']), fmt(ref['ms']),
+                fmt(ref['peak'], '.0f')), ratio_cell(ours['peak'], ref['peak'], MEMORY_TARGET))]
     if 'teacher_ms' in ours:
+        share = ratio_cell(ours['teacher_ms'], ours['ms'], TEACHER_SHARE)
         rows.append(row(f'{method}: teacher fwd / step', args.teacher_model or args.model, ours['teacher_ms'], '',
-                        ratio_cell(ours['teacher_ms'], ours['ms'], TEACHER_SHARE), f'≤ {TEACHER_SHARE:.2f} (GPU bf16)'))
+                        share, f'≤ {TEACHER_SHARE:.2f} (GPU bf16)'))
     if full_vit is not None:
         rows.append(row(f'{method} / full-sequence ViT', args.model, full_vit['ms'], fmt(full_vit['peak'], '.0f'),
                         ratio_cell(ours['ms'], full_vit['ms'], MAE_VS_FULL_VIT), f'time ≤ {MAE_VS_FULL_VIT:.2f}×'))
@@ -289,17 +267,22 @@ def main(bench) -> list:
     device, rows = torch.device(bench.device), []
     if bench.threads:
         torch.set_num_threads(bench.threads)
+    # The flags of every step measured; --pretrain_args last, to win.
+    flags = ['--num_workers', '0'] + (['--input_size', str(bench.input_size)] if bench.input_size else [])
+    flags += (['--amp', bench.amp] if bench.amp else []) + (['--compile'] if bench.compile else [])
+    flags += shlex.split(bench.pretrain_args)
     with tempfile.TemporaryDirectory() as folder:
-        teacher_path = write_teacher(bench, folder) if 'mimco' in bench.methods else None
+        teacher = write_teacher(bench, folder, flags) if 'mimco' in bench.methods else None
         for method in bench.methods:
             torch.manual_seed(bench.seed)
-            args = step_args(bench, method, teacher_path if method == 'mimco' else None)
+            mimco = ['--teacher', teacher, '--teacher_model', bench.teacher_model or bench.model]
+            args = pretrain_args(bench, method, *(mimco if method == 'mimco' else []), *flags)
             if not rows:  # each row is printed once measured: a run cut short keeps what it measured
                 print(f'device: {device_name(device)}; amp {args.amp}; compile {bench.compile}; '
                       f'channels_last {args.channels_last}; {bench.steps} timed steps after {bench.warmup} '
                       f'warm-up (warm-up s: ours, with compilation); peak memory: '
                       f'{"torch.cuda.max_memory_allocated" if device.type == "cuda" else "n/a on the CPU"}\n')
-                print(markdown_header(HEADER), flush=True)
+                print(markdown_row(HEADER, header=True), flush=True)
             ours = measure_ours(args, device, bench.steps, bench.warmup)
             reference = functools.partial(measure_reference, args, device, bench.steps, bench.warmup)
             ref = None if bench.no_reference else reference()
