@@ -91,9 +91,8 @@ def levels_apart(views: list, reference: list) -> str:
 
 
 def row(name: str, rates: list, apart: str, note: str) -> list:
-    median = statistics.median(rates)
-    spread = f'±{50 * (max(rates) - min(rates)) / median:.0f} % ({len(rates)} runs)'  # half the range
-    return [name, f'{median:,.0f}', spread, apart, note]
+    median, half_range = statistics.median(rates), (max(rates) - min(rates)) / 2
+    return [name, f'{median:,.0f}', f'±{100 * half_range / median:.0f} % ({len(rates)} runs)', apart, note]
 
 
 def cpu_paths(args) -> list:

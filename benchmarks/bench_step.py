@@ -193,11 +193,9 @@ def measure_reference(args, device: torch.device, steps: int, warmup: int, full_
     inputs = tuple(to_device(torch.randn(args.batch_size, 3, size, size), device, args.channels_last)
                    for _ in range(2 if method == 'mocov3' else 1))
     frozen = None
-    if method == 'mimco':  # as build_teacher: at the size that gives the teacher the student's patch grid
-        teacher_args = argparse.Namespace(**{**vars(args), 'model': args.teacher_model or args.model, 'drop_path': 0.})
-        patch = pretrain.create_vit(teacher_args).patch_embed.patch_size[0]
-        teacher_args.input_size = model.vit.patch_embed.grid_size[0] * patch
-        frozen = pretrain.create_vit(teacher_args).requires_grad_(False).eval()
+    if method == 'mimco':  # the teacher's timm ViT, at the size that gives it the student's patch grid
+        with contextlib.redirect_stdout(io.StringIO()):
+            frozen = pretrain.build_teacher(args, model.vit).backbone.requires_grad_(False).eval()
     elif method == 'mocov3':  # the momentum ViT
         frozen = pretrain.create_vit(args).requires_grad_(False)
     if frozen is not None:
@@ -248,18 +246,19 @@ def ratio_cell(ours, reference, target: float) -> str:
 def method_rows(method: str, args, ours: dict, ref: dict, full_vit: dict = None) -> list:
     """Ours against the reference (None: --no_reference), MimCo's teacher share, MAE against a full ViT step."""
     B, ref, target = args.batch_size, ref or {'ms': None, 'peak': None}, TIME_TARGET[method]
-    def row(name, model, ms, peak, ratio, goal, middle=('', '', ''), mem_ratio=''):
-        return [name, model, B, fmt(ms), fmt(1000 * B / ms, '.0f'), peak, *middle, ratio, mem_ratio, goal]
-    rows = [row(method, args.model, ours['ms'], fmt(ours['peak'], '.0f'), ratio_cell(ours['ms'], ref['ms'], target),
-                f'time ≤ {target:.2f}×, mem ≤ {MEMORY_TARGET:.2f}×', (fmt(ours['warmup_s']), fmt(ref['ms']),
-                fmt(ref['peak'], '.0f')), ratio_cell(ours['peak'], ref['peak'], MEMORY_TARGET))]
+    def speed(ms):  # step ms, img/s
+        return [fmt(ms), fmt(1000 * B / ms, '.0f')]
+    rows = [[method, args.model, B, *speed(ours['ms']), fmt(ours['peak'], '.0f'), fmt(ours['warmup_s']),
+             fmt(ref['ms']), fmt(ref['peak'], '.0f'), ratio_cell(ours['ms'], ref['ms'], target),
+             ratio_cell(ours['peak'], ref['peak'], MEMORY_TARGET), f'time ≤ {target:.2f}×, mem ≤ {MEMORY_TARGET:.2f}×']]
     if 'teacher_ms' in ours:
-        share = ratio_cell(ours['teacher_ms'], ours['ms'], TEACHER_SHARE)
-        rows.append(row(f'{method}: teacher fwd / step', args.teacher_model or args.model, ours['teacher_ms'], '',
-                        share, f'≤ {TEACHER_SHARE:.2f} (GPU bf16)'))
+        rows.append([f'{method}: teacher fwd / step', args.teacher_model or args.model, B, *speed(ours['teacher_ms']),
+                     '', '', '', '', ratio_cell(ours['teacher_ms'], ours['ms'], TEACHER_SHARE), '',
+                     f'≤ {TEACHER_SHARE:.2f} (GPU bf16)'])
     if full_vit is not None:
-        rows.append(row(f'{method} / full-sequence ViT', args.model, full_vit['ms'], fmt(full_vit['peak'], '.0f'),
-                        ratio_cell(ours['ms'], full_vit['ms'], MAE_VS_FULL_VIT), f'time ≤ {MAE_VS_FULL_VIT:.2f}×'))
+        rows.append([f'{method} / full-sequence ViT', args.model, B, *speed(full_vit['ms']),
+                     fmt(full_vit['peak'], '.0f'), '', '', '', ratio_cell(ours['ms'], full_vit['ms'], MAE_VS_FULL_VIT),
+                     '', f'time ≤ {MAE_VS_FULL_VIT:.2f}×'])
     return rows
 
 

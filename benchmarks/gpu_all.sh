@@ -7,7 +7,7 @@
 # each is printed once measured); no block starts after TOTAL_S seconds (default 470).
 #
 #   bash benchmarks/gpu_all.sh 2>&1 | tee gpu_all.txt
-#   TINY=1 bash benchmarks/gpu_all.sh   # every block on the CPU with a tiny ViT, no --compile: a check of this script
+#   TINY=1 bash benchmarks/gpu_all.sh   # each block on the CPU, tiny ViT, no --compile: a check of this script
 # Exit status 1 when a block failed, was stopped or skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,8 @@ if [[ -n ${TINY:-} ]]; then
   TINY_DATA=(--images 8 --image_size 64 48 --input_size 32 --repeats 1 --num_workers 0 --batch_size 4 --batches 1
              --model vit_digits_patch4_16)
   TINY_STEP=(--model vit_digits_patch4_16 --batch_size 8 --steps 1 --warmup 1 --threads 1 --device cpu
-             --pretrain_args '--moco_mlp_dim 64 --head_dim 64 --decoder_embed_dim 32 --decoder_depth 1 --decoder_num_heads 2')
+             --pretrain_args '--moco_mlp_dim 64 --head_dim 64 --decoder_embed_dim 32 --decoder_depth 1 '\
+'--decoder_num_heads 2')
 fi
 COMPILED=("${COMPILE[@]}" --batch_size 256 --steps 20 --warmup 2)  # step 2: no recompile
 VIT_S=(--model vit_small_patch16_224)
@@ -42,7 +43,9 @@ block() {
     if [[ $script == bench_data ]]; then argv+=("${TINY_DATA[@]}"); else argv+=("${TINY_STEP[@]}"); fi
   fi
   left=$(( TOTAL_S * 1000 - $(now_ms) + start ))
-  (( left < seconds * 1000 )) && seconds=$(( left > 1000 ? (left + 500) / 1000 : left > 0 ))
+  if (( left < seconds * 1000 )); then  # what is left of TOTAL_S: at least 1 s, or 0 (skipped)
+    seconds=$(( left > 1000 ? (left + 500) / 1000 : (left > 0 ? 1 : 0) ))
+  fi
   printf '\n## %s (%s), budget %d s\n' "$title" "${argv[*]}" "$seconds"
   local block_start=$(now_ms)
   if (( left <= 0 )); then
