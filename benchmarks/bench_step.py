@@ -1,24 +1,18 @@
 """Time and memory of one pre-training step of each method, next to a bare-timm reference.
 
-Ours is the real code: the model from `util.pretrain.build_model`, the optimizer from
-`build_optimizer`, the loop `engine.train_one_epoch`, fed synthetic batches already on the device (the
-data loader is `bench_data.py`'s business). The reference, run in the same process, is a bare timm ViT
-doing only the arithmetic the method needs:
+Ours is the real code (`util.pretrain.build_model` and `build_optimizer`, `engine.train_one_epoch`) on synthetic
+batches already on the device. The reference, in the same process, is a bare timm ViT doing only the arithmetic
+the method needs (heads, projectors and losses must fit in the targets' margin):
 - mimco:  student ViT fwd + bwd + AdamW step on the full sequence, plus one teacher ViT fwd without grad;
 - mae:    the encoder on the visible tokens (timm's PatchDropout) plus the decoder blocks, fwd + bwd + step;
 - mocov3: base ViT fwd + bwd + step on both views, plus the momentum update and momentum ViT fwd.
-Heads, projectors and losses are not in the reference: they must fit in the targets' margin.
+Peak memory: CUDA's max_memory_allocated (n/a on the CPU). Warm-up s: ours, --compile's compilation included.
 
-CPU (tiny digits ViT):  python benchmarks/bench_step.py
-One GPU:                python benchmarks/bench_step.py --model vit_small_patch16_224 --batch_size 256
-All GPU figures:        python benchmarks/gpu_all.py (under 8 minutes, each block within its time budget)
-With --compile each model and reference is compiled first: the rows are printed as they are measured, with
-the warm-up (compilation) time; --no_reference leaves the reference out (half the compilation).
+python benchmarks/bench_step.py                                                 # CPU, the tiny digits ViT
+python benchmarks/bench_step.py --model vit_small_patch16_224 --batch_size 256  # one GPU; all: gpu_all.sh
 """
 import argparse
 import contextlib
-import copy
-import ctypes
 import functools
 import gc
 import io
@@ -33,9 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_pretrain  # noqa: E402
 from engine import autocast, cosine_lr_scheduler, memory_format, to_device, train_one_epoch  # noqa: E402
 from util import checkpoint, pretrain  # noqa: E402
@@ -45,38 +37,36 @@ METHODS = ('mimco', 'mae', 'mocov3')
 # DESIGN.md, "Speed and memory", as issue 17 restates them: time ratio ours / reference, memory ratio,
 # MAE / a full-sequence ViT step (ViT-L/16; ViT-B's floor is 0.55), teacher share of a MimCo step.
 TIME_TARGET = {'mimco': 1.10, 'mae': 1.05, 'mocov3': 1.05}
-MEMORY_TARGET = 1.15
-MAE_VS_FULL_VIT = 0.40
-TEACHER_SHARE = 0.35
+MEMORY_TARGET, MAE_VS_FULL_VIT, TEACHER_SHARE = 1.15, 0.40, 0.35
+HEADER = ['method', 'model', 'batch', 'step ms', 'img/s', 'peak MiB', 'warm-up s', 'reference ms',
+          'reference MiB', 'time ratio', 'mem ratio', 'target']
+
+
+def method_list(text: str) -> list:
+    methods = [m.strip() for m in text.split(',') if m.strip()]
+    if not methods or any(m not in METHODS for m in methods):
+        raise argparse.ArgumentTypeError(f'{text!r}: choose from {", ".join(METHODS)}')
+    return methods
 
 
 def get_args_parser():
     p = argparse.ArgumentParser('mimco step benchmark', add_help=False)
-    p.add_argument('--methods', default=','.join(METHODS), type=str,
-                   help='comma-separated methods to measure (mimco, mae, mocov3)')
-    p.add_argument('--model', default='vit_digits_patch4_16', type=str,
-                   help='timm ViT of the student (CPU: the tiny digits ViT; GPU: vit_small_patch16_224, '
-                        'vit_base_patch16_224)')
-    p.add_argument('--teacher_model', default=None, type=str,
-                   help="MimCo's teacher architecture, random-init (default: the same as --model)")
+    p.add_argument('--methods', default=','.join(METHODS), type=method_list, help='mimco, mae, mocov3')
+    p.add_argument('--model', default='vit_digits_patch4_16', type=str, help='timm ViT of the student')
+    p.add_argument('--teacher_model', default=None, type=str, help="MimCo's random-init teacher (default: --model)")
     p.add_argument('--batch_size', default=64, type=int, help='images per step')
     p.add_argument('--input_size', default=None, type=int, help="image size (default: the model's)")
-    p.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
-                   help='mixed precision (default: bf16 on CUDA, none on CPU)')
+    p.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'], help='default: bf16 on CUDA, none on CPU')
     p.add_argument('--compile', action='store_true', help='torch.compile ours and the reference alike')
     p.add_argument('--no_reference', action='store_true', help='measure ours only (no bare-timm reference)')
     p.add_argument('--steps', default=10, type=int, help='timed steps per measurement')
     p.add_argument('--warmup', default=3, type=int, help='untimed steps before timing (compile, cuDNN, allocator)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
-    p.add_argument('--pretrain_args', default='', type=str,
-                   help='more main_pretrain.py flags for ours and the reference, e.g. "--grad_ckpt --head_dim 1024"')
-    p.add_argument('--threads', default=0, type=int,
-                   help="torch CPU threads (0: torch's default; 1 is steadier on a shared machine)")
+    p.add_argument('--pretrain_args', default='', type=str, help='more main_pretrain.py flags, e.g. "--head_dim 1024"')
+    p.add_argument('--threads', default=0, type=int, help="torch CPU threads (0: torch's default)")
     p.add_argument('--seed', default=0, type=int, help='random seed of weights and batches')
     return p
 
-
-# --------------------------------------------------------------------------- device and memory
 
 def device_name(device: torch.device) -> str:
     if device.type == 'cuda':
@@ -87,300 +77,211 @@ def device_name(device: torch.device) -> str:
     return f'{model}, {torch.get_num_threads()} torch threads of {os.cpu_count()} cores (torch {torch.__version__})'
 
 
-def _proc_status_mib(key: str) -> float:
-    with open('/proc/self/status') as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
-
-
-def release_memory(device: torch.device) -> None:
-    """Free what the last measurement left, so the next one starts from the same baseline."""
+def release_memory(device: torch.device):
+    """Free what the last measurement left; the MiB CUDA tensors still hold (None on the CPU)."""
     gc.collect()
-    if device.type == 'cuda':
-        torch.cuda.empty_cache()
-    else:  # glibc keeps freed heap pages resident; hand them back so RSS tracks live tensors
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL('libc.so.6').malloc_trim(0)
+    if device.type != 'cuda':
+        return None
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated(device) / 2 ** 20
 
 
-class PeakMemory:
-    """Peak memory of a measurement above the process's baseline, in MiB. CUDA: `max_memory_allocated`
-    (tensors only). CPU: the resident set's high-water mark (VmHWM), reset through /proc/self/clear_refs;
-    coarser, as it counts allocator slack too. None where Linux does not offer it."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        release_memory(device)
-        self.base = self._current()
-
-    def _current(self):
-        if self.device.type == 'cuda':
-            return torch.cuda.memory_allocated(self.device) / 2 ** 20
-        try:
-            return _proc_status_mib('VmRSS')
-        except (OSError, StopIteration):
-            return None
-
-    def reset(self) -> None:
-        """Start the high-water mark at the current use (model and optimizer built)."""
-        if self.device.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        release_memory(self.device)
-        with contextlib.suppress(OSError):
-            with open('/proc/self/clear_refs', 'w') as f:
-                f.write('5')  # Linux >= 4.0: VmHWM := VmRSS
-
-    def peak(self):
-        if self.base is None:
-            return None
-        if self.device.type == 'cuda':
-            return torch.cuda.max_memory_allocated(self.device) / 2 ** 20 - self.base
-        return _proc_status_mib('VmHWM') - self.base
-
-
-def elapsed(run_steps, device: torch.device, steps: int) -> float:
-    """Seconds that `run_steps(steps)` takes, the device's queued work included."""
+def timed(run_steps, device: torch.device, steps: int, warmup: int, base) -> dict:
+    """ms per step of `run_steps(n)` (queued device work included) after `warmup` untimed steps (warmup_s: with
+    --compile, compilation too), and the peak MiB of CUDA tensors above `base` from then on (None on the CPU)."""
     sync = torch.cuda.synchronize if device.type == 'cuda' else lambda _: None
-    sync(device)
-    start = time.perf_counter()
-    run_steps(steps)
-    sync(device)
-    return time.perf_counter() - start
+    if base is not None:
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = []
+    for n in (warmup, steps):
+        sync(device)
+        start = time.perf_counter()
+        run_steps(n)
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    peak = None if base is None else torch.cuda.max_memory_allocated(device) / 2 ** 20 - base
+    return {'ms': seconds[1] * 1000 / steps, 'peak': peak, 'warmup_s': seconds[0]}
 
 
-# --------------------------------------------------------------------------- ours
-
-def pretrain_args(bench, method: str, teacher_path: str = None):
-    """main_pretrain's args for `method`, resolved as main() resolves them."""
-    argv = ['--method', method, '--model', bench.model, '--batch_size', str(bench.batch_size),
-            '--device', bench.device, '--num_workers', '0', '--output_dir', '']
-    argv += ['--input_size', str(bench.input_size)] if bench.input_size else []
-    argv += ['--amp', bench.amp] if bench.amp else []
-    argv += ['--compile'] if bench.compile else []
-    argv += ['--teacher', teacher_path] if teacher_path else []
-    argv += ['--teacher_model', bench.teacher_model or bench.model] if method == 'mimco' else []
-    args = main_pretrain.get_args_parser().parse_args(argv + shlex.split(bench.pretrain_args))
+def pretrain_args(bench, method: str, *flags: str):
+    """main_pretrain's args of `method`, the benchmark's model, batch and device, and `flags`, as main() has them."""
+    argv = ['--method', method, '--model', bench.model, '--batch_size', str(bench.batch_size), '--device',
+            bench.device, '--output_dir', '', *flags]
+    args = main_pretrain.get_args_parser().parse_args(argv)
     pretrain.resolve_defaults(args)
-    # One process, as main() without torchrun.
-    args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
+    args.distributed = False
     args.lr = args.lr or args.blr * args.batch_size / 256
     return args
 
 
-def write_teacher(bench, folder: str) -> str:
+def write_teacher(bench, folder: str, flags: list) -> str:
     """A random-init MoCo v3 checkpoint of the teacher's size, in our format (no download)."""
-    args = pretrain_args(argparse.Namespace(**{**vars(bench), 'model': bench.teacher_model or bench.model,
-                                               'compile': False}), 'mocov3')
+    args = pretrain_args(bench, 'mocov3', *flags, '--model', bench.teacher_model or bench.model)
     model, _ = pretrain.build_model(args)
     path = os.path.join(folder, 'teacher.pth')
     checkpoint.save_checkpoint({'model': model.state_dict(), 'args': dict(vars(args))}, path)
     return path
 
 
-def synthetic_batch(args, model, device: torch.device) -> tuple:
-    """The (inputs, labels) one loader batch of `args.method` holds, random, on the device."""
-    B, size = args.batch_size, args.input_size
-    images = torch.randn(B, 3, size, size, device=device)
-    second = {'mimco': lambda: torch.stack([model.mask_generator() for _ in range(B)]).to(device),  # (B, N) masks
-              'mocov3': lambda: torch.randn_like(images)}.get(args.method)  # MoCo v3: the second view
-    return (images, second()) if second else (images,), torch.zeros(B, dtype=torch.long, device=device)
-
-
 def measure_ours(args, device: torch.device, steps: int, warmup: int) -> dict:
-    """The real training loop on synthetic batches: ms per step, peak MiB, and the teacher's ms."""
-    memory = PeakMemory(device)
+    """The real training loop on synthetic batches: ms per step, peak MiB, warm-up s, and the teacher's ms."""
+    base = release_memory(device)
     with contextlib.redirect_stdout(io.StringIO()):  # build_model and the loop log; not for the table
         model, teacher = pretrain.build_model(args)
-    batch = synthetic_batch(args, model, device)
+    # One loader batch of the method, random, on the device: (inputs, labels).
+    B, images = args.batch_size, torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    second = {'mimco': lambda: torch.stack([model.mask_generator() for _ in range(B)]).to(device),  # (B, N) masks
+              'mocov3': lambda: torch.randn_like(images)}.get(args.method)  # MoCo v3: the second view
+    batch = (images, second()) if second else (images,), torch.zeros(B, dtype=torch.long, device=device)
     if args.grad_ckpt:
         getattr(model, pretrain.BACKBONE[args.method]).set_grad_checkpointing(True)
+    # As main(): compile the model and the teacher, the optimizer holds the uncompiled parameters.
     model.to(device, memory_format=memory_format(args))
     teacher = teacher.to(device, memory_format=memory_format(args)) if teacher is not None else None
-    # As main(): compile the model and the teacher, the optimizer holds the uncompiled parameters.
     train_model = torch.compile(model) if args.compile else model
     teacher = torch.compile(teacher) if teacher is not None and args.compile else teacher
     optimizer = pretrain.build_optimizer(args, model)
     scheduler = cosine_lr_scheduler(optimizer, args, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    momentum = (functools.partial(moco_momentum, base_m=args.moco_m, epochs=args.epochs,
-                                  cosine=args.moco_m_cos) if args.method == 'mocov3' else None)
+    momentum = (functools.partial(moco_momentum, base_m=args.moco_m, epochs=args.epochs, cosine=args.moco_m_cos)
+                if args.method == 'mocov3' else None)
 
     def run_steps(n):
         with contextlib.redirect_stdout(io.StringIO()):
             train_one_epoch(train_model, [batch] * n, optimizer, scheduler, scaler, device, 0, args,
                             teacher=teacher, momentum_schedule=momentum)
 
-    memory.reset()
-    warmup_s = elapsed(run_steps, device, warmup)  # with --compile: compilation too
-    result = {'ms': elapsed(run_steps, device, steps) * 1000 / steps, 'peak': memory.peak(), 'warmup_s': warmup_s}
+    result = timed(run_steps, device, steps, warmup, base)
     if teacher is not None:  # the teacher alone, as the loop calls it
         def teacher_steps(n):
             for _ in range(n):
                 with autocast(device, args.amp):
                     teacher(batch[0][0])
-        teacher_steps(warmup)
-        result['teacher_ms'] = elapsed(teacher_steps, device, steps) * 1000 / steps
+        result['teacher_ms'] = timed(teacher_steps, device, steps, warmup, None)['ms']
     return result
 
 
-# --------------------------------------------------------------------------- reference
+class Reference(nn.Module):
+    """A timm ViT on the full sequence, its loss the mean of its tokens; with `mae`, on the visible tokens
+    (PatchDropout keeps 1 - mask_ratio of the patches) and timm Blocks on the full sequence after it."""
 
-class ReferenceMAE(nn.Module):
-    """timm's ViT on the visible tokens (PatchDropout keeps 1 - mask_ratio of the patches) and a stack
-    of timm Blocks on the full sequence: MAE's arithmetic with nothing else."""
-
-    def __init__(self, args):
+    def __init__(self, args, mae: bool = False):
         super().__init__()
-        self.encoder = pretrain.create_vit(args, patch_drop_rate=args.mask_ratio)
-        D, dim = self.encoder.embed_dim, args.decoder_embed_dim
-        p = self.encoder.patch_embed.patch_size[0]
-        self.num_tokens = self.encoder.num_prefix_tokens + self.encoder.patch_embed.num_patches
-        self.decoder_embed = nn.Linear(D, dim)
-        self.decoder = nn.Sequential(*[Block(dim, args.decoder_num_heads, qkv_bias=True,
-                                             norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))
-                                       for _ in range(args.decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(dim, p * p * 3)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.decoder_embed(self.encoder.forward_features(images))  # (B, 1 + N_keep, D_dec)
-        x = F.pad(x, (0, 0, 0, self.num_tokens - x.shape[1]))  # (B, 1 + N, D_dec): mask tokens' slots
-        pred = self.decoder_pred(self.decoder_norm(self.decoder(x)))
-        return pred.float().square().mean()
-
-
-class ReferenceViT(nn.Module):
-    """timm's ViT, fwd on the full sequence; the loss is a plain mean of its tokens."""
-
-    def __init__(self, args):
-        super().__init__()
-        self.vit = pretrain.create_vit(args)
+        self.vit, self.mae = pretrain.create_vit(args, patch_drop_rate=args.mask_ratio if mae else 0.0), mae
+        if mae:
+            dim, norm = args.decoder_embed_dim, functools.partial(nn.LayerNorm, eps=1e-6)
+            self.decoder_embed = nn.Linear(self.vit.embed_dim, dim)
+            self.decoder = nn.Sequential(*[Block(dim, args.decoder_num_heads, qkv_bias=True, norm_layer=norm)
+                                           for _ in range(args.decoder_depth)])
+            self.decoder_norm = norm(dim)
+            self.decoder_pred = nn.Linear(dim, self.vit.patch_embed.patch_size[0] ** 2 * 3)
 
     def forward(self, *images: torch.Tensor) -> torch.Tensor:
-        return self.vit.forward_features(torch.cat(images)).float().mean()
-
-
-def frozen_vit(args, model_name: str, img_size: int) -> nn.Module:
-    vit = pretrain.create_vit(argparse.Namespace(**{**vars(args), 'model': model_name,
-                                                    'input_size': img_size, 'drop_path': 0.0}))
-    return vit.requires_grad_(False).eval()
+        x = self.vit.forward_features(images[0] if self.mae else torch.cat(images))  # MAE: (B, 1 + N_keep, D)
+        if not self.mae:
+            return x.float().mean()
+        masked = self.vit.num_prefix_tokens + self.vit.patch_embed.num_patches - x.shape[1]
+        x = F.pad(self.decoder_embed(x), (0, 0, 0, masked))  # (B, 1 + N, D_dec): the mask tokens' slots
+        return self.decoder_pred(self.decoder_norm(self.decoder(x))).float().square().mean()
 
 
 def measure_reference(args, device: torch.device, steps: int, warmup: int, full_vit: bool = False) -> dict:
     """The bare-timm reference of `args.method` (with `full_vit`: the plain full-sequence ViT step)."""
-    memory = PeakMemory(device)
-    B, size = args.batch_size, args.input_size
-    model = ReferenceMAE(args) if args.method == 'mae' and not full_vit else ReferenceViT(args)
-    views = (2 if args.method == 'mocov3' and not full_vit else 1)
-    inputs = tuple(to_device(torch.randn(B, 3, size, size), device, args.channels_last) for _ in range(views))
+    base = release_memory(device)
+    method, size = 'vit' if full_vit else args.method, args.input_size
+    model = Reference(args, mae=method == 'mae')
+    inputs = tuple(to_device(torch.randn(args.batch_size, 3, size, size), device, args.channels_last)
+                   for _ in range(2 if method == 'mocov3' else 1))
     frozen = None
-    if args.method == 'mimco' and not full_vit:
-        # As build_teacher: the teacher runs at the size that gives it the student's patch grid.
-        teacher_name, grid = args.teacher_model or args.model, model.vit.patch_embed.grid_size[0]
-        frozen = frozen_vit(args, teacher_name, size)
-        if frozen.patch_embed.grid_size[0] != grid:
-            frozen = frozen_vit(args, teacher_name, grid * frozen.patch_embed.patch_size[0])
+    if method == 'mimco':  # the teacher's timm ViT, at the size that gives it the student's patch grid
+        with contextlib.redirect_stdout(io.StringIO()):
+            frozen = pretrain.build_teacher(args, model.vit).backbone.requires_grad_(False).eval()
+    elif method == 'mocov3':  # the momentum ViT
+        frozen = pretrain.create_vit(args).requires_grad_(False)
+    if frozen is not None:
         frozen.to(device, memory_format=memory_format(args))
-    elif args.method == 'mocov3' and not full_vit:
-        frozen = copy.deepcopy(model.vit).requires_grad_(False).to(device, memory_format=memory_format(args))
+        frozen_forward = torch.compile(frozen.forward_features) if args.compile else frozen.forward_features
     model.to(device, memory_format=memory_format(args)).train()
     params = [p for p in model.parameters() if p.requires_grad]
     train_model = torch.compile(model) if args.compile else model
-    frozen_forward = (torch.compile(frozen.forward_features) if args.compile else frozen.forward_features
-                      ) if frozen is not None else None
     optimizer = pretrain.build_optimizer(args, model)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
 
     def run_steps(n):
         for _ in range(n):
             with autocast(device, args.amp):
-                if args.method == 'mocov3' and frozen is not None:
-                    with torch.no_grad():
+                with torch.no_grad():
+                    if method == 'mocov3':
                         torch._foreach_lerp_(list(frozen.parameters()), params, 0.01)
                         frozen_forward(torch.cat(inputs))
-                elif frozen is not None:
-                    with torch.no_grad():
-                        image = inputs[0]
-                        if image.shape[-1] != frozen.patch_embed.img_size[-1]:
-                            image = F.interpolate(image, size=frozen.patch_embed.img_size, mode='bicubic')
-                        frozen_forward(image)
+                    elif method == 'mimco':
+                        resize = inputs[0].shape[-1] != frozen.patch_embed.img_size[-1]
+                        frozen_forward(F.interpolate(inputs[0], size=frozen.patch_embed.img_size, mode='bicubic')
+                                       if resize else inputs[0])
                 loss = train_model(*inputs)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
-    memory.reset()
-    run_steps(warmup)
-    return {'ms': elapsed(run_steps, device, steps) * 1000 / steps, 'peak': memory.peak()}
+    return timed(run_steps, device, steps, warmup, base)
 
 
-# --------------------------------------------------------------------------- table
-
-def markdown_row(cells: list) -> str:
-    return '| ' + ' | '.join(str(c) for c in cells) + ' |'
-
-
-def markdown_table(header: list, rows: list) -> str:
-    return '\n'.join([markdown_row(header), '|' + '|'.join('---' for _ in header) + '|']
-                     + [markdown_row(row) for row in rows])
+def markdown_row(cells: list, header: bool = False) -> str:
+    """A Markdown table row; with `header`, the rule under it too."""
+    row = '| ' + ' | '.join(str(c) for c in cells) + ' |'
+    return row + '\n|' + '---|' * len(cells) if header else row
 
 
-def verdict(ratio, target) -> str:
-    return '' if ratio is None or target is None else ' ok' if ratio <= target else ' MISS'
+def fmt(value, spec: str = '.1f') -> str:
+    return 'n/a' if value is None else format(value, spec)
 
 
-def fmt(value, spec: str = '.1f', missing: str = 'n/a') -> str:
-    return missing if value is None else format(value, spec)
+def ratio_cell(ours, reference, target: float) -> str:
+    """ours / reference, with ' ok' or ' MISS' against `target`; n/a without both."""
+    ratio = ours / reference if ours and reference else None
+    return fmt(ratio, '.2f') + ('' if ratio is None else ' ok' if ratio <= target else ' MISS')
 
 
 def method_rows(method: str, args, ours: dict, ref: dict, full_vit: dict = None) -> list:
-    B, ref = args.batch_size, ref or {'ms': None, 'peak': None}  # ref None: --no_reference
-    time_ratio = ours['ms'] / ref['ms'] if ref['ms'] else None
-    mem_ratio = ours['peak'] / ref['peak'] if ours['peak'] and ref['peak'] and ref['peak'] > 0 else None
-    target = TIME_TARGET.get(method)
-    rows = [[method, args.model, B, fmt(ours['ms']), fmt(1000 * B / ours['ms'], '.0f'), fmt(ours['peak'], '.0f'),
-             fmt(ours['warmup_s']), fmt(ref['ms']), fmt(ref['peak'], '.0f'),
-             fmt(time_ratio, '.2f') + verdict(time_ratio, target),
-             fmt(mem_ratio, '.2f') + verdict(mem_ratio, MEMORY_TARGET),
-             (f'time ≤ {target:.2f}×, ' if target else 'time —, ') + f'mem ≤ {MEMORY_TARGET:.2f}×']]
+    """Ours against the reference (None: --no_reference), MimCo's teacher share, MAE against a full ViT step."""
+    B, ref, target = args.batch_size, ref or {'ms': None, 'peak': None}, TIME_TARGET[method]
+    def speed(ms):  # step ms, img/s
+        return [fmt(ms), fmt(1000 * B / ms, '.0f')]
+    rows = [[method, args.model, B, *speed(ours['ms']), fmt(ours['peak'], '.0f'), fmt(ours['warmup_s']),
+             fmt(ref['ms']), fmt(ref['peak'], '.0f'), ratio_cell(ours['ms'], ref['ms'], target),
+             ratio_cell(ours['peak'], ref['peak'], MEMORY_TARGET), f'time ≤ {target:.2f}×, mem ≤ {MEMORY_TARGET:.2f}×']]
     if 'teacher_ms' in ours:
-        share = ours['teacher_ms'] / ours['ms']
-        rows.append([f'{method}: teacher fwd / step', args.teacher_model or args.model, B,
-                     fmt(ours['teacher_ms']), fmt(1000 * B / ours['teacher_ms'], '.0f'), '', '', '', '',
-                     fmt(share, '.2f') + verdict(share, TEACHER_SHARE), '',
+        rows.append([f'{method}: teacher fwd / step', args.teacher_model or args.model, B, *speed(ours['teacher_ms']),
+                     '', '', '', '', ratio_cell(ours['teacher_ms'], ours['ms'], TEACHER_SHARE), '',
                      f'≤ {TEACHER_SHARE:.2f} (GPU bf16)'])
     if full_vit is not None:
-        ratio = ours['ms'] / full_vit['ms']
-        rows.append([f'{method} / full-sequence ViT', args.model, B, fmt(full_vit['ms']),
-                     fmt(1000 * B / full_vit['ms'], '.0f'), fmt(full_vit['peak'], '.0f'), '', '', '',
-                     fmt(ratio, '.2f') + verdict(ratio, MAE_VS_FULL_VIT), '', f'time ≤ {MAE_VS_FULL_VIT:.2f}×'])
+        rows.append([f'{method} / full-sequence ViT', args.model, B, *speed(full_vit['ms']),
+                     fmt(full_vit['peak'], '.0f'), '', '', '', ratio_cell(ours['ms'], full_vit['ms'], MAE_VS_FULL_VIT),
+                     '', f'time ≤ {MAE_VS_FULL_VIT:.2f}×'])
     return rows
 
 
-HEADER = ['method', 'model', 'batch', 'step ms', 'img/s', 'peak MiB', 'warm-up s', 'reference ms',
-          'reference MiB', 'time ratio', 'mem ratio', 'target']
-
-
-def main(bench) -> str:
-    methods = [m.strip() for m in bench.methods.split(',') if m.strip()]
-    if not methods or any(m not in METHODS for m in methods):
-        raise SystemExit(f'error: --methods {bench.methods!r}: choose from {", ".join(METHODS)}')
-    device = torch.device(bench.device)
+def main(bench) -> list:
+    device, rows = torch.device(bench.device), []
     if bench.threads:
         torch.set_num_threads(bench.threads)
-    memory_kind = 'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'peak RSS growth (VmHWM), coarse'
-    rows = []
+    # The flags of every step measured; --pretrain_args last, to win.
+    flags = ['--num_workers', '0'] + (['--input_size', str(bench.input_size)] if bench.input_size else [])
+    flags += (['--amp', bench.amp] if bench.amp else []) + (['--compile'] if bench.compile else [])
+    flags += shlex.split(bench.pretrain_args)
     with tempfile.TemporaryDirectory() as folder:
-        teacher_path = write_teacher(bench, folder) if 'mimco' in methods else None
-        for index, method in enumerate(methods):
+        teacher = write_teacher(bench, folder, flags) if 'mimco' in bench.methods else None
+        for method in bench.methods:
             torch.manual_seed(bench.seed)
-            args = pretrain_args(bench, method, teacher_path if method == 'mimco' else None)
-            if index == 0:  # each row is printed once measured: a run cut short keeps what it measured
+            mimco = ['--teacher', teacher, '--teacher_model', bench.teacher_model or bench.model]
+            args = pretrain_args(bench, method, *(mimco if method == 'mimco' else []), *flags)
+            if not rows:  # each row is printed once measured: a run cut short keeps what it measured
                 print(f'device: {device_name(device)}; amp {args.amp}; compile {bench.compile}; '
                       f'channels_last {args.channels_last}; {bench.steps} timed steps after {bench.warmup} '
-                      f'warm-up (warm-up s: ours, with compilation); peak memory: {memory_kind}\n')
-                print(markdown_table(HEADER, []), flush=True)
+                      f'warm-up (warm-up s: ours, with compilation); peak memory: '
+                      f'{"torch.cuda.max_memory_allocated" if device.type == "cuda" else "n/a on the CPU"}\n')
+                print(markdown_row(HEADER, header=True), flush=True)
             ours = measure_ours(args, device, bench.steps, bench.warmup)
             reference = functools.partial(measure_reference, args, device, bench.steps, bench.warmup)
             ref = None if bench.no_reference else reference()
@@ -388,10 +289,8 @@ def main(bench) -> str:
             for row in method_rows(method, args, ours, ref, full):
                 print(markdown_row(row), flush=True)
                 rows.append(row)
-            release_memory(device)
-    return markdown_table(HEADER, rows)
+    return rows
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser('mimco step benchmark', parents=[get_args_parser()])
-    main(parser.parse_args())
+    main(argparse.ArgumentParser('mimco step benchmark', parents=[get_args_parser()]).parse_args())

@@ -1,12 +1,12 @@
 """The benchmarks run end to end on CPU, and the CUDA-first flags (--amp bf16, --compile) fall back
 cleanly there. No timing is asserted: that is the benchmarks' job, on an idle machine."""
-import argparse
 import functools
 import math
 import os
+import re
 import shlex
+import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,8 +18,9 @@ from tests.conftest import ROOT, epoch_losses, parse
 
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 import bench_data  # noqa: E402
-import gpu_all  # noqa: E402
 import bench_step  # noqa: E402
+
+GPU_ALL = os.path.join(ROOT, 'benchmarks', 'gpu_all.sh')
 
 # Heads and decoder as scripts/demo.sh sizes them for digits, so that a step takes milliseconds.
 SMALL = '--moco_mlp_dim 256 --head_dim 256 --decoder_embed_dim 64 --decoder_depth 2 --decoder_num_heads 4'
@@ -60,7 +61,8 @@ def check_step_rows(rows: dict, methods: list) -> None:
         for name in ('step ms', 'img/s', 'reference ms', 'time ratio'):
             assert number(cells[name]) > 0, (method, name, cells[name])
         assert number(cells['img/s']) == pytest.approx(8000 / number(cells['step ms']), rel=0.02, abs=0.6)
-        assert number(cells['peak MiB']) >= 0 and number(cells['reference MiB']) >= 0, cells
+        # Peak memory is CUDA's max_memory_allocated: n/a on the CPU, and so is the memory ratio.
+        assert cells['peak MiB'] == cells['reference MiB'] == cells['mem ratio'] == 'n/a', cells
 
 
 def run_bench(module, argv: list, capsys) -> str:
@@ -119,7 +121,7 @@ def test_bench_step_prints_each_row_once_measured(one_thread, monkeypatch, capsy
 
 def test_bench_data_decoder_table_on_its_own_jpegs(one_thread, capsys):
     """Each decode path is timed on the JPEGs the benchmark writes, its views compared with the pil
-    path's on the same crops; optional decoders missing here are skipped with the reason."""
+    path's on the same crops; the GPU row is skipped with the reason where there is no CUDA."""
     out = run_bench(bench_data, ['--images', '6', '--repeats', '2', '--image_size', '64', '48', '--input_size', '32'],
                     capsys)
     assert out.startswith('6 JPEGs (64x48, quality 90); views 32 px')
@@ -149,43 +151,56 @@ def test_bench_data_loader_table_runs_the_real_loader(one_thread, capsys):
         assert rows[method][2] == '16' and float(rows[method][7]) > 0, rows[method]
 
 
+def gpu_all(**env) -> tuple:
+    """benchmarks/gpu_all.sh's completed process, and (title, flags, printed text, closing line) of each block."""
+    run = subprocess.run(['bash', GPU_ALL], capture_output=True, text=True, timeout=1800,
+                         env={**os.environ, 'PYTHON': sys.executable, **env})
+    blocks = re.findall(r'^## ([^\n(]*) \(([^\n]*)\), budget \d+ s\n(.*?)^-- ([^\n]*)$', run.stdout, flags=re.M | re.S)
+    return run, blocks
+
+
+def script_titles() -> list:
+    return re.findall(r"^block \d+ '([^']+)'", open(GPU_ALL).read(), flags=re.M)
+
+
+def fake_python(tmp_path, body: str) -> str:
+    path = tmp_path / 'python'
+    path.write_text(f'#!/bin/sh\n{body}\n')
+    path.chmod(0o755)
+    return str(path)
+
+
 @pytest.mark.slow
-def test_gpu_all_runs_every_block_tiny_on_cpu(capsys):
-    """The GPU session's one command, every block on the CPU with a tiny ViT: each prints its rows."""
-    compile_model = torch.compile
-    results = gpu_all.main(gpu_all.get_args_parser().parse_args(['--tiny']))
-    out = capsys.readouterr().out
-    assert [why for _, _, why in results] == [''] * len(gpu_all.BLOCKS), results
-    tables = [table_rows(block) for block in out.split('\n## ')[1:]]
+def test_gpu_all_runs_every_block_tiny_on_cpu():
+    """The GPU session's one command, every block on the CPU with a tiny ViT (TINY=1): each prints its rows."""
+    run, blocks = gpu_all(TINY='1')
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert [title for title, *_ in blocks] == script_titles() and len(blocks) == 8, blocks
+    assert all(re.fullmatch(r'\d+ s', end) for *_, end in blocks), blocks  # none failed, stopped or skipped
+    tables = [table_rows(text) for _, _, text, _ in blocks]
     assert tables[0]['torchvision.io.decode_jpeg: decode + crop + flip'][1] and 'mimco' in tables[1]
-    for table, (_, _, _, argv) in zip(tables[2:], gpu_all.BLOCKS[2:]):
-        methods = argv[argv.index('--methods') + 1].split(',')
+    for table, (_, flags, _, _) in zip(tables[2:], blocks[2:]):
+        methods = re.search(r'--methods (\S+)', flags).group(1).split(',')
         assert all(number(table[m][4]) > 0 for m in methods), table
-    assert 'mae / full-sequence ViT' in tables[6] and number(tables[7]['mocov3'][7]) > 0  # compiled reference
-    assert torch.compile is compile_model  # --tiny's no-op compile does not outlive the run
+    assert 'mae / full-sequence ViT' in tables[6] and number(tables[7]['mocov3'][7]) > 0  # the reference
+    assert re.search(r'^total \d+ s$', run.stdout, flags=re.M)
 
 
-class EndlessBenchmark:
-    """A benchmark that prints a row, then never ends (a compilation that would not finish)."""
-
-    @staticmethod
-    def get_args_parser():
-        return argparse.ArgumentParser(add_help=False)
-
-    @staticmethod
-    def main(args):
-        print('| row | measured |', flush=True)
-        while True:
-            time.sleep(0.01)
+def test_gpu_all_reports_a_failed_block_and_runs_the_next(tmp_path):
+    run, blocks = gpu_all(PYTHON=fake_python(tmp_path, 'exit 3'))
+    assert run.returncode == 1 and len(blocks) == len(script_titles()) == 8, run.stdout
+    assert all(re.fullmatch(r'\d+ s: failed \(exit code 3\)', end) for *_, end in blocks), blocks
 
 
-def test_gpu_all_stops_a_block_at_its_budget(monkeypatch, capsys):
-    """A block past its budget is stopped (the rows it printed stay); none starts after --total_s."""
-    monkeypatch.setattr(gpu_all, 'BLOCKS', [(0.3, 'endless', EndlessBenchmark, []), (60, 'next', EndlessBenchmark, [])])
-    results = gpu_all.main(gpu_all.get_args_parser().parse_args(['--total_s', '0.3']))
-    assert [why for _, _, why in results] == ['stopped at its budget of 0 s', 'skipped: out of time'], results
-    assert 0.3 <= results[0][1] < 5
-    assert '| row | measured |' in capsys.readouterr().out
+def test_gpu_all_stops_a_block_at_its_budget(tmp_path):
+    """A block past its budget is stopped (the rows it printed stay); none starts after TOTAL_S."""
+    endless = fake_python(tmp_path, "echo '| row | measured |'\nexec sleep 60")
+    run, blocks = gpu_all(PYTHON=endless, TOTAL_S='1')
+    assert run.returncode == 1 and len(blocks) == 8, run.stdout
+    seconds, why = blocks[0][3].split(' s: ', 1)
+    assert why == 'stopped at its budget of 1 s' and 1 <= int(seconds) < 5, blocks[0]
+    assert '| row | measured |' in blocks[0][2]
+    assert all(end == '0 s: skipped: out of time' for *_, end in blocks[1:]), blocks
 
 
 def test_pretrain_bf16_and_compile_fall_back_on_cpu(one_thread, aot_eager_compile, tmp_path):
