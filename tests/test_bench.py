@@ -198,7 +198,7 @@ def test_gpu_all_stops_a_block_at_its_budget(tmp_path):
     run, blocks = gpu_all(PYTHON=endless, TOTAL_S='1')
     assert run.returncode == 1 and len(blocks) == 8, run.stdout
     seconds, why = blocks[0][3].split(' s: ', 1)
-    assert why == 'stopped at its budget of 1 s' and 1 <= int(seconds) < 5, blocks[0]
+    assert why == 'stopped at its budget of 1 s' and 1 <= int(seconds) <= 11, blocks[0]  # SIGKILL 10 s after
     assert '| row | measured |' in blocks[0][2]
     assert all(end == '0 s: skipped: out of time' for *_, end in blocks[1:]), blocks
 
