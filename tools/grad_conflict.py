@@ -1,11 +1,10 @@
 """Gradient conflict between MIM and contrastive learning, block by block (the Layer Grafted paper's
-motivating observation, Jiang et al., 2023, Sec. 1): the cosine similarity between the gradient of
-the MAE loss and the gradient of the MoCo v3 loss, both taken on the *same* encoder weights.
+motivating observation, Jiang et al., 2023, Sec. 1): the cosine similarity between the gradients of the
+MAE loss and of the MoCo v3 loss on the *same* encoder weights. The decoder (MAE) and the projector and
+predictor (MoCo v3) come from the checkpoint when it holds them (ours, official MAE, official MoCo v3),
+else they are freshly initialised; the output says which.
 
 python tools/grad_conflict.py --checkpoint output/mae/checkpoint-last.pth
-
-The decoder (MAE) and the projector/predictor (MoCo v3) come from the checkpoint when it holds them
-(ours, official MAE, official MoCo v3), else they are freshly initialised; the table says which.
 """
 import argparse
 import copy
@@ -81,9 +80,10 @@ def load_heads(state: dict, mae: models_mae.MAE, moco: models_mocov3.MoCoV3, pat
         try:
             module.load_state_dict({**encoder, **found})
         except RuntimeError as e:
-            raise InputError(f'the {what} in {path} does not fit the one built here ({one_line(e).split(". ")[0][:200]}): give '
-                             f'the sizes it was trained with (--decoder_embed_dim/--decoder_depth/'
-                             f'--decoder_num_heads, --moco_dim/--moco_mlp_dim)') from None
+            detail = one_line(e).split('. ')[0][:200]  # the first mismatch
+            raise InputError(f'the {what} in {path} does not fit the one built here ({detail}): give the sizes it '
+                             f'was trained with (--decoder_embed_dim/--decoder_depth/--decoder_num_heads, '
+                             f'--moco_dim/--moco_mlp_dim)') from None
         loaded.append(what)
     moco.momentum_encoder.load_state_dict(moco.base_encoder.state_dict())  # the key projector = the loaded one
     return loaded
