@@ -36,35 +36,24 @@ def get_args_parser():
     return p
 
 
-def commands(args) -> dict:
-    """protocol -> (script, argv) of the runs, the argv exactly as on a command line."""
-    common = ['--num_workers', str(args.num_workers), '--seed', str(args.seed)]
-    out = {name: ['--output_dir', os.path.join(args.output_dir, name)] for name in PROTOCOLS}
-    probe = ['--checkpoint', args.checkpoint] + common
-    warmup = str(min(10, args.linear_epochs // 9))  # MAE's 10 of 90
-    finetune = ['--finetune', args.checkpoint] * (args.checkpoint != 'random')
-    return {
-        'knn': ('main_linprobe.py', ['--protocol', 'knn'] + probe + out['knn']),
-        'linear': ('main_linprobe.py', ['--protocol', 'linear', '--epochs', str(args.linear_epochs),
-                                        '--warmup_epochs', warmup] + probe + out['linear']),
-        'logreg1': ('main_linprobe.py', ['--protocol', 'logreg', '--train_fraction', '0.01'] + probe + out['logreg1']),
-        'logreg10': ('main_linprobe.py', ['--protocol', 'logreg', '--train_fraction', '0.1'] + probe + out['logreg10']),
-        'finetune': ('main_finetune.py', finetune + ['--epochs', str(args.finetune_epochs), '--warmup_epochs',
-                                                     str(args.finetune_warmup), '--blr', str(args.finetune_blr)]
-                     + common + out['finetune']),
-    }
-
-
 def main(args):
-    scripts = {'main_linprobe.py': main_linprobe, 'main_finetune.py': main_finetune}
+    common = ['--num_workers', str(args.num_workers), '--seed', str(args.seed)]
+    probe = ['--checkpoint', args.checkpoint] + common
+    argv = {'knn': ['--protocol', 'knn'] + probe,
+            'linear': ['--protocol', 'linear', '--epochs', str(args.linear_epochs),
+                       '--warmup_epochs', str(min(10, args.linear_epochs // 9))] + probe,  # MAE's 10 of 90
+            'logreg1': ['--protocol', 'logreg', '--train_fraction', '0.01'] + probe,
+            'logreg10': ['--protocol', 'logreg', '--train_fraction', '0.1'] + probe,
+            'finetune': ['--finetune', args.checkpoint] * (args.checkpoint != 'random')
+                        + ['--epochs', str(args.finetune_epochs), '--warmup_epochs', str(args.finetune_warmup),
+                           '--blr', str(args.finetune_blr)] + common}
     results = {}
-    for name, (script, argv) in commands(args).items():
-        if name not in args.protocols:
-            continue
-        print(f'[eval_all] {name}: python {script} {shlex.join(argv)}', flush=True)
-        module = scripts[script]
-        parser = argparse.ArgumentParser(script, parents=[module.get_args_parser()])
-        results[name] = module.main(parser.parse_args(argv))
+    for name in [name for name in PROTOCOLS if name in args.protocols]:
+        module = main_finetune if name == 'finetune' else main_linprobe
+        script, run_argv = f'{module.__name__}.py', argv[name] + ['--output_dir', os.path.join(args.output_dir, name)]
+        print(f'[eval_all] {name}: python {script} {shlex.join(run_argv)}', flush=True)
+        results[name] = module.main(argparse.ArgumentParser(script, parents=[module.get_args_parser()])
+                                    .parse_args(run_argv))
     shown = ', '.join(f'{name} {metrics["acc1"]:.1f}' for name, metrics in results.items())
     print(f'[eval_all] {args.checkpoint}: {shown}', flush=True)
     return results
