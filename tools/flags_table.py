@@ -22,23 +22,19 @@ SCRIPTS = [
 COMMAND = 'python tools/flags_table.py --markdown > docs/flags.md'
 
 
-def cell(text: str) -> str:
-    """Text as a Markdown table cell: a `|` would end the cell, a `<name>` would be read as HTML."""
-    return text.replace('|', '\\|').replace('<', '&lt;')
-
-
 def flags_table(parser: argparse.ArgumentParser) -> str:
     rows = ['| flag | default | what it does |', '|---|---|---|']
     for action in parser._actions:
         if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == 'help':
             continue
-        names = ', '.join(f'`{s}`' for s in action.option_strings)
         text = action.help % {**vars(action), 'prog': parser.prog} if action.help else ''  # '%%' is '%'
         stated = '(default' in text  # the help says it better (e.g. 'cuda when available')
         switch = isinstance(action, argparse._StoreConstAction)  # store_true / store_false: no value
         default = '' if stated or switch or action.default in (None, '', False) else f'`{action.default}`'
-        choices = f' ({", ".join(map(str, action.choices))})' if action.choices else ''
-        rows.append(f'| {names} | {default} | {cell(text + choices)} |')
+        text += f' ({", ".join(map(str, action.choices))})' if action.choices else ''
+        # A `|` would end the cell, a `<name>` would be read as HTML.
+        text = text.replace('|', '\\|').replace('<', '&lt;')
+        rows.append(f'| {", ".join(f"`{s}`" for s in action.option_strings)} | {default} | {text} |')
     return '\n'.join(rows)
 
 
@@ -50,8 +46,7 @@ def flags_page() -> str:
              '`python main_pretrain.py --help` (and the others) print the same. '
              'Back to the [README](../README.md).']
     for name, note in SCRIPTS:
-        module = importlib.import_module(name)
-        parts += ['', f'## `{name}.py`', '', note, '', flags_table(module.get_args_parser())]
+        parts += ['', f'## `{name}.py`', '', note, '', flags_table(importlib.import_module(name).get_args_parser())]
     return '\n'.join(parts) + '\n'
 
 
@@ -64,7 +59,5 @@ def get_args_parser():
 
 if __name__ == '__main__':
     args = argparse.ArgumentParser(parents=[get_args_parser()]).parse_args()
-    if args.markdown:
-        print(flags_page(), end='')
-    else:
-        print(flags_table(importlib.import_module(args.script).get_args_parser()))
+    module = importlib.import_module(args.script)
+    sys.stdout.write(flags_page() if args.markdown else flags_table(module.get_args_parser()) + '\n')
