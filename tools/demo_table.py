@@ -8,6 +8,7 @@ import argparse
 import datetime
 import json
 import os
+import pathlib
 
 # (row label, pre-training folders in order, folder of its evaluations): the layout of scripts/demo.sh.
 ROWS = [('random init', [], 'random'), ("MoCo v3 (MimCo's teacher)", ['mocov3'], 'mocov3'),
@@ -24,11 +25,8 @@ ORDERINGS = [('mimco', '≥', 'mocov3', 'knn'), ('mimco', '≥', 'mocov3', 'logr
 
 def read_log(*folders: str) -> list:
     """The JSON lines of the run's log.txt in os.path.join(*folders); none if it did not run."""
-    path = os.path.join(*folders, 'log.txt')
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    path = pathlib.Path(*folders, 'log.txt')
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def table(output_dir: str) -> tuple:

@@ -1,8 +1,7 @@
-"""The five evaluations of one backbone, in one process (one import of torch instead of five), each
-by the real script's parser and main(): kNN, linear probe, 1 % and 10 % logistic regression
-(main_linprobe.py) and a fine-tune (main_finetune.py). Each prints its command line first and writes
-its JSON summary to <output_dir>/<knn|linear|logreg1|logreg10|finetune>/log.txt, which
-tools/demo_table.py reads. Used by scripts/demo.sh:
+"""The five evaluations of one backbone in one process (one import of torch instead of five), each by
+the real script's parser and main(): kNN, linear probe, 1 % and 10 % logistic regression (main_linprobe.py)
+and a fine-tune (main_finetune.py). Each prints its command line, then writes its JSON summary to
+<output_dir>/<protocol>/log.txt for tools/demo_table.py. Used by scripts/demo.sh:
 
 python tools/eval_all.py --checkpoint output/demo/mimco/checkpoint-last.pth --output_dir output/demo/eval/mimco
 """
@@ -22,9 +21,8 @@ PROTOCOLS = ['knn', 'linear', 'logreg1', 'logreg10', 'finetune']
 
 def get_args_parser():
     p = argparse.ArgumentParser('all evaluations of one backbone', add_help=False)
-    p.add_argument('--checkpoint', default='random', type=str,
-                   help='backbone (any format util/backbones reads), or `random` for the random-init '
-                        'baseline (fine-tuned from scratch)')
+    p.add_argument('--checkpoint', default='random', type=str, help='backbone (any format util/backbones reads), '
+                   'or `random` for the random-init baseline (fine-tuned from scratch)')
     p.add_argument('--output_dir', default='output_dir/eval', help='one sub-folder per evaluation')
     p.add_argument('--protocols', nargs='+', default=PROTOCOLS, choices=PROTOCOLS, help='evaluations to run')
     p.add_argument('--linear_epochs', default=90, type=int, help='linear probe epochs (MAE: 90)')
@@ -60,5 +58,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser('all evaluations of one backbone', parents=[get_args_parser()])
-    run_main(main, parser.parse_args())
+    run_main(main, argparse.ArgumentParser('all evaluations of one backbone', parents=[get_args_parser()]).parse_args())

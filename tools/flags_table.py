@@ -1,9 +1,8 @@
-"""The Markdown tables of the scripts' flags, from their own argument parsers:
+"""The Markdown tables of the scripts' flags, from their own argument parsers (tests/test_readme.py checks
+that docs/flags.md is what --markdown prints now):
 
 python tools/flags_table.py main_pretrain            # one script's table
 python tools/flags_table.py --markdown > docs/flags.md   # the whole page, one table per script
-
-tests/test_readme.py checks that docs/flags.md is what --markdown prints now.
 """
 import argparse
 import importlib
@@ -13,12 +12,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (script, what to know besides its table), in the order of docs/flags.md.
-SCRIPTS = [
-    ('main_pretrain', 'Pre-training, every method (`--method`). Per-method defaults (e.g. `--mask_ratio` '
-                      '0.4 for MimCo, 0.75 for MAE) are in the help text; a flag given always wins.'),
-    ('main_finetune', 'End-to-end fine-tuning, also the 10 % semi-supervised protocol.'),
-    ('main_linprobe', 'Frozen features: linear probe, logistic regression, kNN (`--protocol`).'),
-]
+SCRIPTS = [('main_pretrain', 'Pre-training, every method (`--method`). Per-method defaults (e.g. `--mask_ratio` '
+                             '0.4 for MimCo, 0.75 for MAE) are in the help text; a flag given always wins.'),
+           ('main_finetune', 'End-to-end fine-tuning, also the 10 % semi-supervised protocol.'),
+           ('main_linprobe', 'Frozen features: linear probe, logistic regression, kNN (`--protocol`).')]
 COMMAND = 'python tools/flags_table.py --markdown > docs/flags.md'
 
 

@@ -8,17 +8,15 @@ python tools/grad_conflict.py --checkpoint output/mae/checkpoint-last.pth
 """
 import argparse
 import copy
+import itertools
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import matplotlib  # noqa: E402
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402  (no pyplot: files only, no window)
 
 import main_pretrain  # noqa: E402
 import models_mae  # noqa: E402
@@ -33,9 +31,8 @@ HEAD_SIZES = {a.dest: a for a in main_pretrain.get_args_parser()._actions
 
 def get_args_parser():
     p = argparse.ArgumentParser('MIM vs CL gradient conflict per block', add_help=False)
-    p.add_argument('--checkpoint', default=None, type=str,
-                   help='encoder weights (any format util/backbones reads; default: none, a randomly '
-                        'initialised encoder, the baseline)')
+    p.add_argument('--checkpoint', default=None, type=str, help='encoder weights (any format util/backbones '
+                   'reads; default: none, a randomly initialised encoder, the baseline)')
     p.add_argument('--model', default=None, type=str,
                    help='timm name of the encoder (default: inferred from the file, else vit_digits_patch4_16)')
     p.add_argument('--batch_size', default=128, type=int, help='images per batch')
@@ -92,9 +89,7 @@ def load_heads(state: dict, mae: models_mae.MAE, moco: models_mocov3.MoCoV3, pat
 def per_block_cosine(mae, moco, loader, num_batches: int, device) -> tuple:
     """(cosines, |g_MIM|, |g_CL|) per block, gradients summed over `num_batches` batches."""
     mae.train(), moco.train()
-    for step, ((view1, view2), _) in enumerate(loader):
-        if step == num_batches:
-            break
+    for (view1, view2), _ in itertools.islice(loader, num_batches):
         view1, view2 = view1.to(device), view2.to(device)
         mae(view1)[0].backward()  # MIM gradients accumulate in mae.encoder
         moco(view1, view2, m=1.0)[0].backward()  # m = 1: the key encoder stays the loaded weights
@@ -103,18 +98,6 @@ def per_block_cosine(mae, moco, loader, num_batches: int, device) -> tuple:
                    for vit in (mae.encoder, moco.base_encoder))
     cosines = [F.cosine_similarity(a, b, dim=0).item() for a, b in zip(g_mim, g_cl)]
     return cosines, [g.norm().item() for g in g_mim], [g.norm().item() for g in g_cl]
-
-
-def plot(cosines: list, path: str, title: str) -> None:
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar(range(len(cosines)), cosines, color=['tab:red' if c < 0 else 'tab:blue' for c in cosines])
-    ax.axhline(0, color='black', linewidth=0.8)
-    ax.set(xlabel='block', ylabel='cos(grad MIM, grad CL)')
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(args) -> list:
@@ -137,7 +120,15 @@ def main(args) -> list:
     print(f'{"block":>5}  {"cos(MIM, CL)":>12}  {"|g_MIM|":>9}  {"|g_CL|":>9}')
     for i, (c, a, b) in enumerate(zip(cosines, norm_mim, norm_cl)):
         print(f'{i:>5}  {c:>12.4f}  {a:>9.3e}  {b:>9.3e}')
-    plot(cosines, args.output, f'MIM vs CL gradient per block\n{os.path.basename(source)}')
+    fig = Figure(figsize=(5, 3))
+    ax = fig.subplots()
+    ax.bar(range(len(cosines)), cosines, color=['tab:red' if c < 0 else 'tab:blue' for c in cosines])
+    ax.axhline(0, color='black', linewidth=0.8)
+    ax.set(xlabel='block', ylabel='cos(grad MIM, grad CL)')
+    ax.set_title(f'MIM vs CL gradient per block\n{os.path.basename(source)}', fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(args.output) or '.', exist_ok=True)
+    fig.savefig(args.output, dpi=120)
     print(f'plot: {args.output}')
     return cosines
 

@@ -27,21 +27,17 @@ from util.pretrain import build_model  # noqa: E402
 
 def get_args_parser():
     p = argparse.ArgumentParser('mimco pictures and separability', add_help=False)
-    p.add_argument('--checkpoints', nargs='+', default=['random'],
-                   help='backbones (any format util/backbones reads), `random` for the random-init '
-                        'baseline of --model; each gets a t-SNE panel and an attention row')
-    p.add_argument('--names', nargs='+', default=None,
-                   help="a short name per checkpoint (default: the checkpoint's folder name, or random)")
-    p.add_argument('--model', default=None, type=str,
-                   help="timm name (default: each file's architecture; vit_digits_patch4_16 for random)")
+    p.add_argument('--checkpoints', nargs='+', default=['random'], help='backbones (any format util/backbones '
+                   'reads), `random` for the random-init --model; each gets a t-SNE panel and an attention row')
+    p.add_argument('--names', nargs='+', help="a short name per checkpoint (default: its folder name, or random)")
+    p.add_argument('--model', help="timm name (default: each file's architecture; vit_digits_patch4_16 for random)")
     p.add_argument('--output_dir', default='output_dir/pictures', help='where the PNG files go')
     p.add_argument('--num_images', default=8, type=int, help='val images in the attention and MAE/MimCo rows')
     p.add_argument('--perplexity', default=30.0, type=float, help='t-SNE perplexity')
     p.add_argument('--tsne_iters', default=1000, type=int, help='t-SNE optimisation steps (at least 250)')
     p.add_argument('--logreg_iters', default=200, type=int,
                    help='L-BFGS steps of the logistic regression (its accuracy settles long before 1000)')
-    p.add_argument('--max_points', default=2000, type=int,
-                   help='val images in the t-SNE maps at most (a seeded sample)')
+    p.add_argument('--max_points', default=2000, type=int, help='val images in the t-SNE maps at most (seeded)')
     data.add_data_args(p, subsets=False)
     p.add_argument('--batch_size', default=256, type=int, help='images per feature-extraction batch')
     p.add_argument('--num_workers', default=0, type=int, help='data loader workers')
@@ -55,14 +51,11 @@ def get_args_parser():
 def fisher_ratio(x: torch.Tensor, y: torch.Tensor) -> float:
     """tr(S_between) / tr(S_within): between-class over within-class scatter (Fisher, 1936), of
     features centred and L2-normalised so that the ratio does not depend on their scale."""
-    x = F.normalize(x - x.mean(0, keepdim=True), dim=1).double()
-    mean = x.mean(0)
-    between, within = 0.0, 0.0
-    for c in y.unique():
-        members = x[y == c]
-        between += len(members) * (members.mean(0) - mean).square().sum().item()
-        within += (members - members.mean(0)).square().sum().item()
-    return between / within
+    x = F.normalize(x - x.mean(0, keepdim=True), dim=1).double()  # (N, D)
+    onehot = F.one_hot(y).double()  # (N, C)
+    class_means = onehot.T @ x / onehot.sum(0).clamp(min=1)[:, None]  # (C, D)
+    between = (class_means[y] - x.mean(0)).square().sum()  # sum over classes of n_c |mean_c - mean|^2
+    return (between / (x - class_means[y]).square().sum()).item()
 
 
 def separability(backbone, args, device) -> tuple:
@@ -106,7 +99,7 @@ def main(args):
         raise InputError('--num_images must be at least 1 and --max_points at least 10')
     os.makedirs(args.output_dir, exist_ok=True)
     device = torch.device(args.device)
-    panels, maps, written = [], {}, []
+    panels, maps, written = [], {}, [os.path.join(args.output_dir, f) for f in ('tsne.png', 'attention.png')]
     for path, name in zip(args.checkpoints, names):
         backbone_args = argparse.Namespace(**{**vars(args), 'checkpoint': path})  # frozen_backbone sets its model
         torch.manual_seed(args.seed)  # the random-init baseline is the same every run
@@ -118,17 +111,14 @@ def main(args):
                     max_iter=args.tsne_iters, random_state=args.seed)
         embedding = tsne.fit_transform(F.normalize(val_x[keep], dim=1).numpy())
         panels.append((f'{name}\nlogreg {accuracy:.1f} %, Fisher {fisher:.2f}', embedding, val_y[keep].numpy()))
-        images, _ = figures.sample_images(backbone_args, args.num_images)
-        images = images.to(device)
+        images = figures.sample_images(backbone_args, args.num_images).to(device)
         maps[name] = figures.cls_attention(backbone, images)
         written += method_pictures(path, name, backbone, images, args)
-    figures.save(figures.tsne_figure(panels), os.path.join(args.output_dir, 'tsne.png'))
-    figures.save(figures.attention_figure(images, maps), os.path.join(args.output_dir, 'attention.png'))
-    written = [os.path.join(args.output_dir, f) for f in ('tsne.png', 'attention.png')] + written
+    figures.save(figures.tsne_figure(panels), written[0])
+    figures.save(figures.attention_figure(images, maps), written[1])
     print('wrote ' + ', '.join(written))
     return written
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser('mimco pictures and separability', parents=[get_args_parser()])
-    run_main(main, parser.parse_args())
+    run_main(main, argparse.ArgumentParser('mimco pictures and separability', parents=[get_args_parser()]).parse_args())

@@ -1,24 +1,20 @@
-"""Pictures of what a ViT learned, as matplotlib figures (Agg): CLS attention maps of the last block,
-MAE reconstructions, MimCo masks and t-SNE panels. `tools/visualize.py` saves them as PNG;
-`main_pretrain.py --log_images_freq N` sends them to TensorBoard (`log_images`).
-
-Figure sizes are fixed (inches x DPI), so a PNG's pixel size is known in advance.
+"""Pictures of what a ViT learned, as matplotlib figures: CLS attention maps of the last block, MAE
+reconstructions, MimCo masks and t-SNE panels. `tools/visualize.py` saves them as PNG; `main_pretrain.py
+--log_images_freq N` sends them to TensorBoard (`log_images`). Figure sizes are fixed (inches x DPI), so
+a PNG's pixel size is known in advance.
 """
 import contextlib
 import io
 import random
 
-import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure  # no pyplot: files only, never a window
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-matplotlib.use('Agg')  # files only, never a window; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
-
-from util import data  # noqa: E402
+from util import data
 
 DPI = 100
 PANEL = 1.5  # inches per image in the image grids
@@ -40,12 +36,10 @@ def seeded(seed: int = 0):
             random.setstate(state)
 
 
-def sample_images(args, num_images: int) -> tuple:
-    """`num_images` val images spread evenly over the val set, eval transform: (B, C, H, W), (B,)."""
+def sample_images(args, num_images: int) -> torch.Tensor:
+    """`num_images` val images spread evenly over the val set, eval transform: (B, C, H, W)."""
     dataset = data.build_dataset(args, is_train=False, transform=data.eval_transform(args))
-    indices = np.linspace(0, len(dataset) - 1, num_images).round().astype(int)
-    images, labels = zip(*(dataset[int(i)] for i in indices))
-    return torch.stack(images), torch.tensor(labels)
+    return torch.stack([dataset[int(i)][0] for i in np.linspace(0, len(dataset) - 1, num_images).round()])
 
 
 def to_display(images: torch.Tensor) -> np.ndarray:
@@ -57,11 +51,9 @@ def to_display(images: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def cls_attention(vit, images: torch.Tensor) -> torch.Tensor:
-    """The last block's attention from the CLS token to each patch, per head: (B, heads, h, w).
-
-    timm's fused attention (SDPA) never forms the weights, so they are recomputed here from the last
-    block's own qkv projection on its normed input: softmax(q k^T * scale) of the CLS query.
-    """
+    """The last block's attention from the CLS token to each patch, per head: (B, heads, h, w). timm's
+    fused attention (SDPA) never forms the weights, so they are recomputed here from the last block's
+    own qkv projection on its normed input: softmax(q k^T * scale) of the CLS query."""
     x = vit.blocks[:-1](vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images)))))  # (B, 1+N, D)
     attn, tokens = vit.blocks[-1].attn, vit.blocks[-1].norm1(x)
     B, N, _ = tokens.shape
@@ -81,8 +73,8 @@ def image_rows_figure(rows: dict, maps: dict = None):
     """One row of images per entry (`rows`: title -> (B, H, W, C) array); a row with maps in `maps`
     (title -> (B, H, W) array) shows them in colour over its images in grey."""
     maps, columns = maps or {}, len(next(iter(rows.values())))
-    fig, axes = plt.subplots(len(rows), columns, figsize=(PANEL * columns, PANEL * len(rows)), dpi=DPI,
-                             squeeze=False)
+    fig = Figure(figsize=(PANEL * columns, PANEL * len(rows)), dpi=DPI)
+    axes = fig.subplots(len(rows), columns, squeeze=False)
     for (title, images), row_axes in zip(rows.items(), axes):
         for j, ax in enumerate(row_axes):
             ax.set_axis_off()
@@ -105,7 +97,6 @@ def attention_figure(images: torch.Tensor, maps: dict):
     return image_rows_figure({'image': shown, **dict.fromkeys(overlays, shown)}, overlays)
 
 
-@torch.no_grad()
 def masking_figure(images: torch.Tensor, patch_size: int, seed: int = 0, mae=None, mask_generator=None):
     """The images and the same with the masked patches in grey: an `mae`'s random masks and its
     reconstruction with the visible patches pasted back (MAE, He et al., 2022, Fig. 2 style), or the
@@ -129,7 +120,8 @@ def masking_figure(images: torch.Tensor, patch_size: int, seed: int = 0, mae=Non
 
 def tsne_figure(panels: list):
     """Side-by-side t-SNE maps; `panels`: (title, embedding (N, 2), labels (N,)) each."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(TSNE_PANEL * len(panels), TSNE_PANEL), dpi=DPI, squeeze=False)
+    fig = Figure(figsize=(TSNE_PANEL * len(panels), TSNE_PANEL), dpi=DPI)
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, embedding, labels) in zip(axes[0], panels):
         points = ax.scatter(embedding[:, 0], embedding[:, 1], c=labels, cmap='tab10', s=6, vmin=-0.5, vmax=9.5)
         ax.set_title(title, fontsize=8)
@@ -142,7 +134,6 @@ def save(fig, path: str) -> None:
     """A PNG of 256 colours (a third of the size of matplotlib's RGBA; the figures have few colours)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=DPI)
-    plt.close(fig)
     Image.open(buffer).convert('RGB').quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
@@ -150,8 +141,7 @@ def save(fig, path: str) -> None:
 def log_images(writer, model, backbone, args, epoch: int, num_images: int = 8) -> None:
     """TensorBoard pictures of a pre-training model (`main_pretrain.py --log_images_freq`): CLS attention
     of its `backbone`, plus MAE reconstructions or MimCo masks; fixed val images, fixed masks."""
-    images, _ = sample_images(args, num_images)
-    images = images.to(next(model.parameters()).device)
+    images = sample_images(args, num_images).to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     figures = {'cls_attention': attention_figure(images, {args.method: cls_attention(backbone, images)})}
@@ -161,4 +151,4 @@ def log_images(writer, model, backbone, args, epoch: int, num_images: int = 8) -
             mask_generator=getattr(model, 'mask_generator', None))
     model.train(was_training)
     for name, fig in figures.items():
-        writer.add_figure(f'pictures/{name}', fig, epoch)  # closes the figure
+        writer.add_figure(f'pictures/{name}', fig, epoch)
