@@ -7,7 +7,6 @@ python tools/demo_table.py --output_dir output/demo --command "scripts/demo.sh" 
 import argparse
 import datetime
 import json
-import os
 import pathlib
 
 # (row label, pre-training folders in order, folder of its evaluations): the layout of scripts/demo.sh.
@@ -24,7 +23,7 @@ ORDERINGS = [('mimco', '≥', 'mocov3', 'knn'), ('mimco', '≥', 'mocov3', 'logr
 
 
 def read_log(*folders: str) -> list:
-    """The JSON lines of the run's log.txt in os.path.join(*folders); none if it did not run."""
+    """The JSON lines of the run's folders/.../log.txt; none if it did not run."""
     path = pathlib.Path(*folders, 'log.txt')
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
@@ -62,8 +61,7 @@ def main(args):
                          f'{"yes" if holds else "no"} ({x:.1f} vs {y:.1f})')
     if shown:
         result += '\nThe papers\' orderings in this run:\n' + '\n'.join(shown) + '\n'
-    with open(os.path.join(args.output_dir, 'results.md'), 'w') as f:
-        f.write(result)
+    pathlib.Path(args.output_dir, 'results.md').write_text(result)
     print(result, end='')
     return values
 

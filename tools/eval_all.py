@@ -50,8 +50,7 @@ def main(args):
         module = main_finetune if name == 'finetune' else main_linprobe
         script, run_argv = f'{module.__name__}.py', argv[name] + ['--output_dir', os.path.join(args.output_dir, name)]
         print(f'[eval_all] {name}: python {script} {shlex.join(run_argv)}', flush=True)
-        results[name] = module.main(argparse.ArgumentParser(script, parents=[module.get_args_parser()])
-                                    .parse_args(run_argv))
+        results[name] = module.main(module.get_args_parser().parse_args(run_argv))
     shown = ', '.join(f'{name} {metrics["acc1"]:.1f}' for name, metrics in results.items())
     print(f'[eval_all] {args.checkpoint}: {shown}', flush=True)
     return results

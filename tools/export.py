@@ -1,12 +1,8 @@
-"""Export a pre-trained backbone (any file util/backbones reads: ours, MoCo v3, DINO, MAE, timm) as a plain
-timm state dict, exactly the keys of timm's ViT without a classifier, checked by loading it through timm
-and comparing features with `util.backbones.load_backbone` on the original file:
+"""Export a pre-trained backbone (any file util/backbones reads: ours, MoCo v3, DINO, MAE, timm) as a plain timm state
+dict, exactly the keys of timm's ViT without a classifier, checked by loading it through timm and comparing features
+with `util.backbones.load_backbone` on the original file (docs/checkpoints.md shows how to load it):
 
 python tools/export.py --checkpoint output/demo/mimco/checkpoint-last.pth --output mimco_digits.pth
-
-then, anywhere (`import models_vit` first for the names this repository registers):
-    timm.create_model('vit_digits_patch4_16', pretrained=True, pretrained_cfg_overlay=dict(file='mimco_digits.pth'),
-                      num_classes=0)
 """
 import argparse
 import os
@@ -25,9 +21,8 @@ def get_args_parser():
     p = argparse.ArgumentParser('export a backbone as a timm state dict', add_help=False)
     p.add_argument('--checkpoint', required=True, type=str, help='backbone to export (any format util/backbones reads)')
     p.add_argument('--output', default='output_dir/backbone_timm.pth', type=str, help='the plain state dict to write')
-    p.add_argument('--model', default=None, type=str,
-                   help='timm name the weights are for (default: the name saved in our checkpoints; '
-                        'official MoCo v3 ViT-S: mocov3_vit_small, which has its 12 heads)')
+    p.add_argument('--model', default=None, type=str, help='timm name the weights are for (default: the name '
+                   'saved in our checkpoints; official MoCo v3 ViT-S: mocov3_vit_small, which has its 12 heads)')
     p.add_argument('--check', default=True, action=argparse.BooleanOptionalAction,
                    help='load the file with timm.create_model(..., pretrained=True) and compare features')
     return p

@@ -33,8 +33,7 @@ def get_args_parser():
     p = argparse.ArgumentParser('MIM vs CL gradient conflict per block', add_help=False)
     p.add_argument('--checkpoint', default=None, type=str, help='encoder weights (any format util/backbones '
                    'reads; default: none, a randomly initialised encoder, the baseline)')
-    p.add_argument('--model', default=None, type=str,
-                   help='timm name of the encoder (default: inferred from the file, else vit_digits_patch4_16)')
+    p.add_argument('--model', help="timm name of the encoder (default: the file's, else vit_digits_patch4_16)")
     p.add_argument('--batch_size', default=128, type=int, help='images per batch')
     p.add_argument('--num_batches', default=4, type=int, help='batches whose gradients are summed')
     for name, action in HEAD_SIZES.items():
@@ -55,21 +54,20 @@ def get_args_parser():
 def read_file(args) -> dict:
     """The checkpoint's state dict without 'module.' (empty without one); fills the unset head sizes."""
     raw = checkpoint.load_file(args.checkpoint) if args.checkpoint else {}
-    state = raw.get('model', raw.get('state_dict', {})) if isinstance(raw, dict) else {}
-    saved = raw['args'] if isinstance(raw, dict) and isinstance(raw.get('args'), dict) else {}
+    raw = raw if isinstance(raw, dict) else {}
+    saved = raw['args'] if isinstance(raw.get('args'), dict) else {}
     for name, action in HEAD_SIZES.items():
-        if getattr(args, name) is None:
-            setattr(args, name, saved.get(name, action.default))
-    return {k.removeprefix('module.'): v for k, v in state.items()}
+        setattr(args, name, getattr(args, name) or saved.get(name, action.default))
+    return {k.removeprefix('module.'): v for k, v in raw.get('model', raw.get('state_dict', {})).items()}
 
 
 def load_heads(state: dict, mae: models_mae.MAE, moco: models_mocov3.MoCoV3, path: str) -> list:
     """Load each head the file holds, strictly (every key, every shape); returns the names of those loaded."""
     loaded = []
-    for what, module, prefix, starts in [
-            ('MAE decoder', mae, '', ('decoder', 'mask_token')),
-            ('MoCo v3 projector', moco.base_encoder.head, 'base_encoder.head.', ('base_encoder.head.',)),
-            ('MoCo v3 predictor', moco.predictor, 'predictor.', ('predictor.',))]:
+    heads = {'MAE decoder': (mae, ''), 'MoCo v3 projector': (moco.base_encoder.head, 'base_encoder.head.'),
+             'MoCo v3 predictor': (moco.predictor, 'predictor.')}  # module, the prefix of its keys in the file
+    for what, (module, prefix) in heads.items():
+        starts = prefix or ('decoder', 'mask_token')  # the MAE's: its decoder's keys, named as in official files
         found = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(starts)}
         if not found:
             continue
@@ -93,16 +91,14 @@ def per_block_cosine(mae, moco, loader, num_batches: int, device) -> tuple:
         view1, view2 = view1.to(device), view2.to(device)
         mae(view1)[0].backward()  # MIM gradients accumulate in mae.encoder
         moco(view1, view2, m=1.0)[0].backward()  # m = 1: the key encoder stays the loaded weights
-    # Each block's gradient as one flat vector.
     g_mim, g_cl = ([torch.cat([p.grad.flatten() for p in block.parameters()]) for block in vit.blocks]
-                   for vit in (mae.encoder, moco.base_encoder))
+                   for vit in (mae.encoder, moco.base_encoder))  # each block's gradient as one flat vector
     cosines = [F.cosine_similarity(a, b, dim=0).item() for a, b in zip(g_mim, g_cl)]
     return cosines, [g.norm().item() for g in g_mim], [g.norm().item() for g in g_cl]
 
 
 def main(args) -> list:
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
     state = read_file(args)
     encoder = backbones.build_backbone(args.checkpoint, args.model)
     mae = models_mae.MAE(copy.deepcopy(encoder), args.decoder_embed_dim, args.decoder_depth,
@@ -110,25 +106,24 @@ def main(args) -> list:
     mae.encoder.load_state_dict(encoder.state_dict())  # MAE's own init must not replace the weights
     moco = models_mocov3.MoCoV3(copy.deepcopy(encoder), args.moco_dim, args.moco_mlp_dim, args.moco_t)
     loaded = load_heads(state, mae, moco, args.checkpoint)
-    mae.to(device), moco.to(device)
+    mae.to(args.device), moco.to(args.device)
     args.method, args.crop_min = 'mocov3', 0.08  # two views; MIM takes the first
     args.input_size = encoder.patch_embed.img_size[0]
     loader = data.build_loader(data.build_dataset(args, True, data.pretrain_transform(args)), args, True)
-    cosines, norm_mim, norm_cl = per_block_cosine(mae, moco, loader, args.num_batches, device)
+    cosines, norm_mim, norm_cl = per_block_cosine(mae, moco, loader, args.num_batches, args.device)
     source = args.checkpoint or 'random initialisation'
     print(f'encoder: {source}; trained heads from the file: {", ".join(loaded) or "none (all fresh)"}')
     print(f'{"block":>5}  {"cos(MIM, CL)":>12}  {"|g_MIM|":>9}  {"|g_CL|":>9}')
     for i, (c, a, b) in enumerate(zip(cosines, norm_mim, norm_cl)):
         print(f'{i:>5}  {c:>12.4f}  {a:>9.3e}  {b:>9.3e}')
-    fig = Figure(figsize=(5, 3))
-    ax = fig.subplots()
+    ax = Figure(figsize=(5, 3)).subplots()
     ax.bar(range(len(cosines)), cosines, color=['tab:red' if c < 0 else 'tab:blue' for c in cosines])
     ax.axhline(0, color='black', linewidth=0.8)
     ax.set(xlabel='block', ylabel='cos(grad MIM, grad CL)')
     ax.set_title(f'MIM vs CL gradient per block\n{os.path.basename(source)}', fontsize=9)
-    fig.tight_layout()
+    ax.figure.tight_layout()
     os.makedirs(os.path.dirname(args.output) or '.', exist_ok=True)
-    fig.savefig(args.output, dpi=120)
+    ax.figure.savefig(args.output, dpi=120)
     print(f'plot: {args.output}')
     return cosines
 

@@ -1,10 +1,9 @@
-"""Pictures and separability of pre-trained backbones, side by side (PNG files; docs/pictures.md):
-tsne.png, t-SNE maps of the val features titled with the val top-1 of a logistic regression on the
-frozen train features and the Fisher ratio (both also printed); attention.png, the last block's CLS
-attention; mae_reconstruction_<name>.png / mimco_masks_<name>.png for our MAE / MimCo checkpoints.
+"""Pictures and separability of pre-trained backbones, side by side (PNG files; docs/pictures.md): tsne.png,
+t-SNE maps of the val features titled with the val top-1 of a logistic regression on the frozen train
+features and the Fisher ratio (both also printed); attention.png, the last block's CLS attention;
+mae_reconstruction_<name>.png / mimco_masks_<name>.png for our MAE / MimCo checkpoints.
 
-python tools/visualize.py --checkpoints random output/demo/mocov3/checkpoint-last.pth \
-    output/demo/mimco/checkpoint-last.pth --output_dir output/demo/pictures
+python tools/visualize.py --checkpoints random output/demo/mocov3/checkpoint-last.pth --output_dir output/demo/pictures
 """
 import argparse
 import os
@@ -18,17 +17,14 @@ import torch.nn.functional as F  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 
 from engine import extract_features  # noqa: E402
-from util import checkpoint, data, figures  # noqa: E402
-from util.features import center_normalize, frozen_backbone, logistic_regression  # noqa: E402
+from util import checkpoint, data, features, figures, masking, pretrain  # noqa: E402
 from util.errors import InputError, run_main  # noqa: E402
-from util.masking import build_mask_generator  # noqa: E402
-from util.pretrain import build_model  # noqa: E402
 
 
 def get_args_parser():
     p = argparse.ArgumentParser('mimco pictures and separability', add_help=False)
     p.add_argument('--checkpoints', nargs='+', default=['random'], help='backbones (any format util/backbones '
-                   'reads), `random` for the random-init --model; each gets a t-SNE panel and an attention row')
+                   'reads), `random` for the random-init baseline of --model; each is a t-SNE panel, an attention row')
     p.add_argument('--names', nargs='+', help="a short name per checkpoint (default: its folder name, or random)")
     p.add_argument('--model', help="timm name (default: each file's architecture; vit_digits_patch4_16 for random)")
     p.add_argument('--output_dir', default='output_dir/pictures', help='where the PNG files go')
@@ -48,27 +44,23 @@ def get_args_parser():
     return p
 
 
-def fisher_ratio(x: torch.Tensor, y: torch.Tensor) -> float:
-    """tr(S_between) / tr(S_within): between-class over within-class scatter (Fisher, 1936), of
-    features centred and L2-normalised so that the ratio does not depend on their scale."""
-    x = F.normalize(x - x.mean(0, keepdim=True), dim=1).double()  # (N, D)
-    onehot = F.one_hot(y).double()  # (N, C)
-    class_means = onehot.T @ x / onehot.sum(0).clamp(min=1)[:, None]  # (C, D)
-    between = (class_means[y] - x.mean(0)).square().sum()  # sum over classes of n_c |mean_c - mean|^2
-    return (between / (x - class_means[y]).square().sum()).item()
-
-
 def separability(backbone, args, device) -> tuple:
-    """(val features, val labels, logreg val top-1 %, Fisher ratio); the logistic regression is Layer
-    Grafted's, on all the frozen train features."""
+    """(val features, val labels, logreg val top-1 %, Fisher ratio): Layer Grafted's logistic regression on
+    all the frozen train features; tr(S_between) / tr(S_within), between- over within-class scatter (Fisher,
+    1936) of the val features, centred and L2-normalised so that the ratio does not depend on their scale."""
     (train_x, train_y), (val_x, val_y) = (
         extract_features(backbone, data.build_dataset(args, is_train, data.eval_transform(args)), device, args)
         for is_train in (True, False))
-    train_n, val_n = center_normalize(train_x, val_x)
-    classifier = logistic_regression(train_n, train_y, int(train_y.max()) + 1, 2.5e-4 / len(train_n),
-                                     args.logreg_iters)
+    train_n, val_n = features.center_normalize(train_x, val_x)
+    classifier = features.logistic_regression(train_n, train_y, int(train_y.max()) + 1, 2.5e-4 / len(train_n),
+                                              args.logreg_iters)
     accuracy = (classifier(val_n.double()).argmax(1) == val_y).double().mean().item() * 100
-    return val_x.cpu(), val_y.cpu(), accuracy, fisher_ratio(val_x, val_y)
+    x = F.normalize(val_x - val_x.mean(0, keepdim=True), dim=1).double()  # (N, D)
+    onehot = F.one_hot(val_y).double()  # (N, C)
+    class_means = onehot.T @ x / onehot.sum(0).clamp(min=1)[:, None]  # (C, D)
+    between = (class_means[val_y] - x.mean(0)).square().sum()  # sum over classes of n_c |mean_c - mean|^2
+    fisher = (between / (x - class_means[val_y]).square().sum()).item()
+    return val_x.cpu(), val_y.cpu(), accuracy, fisher
 
 
 def method_pictures(path: str, name: str, backbone, images, args) -> list:
@@ -78,14 +70,14 @@ def method_pictures(path: str, name: str, backbone, images, args) -> list:
     if run.get('method') not in figures.MASKING_NAMES:
         return []
     if run['method'] == 'mae':
-        mae = build_model(argparse.Namespace(**run))[0]
+        mae = pretrain.build_model(argparse.Namespace(**run))[0]
         mae.load_state_dict(saved['model'])
-        masking = dict(mae=mae.to(images.device).eval())
+        masker = dict(mae=mae.to(images.device).eval())
     else:
-        masking = dict(mask_generator=build_mask_generator(run['mask_type'], backbone.patch_embed.grid_size,
-                                                           run['mask_ratio']))
+        masker = dict(mask_generator=masking.build_mask_generator(run['mask_type'], backbone.patch_embed.grid_size,
+                                                                  run['mask_ratio']))
     out = os.path.join(args.output_dir, f'{figures.MASKING_NAMES[run["method"]]}_{name.replace(" ", "_")}.png')
-    figures.save(figures.masking_figure(images, backbone.patch_embed.patch_size[0], args.seed, **masking), out)
+    figures.save(figures.masking_figure(images, backbone.patch_embed.patch_size[0], args.seed, **masker), out)
     return [out]
 
 
@@ -103,7 +95,7 @@ def main(args):
     for path, name in zip(args.checkpoints, names):
         backbone_args = argparse.Namespace(**{**vars(args), 'checkpoint': path})  # frozen_backbone sets its model
         torch.manual_seed(args.seed)  # the random-init baseline is the same every run
-        backbone = frozen_backbone(backbone_args).to(device)
+        backbone = features.frozen_backbone(backbone_args).to(device)
         val_x, val_y, accuracy, fisher = separability(backbone, backbone_args, device)
         print(f'separability | {name} | logreg val top-1 {accuracy:.1f} % | Fisher ratio {fisher:.3f}')
         keep = np.random.default_rng(args.seed).permutation(len(val_x))[:args.max_points]

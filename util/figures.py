@@ -1,7 +1,6 @@
-"""Pictures of what a ViT learned, as matplotlib figures: CLS attention maps of the last block, MAE
-reconstructions, MimCo masks and t-SNE panels. `tools/visualize.py` saves them as PNG; `main_pretrain.py
---log_images_freq N` sends them to TensorBoard (`log_images`). Figure sizes are fixed (inches x DPI), so
-a PNG's pixel size is known in advance.
+"""Pictures of what a ViT learned, as matplotlib figures: CLS attention maps of the last block, MAE reconstructions,
+MimCo masks and t-SNE panels. `tools/visualize.py` saves them as PNG; `main_pretrain.py --log_images_freq N` sends
+them to TensorBoard (`log_images`). Figure sizes are fixed (inches x DPI): a PNG's pixel size is known in advance.
 """
 import contextlib
 import io
@@ -55,18 +54,12 @@ def cls_attention(vit, images: torch.Tensor) -> torch.Tensor:
     fused attention (SDPA) never forms the weights, so they are recomputed here from the last block's
     own qkv projection on its normed input: softmax(q k^T * scale) of the CLS query."""
     x = vit.blocks[:-1](vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images)))))  # (B, 1+N, D)
-    attn, tokens = vit.blocks[-1].attn, vit.blocks[-1].norm1(x)
-    B, N, _ = tokens.shape
-    qkv = attn.qkv(tokens).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # (B, heads, N, head_dim)
-    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, N, N)
-    cls_to_patches = weights[:, :, 0, vit.num_prefix_tokens:]  # (B, heads, N_patches)
-    return cls_to_patches.reshape(B, attn.num_heads, *vit.patch_embed.grid_size)
-
-
-def on_pixels(per_patch: torch.Tensor, size) -> torch.Tensor:
-    """(B, h, w) values per patch -> (B, 1, H, W) with each patch's value on all its pixels."""
-    return F.interpolate(per_patch.float()[:, None], size=tuple(size), mode='nearest')
+    attn = vit.blocks[-1].attn
+    qkv = attn.qkv(vit.blocks[-1].norm1(x)).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # (B, heads, 1+N, head_dim)
+    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, 1+N, 1+N)
+    cls_to_patches = weights[:, :, 0, vit.num_prefix_tokens:]  # (B, heads, N)
+    return cls_to_patches.unflatten(-1, vit.patch_embed.grid_size)  # (B, heads, h, w)
 
 
 def image_rows_figure(rows: dict, maps: dict = None):
@@ -92,7 +85,8 @@ def attention_figure(images: torch.Tensor, maps: dict):
     """First row the images; then one row per backbone (`maps`: name -> (B, heads, h, w)) with the
     head-averaged CLS attention over the image."""
     shown = to_display(images)
-    overlays = {f'{name}: CLS attention': on_pixels(attention.float().mean(1), images.shape[-2:])[:, 0].cpu().numpy()
+    overlays = {f'{name}: CLS attention': F.interpolate(attention.float().mean(1, keepdim=True), images.shape[-2:],
+                                                        mode='nearest')[:, 0].cpu().numpy()  # on each patch's pixels
                 for name, attention in maps.items()}
     return image_rows_figure({'image': shown, **dict.fromkeys(overlays, shown)}, overlays)
 
@@ -107,7 +101,7 @@ def masking_figure(images: torch.Tensor, patch_size: int, seed: int = 0, mae=Non
         else:
             mask = torch.stack([mask_generator() for _ in range(len(images))])  # (B, N)
     B, _, H, W = images.shape
-    pixel_mask = on_pixels(mask.reshape(B, H // patch_size, W // patch_size), (H, W))  # (B, 1, H, W)
+    pixel_mask = F.interpolate(mask.float().reshape(B, 1, H // patch_size, W // patch_size), (H, W))  # (B, 1, H, W)
     masked = to_display(images)
     masked[pixel_mask[:, 0].bool().cpu().numpy()] = 0.5
     if mae is None:
