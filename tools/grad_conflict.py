@@ -1,55 +1,48 @@
 """Gradient conflict between MIM and contrastive learning, block by block (the Layer Grafted paper's
-motivating observation, Jiang et al., 2023, Sec. 1): the cosine similarity between the gradient of
-the MAE loss and the gradient of the MoCo v3 loss, both taken on the *same* encoder weights.
+motivating observation, Jiang et al., 2023, Sec. 1): the cosine similarity between the gradients of the
+MAE loss and of the MoCo v3 loss on the *same* encoder weights. The decoder (MAE) and the projector and
+predictor (MoCo v3) come from the checkpoint when it holds them (ours, official MAE, official MoCo v3),
+else they are freshly initialised; the output says which.
 
 python tools/grad_conflict.py --checkpoint output/mae/checkpoint-last.pth
-
-The decoder (MAE) and the projector/predictor (MoCo v3) come from the checkpoint when it holds them
-(ours, official MAE, official MoCo v3), else they are freshly initialised; the table says which.
 """
 import argparse
 import copy
+import itertools
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import matplotlib  # noqa: E402
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402  (no pyplot: files only, no window)
 
+import main_pretrain  # noqa: E402
 import models_mae  # noqa: E402
 import models_mocov3  # noqa: E402
 from util import backbones, checkpoint, data  # noqa: E402
-from util.errors import InputError, run_main  # noqa: E402
+from util.errors import InputError, one_line, run_main  # noqa: E402
+
+# The heads' sizes: the checkpoint's (our saved args), else main_pretrain.py's defaults (= the official files').
+HEAD_SIZES = {a.dest: a for a in main_pretrain.get_args_parser()._actions
+              if a.dest in ('decoder_embed_dim', 'decoder_depth', 'decoder_num_heads', 'moco_dim', 'moco_mlp_dim')}
 
 
 def get_args_parser():
     p = argparse.ArgumentParser('MIM vs CL gradient conflict per block', add_help=False)
-    p.add_argument('--checkpoint', default=None, type=str,
-                   help='encoder weights (any format util/backbones reads; default: none, a randomly '
-                        'initialised encoder, the baseline)')
-    p.add_argument('--model', default=None, type=str,
-                   help='timm name of the encoder (default: inferred from the file, else vit_digits_patch4_16)')
+    p.add_argument('--checkpoint', default=None, type=str, help='encoder weights (any format util/backbones '
+                   'reads; default: none, a randomly initialised encoder, the baseline)')
+    p.add_argument('--model', help="timm name of the encoder (default: the file's, else vit_digits_patch4_16)")
     p.add_argument('--batch_size', default=128, type=int, help='images per batch')
     p.add_argument('--num_batches', default=4, type=int, help='batches whose gradients are summed')
+    for name, action in HEAD_SIZES.items():
+        p.add_argument(f'--{name}', default=None, type=int,
+                       help=f"{action.help} (default: the checkpoint's, else {action.default})")
+    p.add_argument('--moco_t', default=0.2, type=float, help='MoCo v3 temperature')
     p.add_argument('--mask_ratio', default=0.75, type=float, help='MAE mask ratio')
     p.add_argument('--norm_pix_loss', default=True, action=argparse.BooleanOptionalAction,
                    help='MAE target: pixels normalised per patch')
-    p.add_argument('--decoder_embed_dim', default=None, type=int,
-                   help="MAE decoder width (default: the checkpoint's, else 512)")
-    p.add_argument('--decoder_depth', default=None, type=int,
-                   help="MAE decoder depth (default: the checkpoint's, else 8)")
-    p.add_argument('--decoder_num_heads', default=None, type=int,
-                   help="MAE decoder heads (default: the checkpoint's, else 16)")
-    p.add_argument('--moco_dim', default=None, type=int,
-                   help="MoCo v3 projector output (default: the checkpoint's, else 256)")
-    p.add_argument('--moco_mlp_dim', default=None, type=int,
-                   help="MoCo v3 projector hidden width (default: the checkpoint's, else 4096)")
-    p.add_argument('--moco_t', default=0.2, type=float, help='MoCo v3 temperature')
     data.add_data_args(p, subsets=False)
     p.add_argument('--num_workers', default=2, type=int, help='data loader workers')
     p.add_argument('--output', default='output_dir/grad_conflict.png', type=str, help='the plot')
@@ -58,83 +51,54 @@ def get_args_parser():
     return p
 
 
-DEFAULTS = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, moco_dim=256, moco_mlp_dim=4096)
-
-
 def read_file(args) -> dict:
-    """The checkpoint's state dict without 'module.' (empty without one); fills unset head sizes
-    from the args saved in our checkpoints, then from DEFAULTS."""
-    state, saved = {}, {}
-    if args.checkpoint:
-        raw = checkpoint.load_file(args.checkpoint)
-        state = raw.get('model', raw.get('state_dict', {})) if isinstance(raw, dict) else {}
-        state = {k.removeprefix('module.'): v for k, v in state.items()}
-        saved = raw.get('args', {}) if isinstance(raw.get('args'), dict) else {}
-    for name, value in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, saved.get(name, value))
-    return state
+    """The checkpoint's state dict without 'module.' (empty without one); fills the unset head sizes."""
+    raw = checkpoint.load_file(args.checkpoint) if args.checkpoint else {}
+    raw = raw if isinstance(raw, dict) else {}
+    saved = raw['args'] if isinstance(raw.get('args'), dict) else {}
+    for name, action in HEAD_SIZES.items():
+        setattr(args, name, getattr(args, name) or saved.get(name, action.default))
+    return {k.removeprefix('module.'): v for k, v in raw.get('model', raw.get('state_dict', {})).items()}
 
 
 def load_heads(state: dict, mae: models_mae.MAE, moco: models_mocov3.MoCoV3, path: str) -> list:
-    """Load the decoder / projector / predictor that the file holds; returns what was loaded."""
+    """Load each head the file holds, strictly (every key, every shape); returns the names of those loaded."""
     loaded = []
-    parts = [(mae, lambda k: k.startswith('decoder') or k == 'mask_token', '', 'MAE decoder'),
-             (moco.predictor, lambda k: k.startswith('predictor.'), 'predictor.', 'MoCo v3 predictor'),
-             (moco.base_encoder.head, lambda k: k.startswith('base_encoder.head.'), 'base_encoder.head.',
-              'MoCo v3 projector')]
-    for module, wanted, prefix, what in parts:
-        found = {k[len(prefix):]: v for k, v in state.items() if wanted(k)}
+    heads = {'MAE decoder': (mae, ''), 'MoCo v3 projector': (moco.base_encoder.head, 'base_encoder.head.'),
+             'MoCo v3 predictor': (moco.predictor, 'predictor.')}  # module, the prefix of its keys in the file
+    for what, (module, prefix) in heads.items():
+        starts = prefix or ('decoder', 'mask_token')  # the MAE's: its decoder's keys, named as in official files
+        found = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(starts)}
         if not found:
             continue
-        own = module.state_dict()
-        if prefix == '':  # the MAE: only its decoder part
-            own = {k: v for k, v in own.items() if not k.startswith('encoder.')}
-        if set(found) != set(own) or any(found[k].shape != own[k].shape for k in own):
-            raise InputError(f'the {what} in {path} does not fit the one built here: give the sizes it '
+        encoder = {k: v for k, v in module.state_dict().items() if k.startswith('encoder.')}  # the MAE's own
+        try:
+            module.load_state_dict({**encoder, **found})
+        except RuntimeError as e:
+            detail = one_line(e).split('. ')[0][:200]  # the first mismatch
+            raise InputError(f'the {what} in {path} does not fit the one built here ({detail}): give the sizes it '
                              f'was trained with (--decoder_embed_dim/--decoder_depth/--decoder_num_heads, '
-                             f'--moco_dim/--moco_mlp_dim)')
-        for k, v in found.items():
-            own[k].copy_(v)
+                             f'--moco_dim/--moco_mlp_dim)') from None
         loaded.append(what)
+    moco.momentum_encoder.load_state_dict(moco.base_encoder.state_dict())  # the key projector = the loaded one
     return loaded
-
-
-def block_gradients(encoder) -> list:
-    """Each block's gradient as one flat vector (the parameters' .grad, concatenated)."""
-    return [torch.cat([p.grad.flatten() for p in block.parameters()]) for block in encoder.blocks]
 
 
 def per_block_cosine(mae, moco, loader, num_batches: int, device) -> tuple:
     """(cosines, |g_MIM|, |g_CL|) per block, gradients summed over `num_batches` batches."""
     mae.train(), moco.train()
-    for step, ((view1, view2), _) in enumerate(loader):
-        if step == num_batches:
-            break
+    for (view1, view2), _ in itertools.islice(loader, num_batches):
         view1, view2 = view1.to(device), view2.to(device)
         mae(view1)[0].backward()  # MIM gradients accumulate in mae.encoder
         moco(view1, view2, m=1.0)[0].backward()  # m = 1: the key encoder stays the loaded weights
-    g_mim, g_cl = block_gradients(mae.encoder), block_gradients(moco.base_encoder)
+    g_mim, g_cl = ([torch.cat([p.grad.flatten() for p in block.parameters()]) for block in vit.blocks]
+                   for vit in (mae.encoder, moco.base_encoder))  # each block's gradient as one flat vector
     cosines = [F.cosine_similarity(a, b, dim=0).item() for a, b in zip(g_mim, g_cl)]
     return cosines, [g.norm().item() for g in g_mim], [g.norm().item() for g in g_cl]
 
 
-def plot(cosines: list, path: str, title: str) -> None:
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar(range(len(cosines)), cosines, color=['tab:red' if c < 0 else 'tab:blue' for c in cosines])
-    ax.axhline(0, color='black', linewidth=0.8)
-    ax.set_xlabel('block')
-    ax.set_ylabel('cos(grad MIM, grad CL)')
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(args) -> list:
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
     state = read_file(args)
     encoder = backbones.build_backbone(args.checkpoint, args.model)
     mae = models_mae.MAE(copy.deepcopy(encoder), args.decoder_embed_dim, args.decoder_depth,
@@ -142,19 +106,24 @@ def main(args) -> list:
     mae.encoder.load_state_dict(encoder.state_dict())  # MAE's own init must not replace the weights
     moco = models_mocov3.MoCoV3(copy.deepcopy(encoder), args.moco_dim, args.moco_mlp_dim, args.moco_t)
     loaded = load_heads(state, mae, moco, args.checkpoint)
-    mae.to(device), moco.to(device)
-
+    mae.to(args.device), moco.to(args.device)
     args.method, args.crop_min = 'mocov3', 0.08  # two views; MIM takes the first
     args.input_size = encoder.patch_embed.img_size[0]
     loader = data.build_loader(data.build_dataset(args, True, data.pretrain_transform(args)), args, True)
-    cosines, norm_mim, norm_cl = per_block_cosine(mae, moco, loader, args.num_batches, device)
-
+    cosines, norm_mim, norm_cl = per_block_cosine(mae, moco, loader, args.num_batches, args.device)
     source = args.checkpoint or 'random initialisation'
     print(f'encoder: {source}; trained heads from the file: {", ".join(loaded) or "none (all fresh)"}')
     print(f'{"block":>5}  {"cos(MIM, CL)":>12}  {"|g_MIM|":>9}  {"|g_CL|":>9}')
     for i, (c, a, b) in enumerate(zip(cosines, norm_mim, norm_cl)):
         print(f'{i:>5}  {c:>12.4f}  {a:>9.3e}  {b:>9.3e}')
-    plot(cosines, args.output, f'MIM vs CL gradient per block\n{os.path.basename(source)}')
+    ax = Figure(figsize=(5, 3)).subplots()
+    ax.bar(range(len(cosines)), cosines, color=['tab:red' if c < 0 else 'tab:blue' for c in cosines])
+    ax.axhline(0, color='black', linewidth=0.8)
+    ax.set(xlabel='block', ylabel='cos(grad MIM, grad CL)')
+    ax.set_title(f'MIM vs CL gradient per block\n{os.path.basename(source)}', fontsize=9)
+    ax.figure.tight_layout()
+    os.makedirs(os.path.dirname(args.output) or '.', exist_ok=True)
+    ax.figure.savefig(args.output, dpi=120)
     print(f'plot: {args.output}')
     return cosines
 

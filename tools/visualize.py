@@ -1,15 +1,9 @@
-"""Pictures and separability of pre-trained backbones, side by side (PNG files, matplotlib Agg):
+"""Pictures and separability of pre-trained backbones, side by side (PNG files; docs/pictures.md): tsne.png,
+t-SNE maps of the val features titled with the val top-1 of a logistic regression on the frozen train
+features and the Fisher ratio (both also printed); attention.png, the last block's CLS attention;
+mae_reconstruction_<name>.png / mimco_masks_<name>.png for our MAE / MimCo checkpoints.
 
-- tsne.png: a t-SNE map of each backbone's val features (the MimCo paper's motivation: contrastive
-  features separate classes, MIM features less so), titled with two separability numbers that are
-  also printed: the val accuracy of a logistic regression on the frozen train features, and the
-  Fisher ratio tr(S_between) / tr(S_within) of the centred, L2-normalised val features.
-- attention.png: the last block's CLS attention (head average) of every backbone on a few val images.
-- mae_reconstruction_<name>.png for our MAE checkpoints (original, masked, reconstructed) and
-  mimco_masks_<name>.png for our MimCo checkpoints (the student's block masks).
-
-python tools/visualize.py --checkpoints random output/demo/mocov3/checkpoint-last.pth \
-    output/demo/mimco/checkpoint-last.pth --output_dir output/demo/pictures
+python tools/visualize.py --checkpoints random output/demo/mocov3/checkpoint-last.pth --output_dir output/demo/pictures
 """
 import argparse
 import os
@@ -23,104 +17,73 @@ import torch.nn.functional as F  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 
 from engine import extract_features  # noqa: E402
-from util import checkpoint, data, figures  # noqa: E402
-from util.features import center_normalize, frozen_backbone, logistic_regression  # noqa: E402
+from util import checkpoint, data, features, figures, masking, pretrain  # noqa: E402
 from util.errors import InputError, run_main  # noqa: E402
-from util.masking import build_mask_generator  # noqa: E402
-from util.pretrain import build_model  # noqa: E402
 
 
 def get_args_parser():
     p = argparse.ArgumentParser('mimco pictures and separability', add_help=False)
-    p.add_argument('--checkpoints', nargs='+', default=['random'],
-                   help='backbones (any format util/backbones reads), `random` for the random-init '
-                        'baseline of --model; each gets a t-SNE panel and an attention row')
-    p.add_argument('--names', nargs='+', default=None,
-                   help="a short name per checkpoint (default: the checkpoint's folder name, or random)")
-    p.add_argument('--model', default=None, type=str,
-                   help="timm name (default: each file's architecture; vit_digits_patch4_16 for random)")
+    p.add_argument('--checkpoints', nargs='+', default=['random'], help='backbones (any format util/backbones '
+                   'reads), `random` for the random-init baseline of --model; each is a t-SNE panel, an attention row')
+    p.add_argument('--names', nargs='+', help="a short name per checkpoint (default: its folder name, or random)")
+    p.add_argument('--model', help="timm name (default: each file's architecture; vit_digits_patch4_16 for random)")
     p.add_argument('--output_dir', default='output_dir/pictures', help='where the PNG files go')
     p.add_argument('--num_images', default=8, type=int, help='val images in the attention and MAE/MimCo rows')
     p.add_argument('--perplexity', default=30.0, type=float, help='t-SNE perplexity')
     p.add_argument('--tsne_iters', default=1000, type=int, help='t-SNE optimisation steps (at least 250)')
     p.add_argument('--logreg_iters', default=200, type=int,
                    help='L-BFGS steps of the logistic regression (its accuracy settles long before 1000)')
-    p.add_argument('--max_points', default=2000, type=int,
-                   help='val images in the t-SNE maps and the Fisher ratio at most (a seeded sample)')
+    p.add_argument('--max_points', default=2000, type=int, help='val images in the t-SNE maps at most (seeded)')
     data.add_data_args(p, subsets=False)
     p.add_argument('--batch_size', default=256, type=int, help='images per feature-extraction batch')
     p.add_argument('--num_workers', default=0, type=int, help='data loader workers')
     p.add_argument('--seed', default=0, type=int, help='random seed (random init, t-SNE, masks)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
+    # What util.features.frozen_backbone and engine.extract_features read besides the flags above.
+    p.set_defaults(input_size=None, global_pool=False, amp='none', print_freq=1000)
     return p
 
 
-def probe_args(args, path: str) -> argparse.Namespace:
-    """What util.features.frozen_backbone, engine.extract_features and util.data read, for one backbone."""
-    return argparse.Namespace(checkpoint=path, model=args.model, input_size=None, global_pool=False, seed=args.seed,
-                              batch_size=args.batch_size, num_workers=args.num_workers, amp='none', print_freq=1000,
-                              dataset=args.dataset, data_path=args.data_path, download=args.download, distributed=False)
-
-
-def fisher_ratio(x: torch.Tensor, y: torch.Tensor) -> float:
-    """tr(S_between) / tr(S_within): between-class over within-class scatter (Fisher, 1936), of
-    features centred and L2-normalised so that the ratio does not depend on their scale."""
-    x = F.normalize(x - x.mean(0, keepdim=True), dim=1).double()
-    mean = x.mean(0)
-    between, within = 0.0, 0.0
-    for c in y.unique():
-        members = x[y == c]
-        between += len(members) * (members.mean(0) - mean).square().sum().item()
-        within += (members - members.mean(0)).square().sum().item()
-    return between / within
-
-
-def logreg_accuracy(train_x, train_y, val_x, val_y, max_iter: int = 200) -> float:
-    """Val top-1 (%) of Layer Grafted's logistic regression on all the frozen train features."""
-    train_x, val_x = center_normalize(train_x, val_x)
-    classifier = logistic_regression(train_x, train_y, int(train_y.max()) + 1,
-                                                   2.5e-4 / len(train_x), max_iter)
-    return (classifier(val_x.double()).argmax(1) == val_y).double().mean().item() * 100
-
-
-def separability(backbone, lp_args, device, logreg_iters: int = 200) -> tuple:
-    """(val features, val labels, logreg val top-1 %, Fisher ratio)."""
-    train_set = data.build_dataset(lp_args, True, data.eval_transform(lp_args))
-    val_set = data.build_dataset(lp_args, False, data.eval_transform(lp_args))
-    train_x, train_y = extract_features(backbone, train_set, device, lp_args)
-    val_x, val_y = extract_features(backbone, val_set, device, lp_args)
-    accuracy = logreg_accuracy(train_x, train_y, val_x, val_y, logreg_iters)
-    return val_x.cpu(), val_y.cpu(), accuracy, fisher_ratio(val_x, val_y)
-
-
-def default_name(path: str) -> str:
-    if path == 'random':
-        return 'random init'
-    return os.path.basename(os.path.dirname(os.path.abspath(path))) or os.path.basename(path)
+def separability(backbone, args, device) -> tuple:
+    """(val features, val labels, logreg val top-1 %, Fisher ratio): Layer Grafted's logistic regression on
+    all the frozen train features; tr(S_between) / tr(S_within), between- over within-class scatter (Fisher,
+    1936) of the val features, centred and L2-normalised so that the ratio does not depend on their scale."""
+    (train_x, train_y), (val_x, val_y) = (
+        extract_features(backbone, data.build_dataset(args, is_train, data.eval_transform(args)), device, args)
+        for is_train in (True, False))
+    train_n, val_n = features.center_normalize(train_x, val_x)
+    classifier = features.logistic_regression(train_n, train_y, int(train_y.max()) + 1, 2.5e-4 / len(train_n),
+                                              args.logreg_iters)
+    accuracy = (classifier(val_n.double()).argmax(1) == val_y).double().mean().item() * 100
+    x = F.normalize(val_x - val_x.mean(0, keepdim=True), dim=1).double()  # (N, D)
+    onehot = F.one_hot(val_y).double()  # (N, C)
+    class_means = onehot.T @ x / onehot.sum(0).clamp(min=1)[:, None]  # (C, D)
+    between = (class_means[val_y] - x.mean(0)).square().sum()  # sum over classes of n_c |mean_c - mean|^2
+    fisher = (between / (x - class_means[val_y]).square().sum()).item()
+    return val_x.cpu(), val_y.cpu(), accuracy, fisher
 
 
 def method_pictures(path: str, name: str, backbone, images, args) -> list:
     """MAE reconstructions / MimCo masks for our own MAE / MimCo checkpoints; the files written."""
-    if path == 'random':
-        return []
-    saved = checkpoint.load_file(path)
+    saved = checkpoint.load_file(path) if path != 'random' else {}
     run = saved.get('args') if isinstance(saved, dict) and isinstance(saved.get('args'), dict) else {}
-    if run.get('method') == 'mae':
-        mae, _ = build_model(argparse.Namespace(**run))
-        mae.load_state_dict(saved['model'])
-        fig, kind = figures.reconstruction_figure(mae.to(images.device).eval(), images, args.seed), 'mae_reconstruction'
-    elif run.get('method') == 'mimco':
-        masks = build_mask_generator(run['mask_type'], backbone.patch_embed.grid_size, run['mask_ratio'])
-        fig, kind = figures.masks_figure(images, masks, backbone.patch_embed.patch_size[0], args.seed), 'mimco_masks'
-    else:
+    if run.get('method') not in figures.MASKING_NAMES:
         return []
-    out = os.path.join(args.output_dir, f'{kind}_{name.replace(" ", "_")}.png')
-    figures.save(fig, out)
+    if run['method'] == 'mae':
+        mae = pretrain.build_model(argparse.Namespace(**run))[0]
+        mae.load_state_dict(saved['model'])
+        masker = dict(mae=mae.to(images.device).eval())
+    else:
+        masker = dict(mask_generator=masking.build_mask_generator(run['mask_type'], backbone.patch_embed.grid_size,
+                                                                  run['mask_ratio']))
+    out = os.path.join(args.output_dir, f'{figures.MASKING_NAMES[run["method"]]}_{name.replace(" ", "_")}.png')
+    figures.save(figures.masking_figure(images, backbone.patch_embed.patch_size[0], args.seed, **masker), out)
     return [out]
 
 
 def main(args):
-    names = args.names or [default_name(p) for p in args.checkpoints]
+    names = args.names or ['random init' if path == 'random' else os.path.basename(os.path.dirname(
+        os.path.abspath(path))) or os.path.basename(path) for path in args.checkpoints]
     if len(names) != len(args.checkpoints):
         raise InputError(f'--names gives {len(names)} names for {len(args.checkpoints)} --checkpoints: '
                          f'give one per checkpoint, or leave --names out')
@@ -128,29 +91,26 @@ def main(args):
         raise InputError('--num_images must be at least 1 and --max_points at least 10')
     os.makedirs(args.output_dir, exist_ok=True)
     device = torch.device(args.device)
-    panels, maps, written = [], {}, []
+    panels, maps, written = [], {}, [os.path.join(args.output_dir, f) for f in ('tsne.png', 'attention.png')]
     for path, name in zip(args.checkpoints, names):
-        lp_args = probe_args(args, path)
+        backbone_args = argparse.Namespace(**{**vars(args), 'checkpoint': path})  # frozen_backbone sets its model
         torch.manual_seed(args.seed)  # the random-init baseline is the same every run
-        backbone = frozen_backbone(lp_args).to(device)
-        val_x, val_y, accuracy, fisher = separability(backbone, lp_args, device, args.logreg_iters)
+        backbone = features.frozen_backbone(backbone_args).to(device)
+        val_x, val_y, accuracy, fisher = separability(backbone, backbone_args, device)
         print(f'separability | {name} | logreg val top-1 {accuracy:.1f} % | Fisher ratio {fisher:.3f}')
         keep = np.random.default_rng(args.seed).permutation(len(val_x))[:args.max_points]
         tsne = TSNE(n_components=2, perplexity=min(args.perplexity, (len(keep) - 1) / 3), init='pca',
                     max_iter=args.tsne_iters, random_state=args.seed)
         embedding = tsne.fit_transform(F.normalize(val_x[keep], dim=1).numpy())
         panels.append((f'{name}\nlogreg {accuracy:.1f} %, Fisher {fisher:.2f}', embedding, val_y[keep].numpy()))
-        images, _ = figures.sample_images(lp_args, args.num_images)
-        images = images.to(device)
+        images = figures.sample_images(backbone_args, args.num_images).to(device)
         maps[name] = figures.cls_attention(backbone, images)
         written += method_pictures(path, name, backbone, images, args)
-    figures.save(figures.tsne_figure(panels), os.path.join(args.output_dir, 'tsne.png'))
-    figures.save(figures.attention_figure(images, maps), os.path.join(args.output_dir, 'attention.png'))
-    written = [os.path.join(args.output_dir, f) for f in ('tsne.png', 'attention.png')] + written
+    figures.save(figures.tsne_figure(panels), written[0])
+    figures.save(figures.attention_figure(images, maps), written[1])
     print('wrote ' + ', '.join(written))
     return written
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser('mimco pictures and separability', parents=[get_args_parser()])
-    run_main(main, parser.parse_args())
+    run_main(main, argparse.ArgumentParser('mimco pictures and separability', parents=[get_args_parser()]).parse_args())

@@ -1,28 +1,24 @@
-"""Pictures of what a ViT learned, as matplotlib figures (Agg): CLS attention maps of the last block,
-MAE reconstructions, MimCo masks and t-SNE panels. `tools/visualize.py` saves them as PNG;
-`main_pretrain.py --log_images_freq N` sends them to TensorBoard (`log_images`).
-
-Figure sizes are fixed (inches x DPI), so a PNG's pixel size is known in advance.
+"""Pictures of what a ViT learned, as matplotlib figures: CLS attention maps of the last block, MAE reconstructions,
+MimCo masks and t-SNE panels. `tools/visualize.py` saves them as PNG; `main_pretrain.py --log_images_freq N` sends
+them to TensorBoard (`log_images`). Figure sizes are fixed (inches x DPI): a PNG's pixel size is known in advance.
 """
 import contextlib
 import io
 import random
 
-import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure  # no pyplot: files only, never a window
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-matplotlib.use('Agg')  # files only, never a window; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
-
-from util import data  # noqa: E402
+from util import data
 
 DPI = 100
 PANEL = 1.5  # inches per image in the image grids
 TSNE_PANEL = 4.0  # inches per t-SNE panel
+MASKING_NAMES = {'mae': 'mae_reconstruction', 'mimco': 'mimco_masks'}  # the masking figure of each method
 
 
 @contextlib.contextmanager
@@ -30,8 +26,7 @@ def seeded(seed: int = 0):
     """Fixed masks and samples for pictures without moving the training RNG streams (torch, CUDA,
     Python's `random`), so that logging images never changes a run or its bit-exact resume."""
     state = random.getstate()
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
         random.seed(seed)
         try:
@@ -40,122 +35,91 @@ def seeded(seed: int = 0):
             random.setstate(state)
 
 
-def sample_images(args, num_images: int) -> tuple:
-    """`num_images` val images spread evenly over the val set, eval transform: (B, C, H, W), (B,)."""
+def sample_images(args, num_images: int) -> torch.Tensor:
+    """`num_images` val images spread evenly over the val set, eval transform: (B, C, H, W)."""
     dataset = data.build_dataset(args, is_train=False, transform=data.eval_transform(args))
-    indices = np.linspace(0, len(dataset) - 1, num_images).round().astype(int)
-    images, labels = zip(*(dataset[int(i)] for i in indices))
-    return torch.stack(images), torch.tensor(labels)
+    return torch.stack([dataset[int(i)][0] for i in np.linspace(0, len(dataset) - 1, num_images).round()])
 
 
 def to_display(images: torch.Tensor) -> np.ndarray:
     """Undo the normalisation: (B, C, H, W) -> (B, H, W, C) in [0, 1]."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, -1, 1, 1)
+    mean, std = (torch.tensor(v, device=images.device).view(1, -1, 1, 1)
+                 for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     return (images.float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
 def cls_attention(vit, images: torch.Tensor) -> torch.Tensor:
-    """The last block's attention from the CLS token to each patch, per head: (B, heads, h, w).
-
-    timm's fused attention (SDPA) never forms the weights, so they are recomputed here from the last
-    block's own qkv projection on its normed input: softmax(q k^T * scale) of the CLS query.
-    """
-    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))  # (B, 1+N, D)
-    x = vit.blocks[:-1](x)
-    block = vit.blocks[-1]
-    attn = block.attn
-    tokens = block.norm1(x)
-    B, N, _ = tokens.shape
-    qkv = attn.qkv(tokens).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # (B, heads, N, head_dim)
-    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, N, N)
-    cls_to_patches = weights[:, :, 0, vit.num_prefix_tokens:]  # (B, heads, N_patches)
-    return cls_to_patches.reshape(B, attn.num_heads, *vit.patch_embed.grid_size)
+    """The last block's attention from the CLS token to each patch, per head: (B, heads, h, w). timm's
+    fused attention (SDPA) never forms the weights, so they are recomputed here from the last block's
+    own qkv projection on its normed input: softmax(q k^T * scale) of the CLS query."""
+    x = vit.blocks[:-1](vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images)))))  # (B, 1+N, D)
+    attn = vit.blocks[-1].attn
+    qkv = attn.qkv(vit.blocks[-1].norm1(x)).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # (B, heads, 1+N, head_dim)
+    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, 1+N, 1+N)
+    cls_to_patches = weights[:, :, 0, vit.num_prefix_tokens:]  # (B, heads, N)
+    return cls_to_patches.unflatten(-1, vit.patch_embed.grid_size)  # (B, heads, h, w)
 
 
-def _grid(rows: int, cols: int):
-    fig, axes = plt.subplots(rows, cols, figsize=(PANEL * cols, PANEL * rows), dpi=DPI, squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    return fig, axes
+def image_rows_figure(rows: dict, maps: dict = None):
+    """One row of images per entry (`rows`: title -> (B, H, W, C) array); a row with maps in `maps`
+    (title -> (B, H, W) array) shows them in colour over its images in grey."""
+    maps, columns = maps or {}, len(next(iter(rows.values())))
+    fig = Figure(figsize=(PANEL * columns, PANEL * len(rows)), dpi=DPI)
+    axes = fig.subplots(len(rows), columns, squeeze=False)
+    for (title, images), row_axes in zip(rows.items(), axes):
+        for j, ax in enumerate(row_axes):
+            ax.set_axis_off()
+            if title in maps:
+                ax.imshow(images[j].mean(-1), cmap='gray')
+                ax.imshow(maps[title][j], cmap='inferno', alpha=0.6)
+            else:
+                ax.imshow(images[j])
+        row_axes[0].set_title(title, fontsize=8, loc='left')
+    fig.tight_layout()
+    return fig
 
 
 def attention_figure(images: torch.Tensor, maps: dict):
     """First row the images; then one row per backbone (`maps`: name -> (B, heads, h, w)) with the
     head-averaged CLS attention over the image."""
     shown = to_display(images)
-    fig, axes = _grid(1 + len(maps), len(shown))
-    size = images.shape[-2:]
-    for j, image in enumerate(shown):
-        axes[0, j].imshow(image)
-    axes[0, 0].set_title('image', fontsize=8, loc='left')
-    for i, (name, attention) in enumerate(maps.items(), start=1):
-        upsampled = F.interpolate(attention.float().mean(1, keepdim=True), size=size, mode='nearest')
-        for j, image in enumerate(shown):
-            axes[i, j].imshow(image.mean(-1), cmap='gray')
-            axes[i, j].imshow(upsampled[j, 0].cpu().numpy(), cmap='inferno', alpha=0.6)
-        axes[i, 0].set_title(f'{name}: CLS attention', fontsize=8, loc='left')
-    fig.tight_layout()
-    return fig
+    overlays = {f'{name}: CLS attention': F.interpolate(attention.float().mean(1, keepdim=True), images.shape[-2:],
+                                                        mode='nearest')[:, 0].cpu().numpy()  # on each patch's pixels
+                for name, attention in maps.items()}
+    return image_rows_figure({'image': shown, **dict.fromkeys(overlays, shown)}, overlays)
 
 
-def masked_view(images: torch.Tensor, mask: torch.Tensor, patch_size: int) -> np.ndarray:
-    """Displayable images with the masked patches (mask (B, N), True/1 = masked) in grey."""
-    B, _, H, W = images.shape
-    grid = mask.float().reshape(B, 1, H // patch_size, W // patch_size)
-    pixel_mask = F.interpolate(grid, scale_factor=patch_size, mode='nearest')[:, 0].bool().cpu().numpy()
-    shown = to_display(images)
-    shown[pixel_mask] = 0.5
-    return shown
-
-
-def image_rows_figure(rows: dict):
-    """One row of images per entry (`rows`: title -> (B, H, W, C) array)."""
-    fig, axes = _grid(len(rows), len(next(iter(rows.values()))))
-    for i, (title, images) in enumerate(rows.items()):
-        for j, image in enumerate(images):
-            axes[i, j].imshow(image)
-        axes[i, 0].set_title(title, fontsize=8, loc='left')
-    fig.tight_layout()
-    return fig
-
-
-@torch.no_grad()
-def reconstruction_figure(mae, images: torch.Tensor, seed: int = 0):
-    """MAE (He et al., 2022, Fig. 2 style): original, masked input, reconstruction with the visible
-    patches pasted back."""
+def masking_figure(images: torch.Tensor, patch_size: int, seed: int = 0, mae=None, mask_generator=None):
+    """The images and the same with the masked patches in grey: an `mae`'s random masks and its
+    reconstruction with the visible patches pasted back (MAE, He et al., 2022, Fig. 2 style), or the
+    masks of MimCo's `mask_generator` (the student's input)."""
     with seeded(seed):
-        prediction, mask = mae.reconstruct(images)  # (B, C, H, W), (B, N) 1 = masked
-    p = mae.patch_size
+        if mae is not None:
+            prediction, mask = mae.reconstruct(images)  # (B, C, H, W), (B, N) 1 = masked
+        else:
+            mask = torch.stack([mask_generator() for _ in range(len(images))])  # (B, N)
     B, _, H, W = images.shape
-    pixel_mask = F.interpolate(mask.float().reshape(B, 1, H // p, W // p), scale_factor=p, mode='nearest')
+    pixel_mask = F.interpolate(mask.float().reshape(B, 1, H // patch_size, W // patch_size), (H, W))  # (B, 1, H, W)
+    masked = to_display(images)
+    masked[pixel_mask[:, 0].bool().cpu().numpy()] = 0.5
+    if mae is None:
+        ratio = mask_generator.num_masked / mask.shape[1]
+        return image_rows_figure({'original': to_display(images), f'MimCo mask ({ratio:.0%})': masked})
     pasted = images * (1 - pixel_mask) + prediction.to(images.dtype) * pixel_mask
-    return image_rows_figure({'original': to_display(images),
-                              f'masked {mae.mask_ratio:.0%}': masked_view(images, mask, p),
+    return image_rows_figure({'original': to_display(images), f'masked {mae.mask_ratio:.0%}': masked,
                               'reconstruction + visible': to_display(pasted)})
-
-
-def masks_figure(images: torch.Tensor, mask_generator, patch_size: int, seed: int = 0):
-    """MimCo's input: the images and the same images with the student's masked patches in grey."""
-    with seeded(seed):
-        mask = torch.stack([mask_generator() for _ in range(len(images))])  # (B, N)
-    ratio = mask_generator.num_masked / mask.shape[1]
-    return image_rows_figure({'original': to_display(images),
-                              f'MimCo mask ({ratio:.0%})': masked_view(images, mask, patch_size)})
 
 
 def tsne_figure(panels: list):
     """Side-by-side t-SNE maps; `panels`: (title, embedding (N, 2), labels (N,)) each."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(TSNE_PANEL * len(panels), TSNE_PANEL), dpi=DPI,
-                             squeeze=False)
+    fig = Figure(figsize=(TSNE_PANEL * len(panels), TSNE_PANEL), dpi=DPI)
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, embedding, labels) in zip(axes[0], panels):
-        points = ax.scatter(embedding[:, 0], embedding[:, 1], c=labels, cmap='tab10', s=6, vmin=-0.5,
-                            vmax=9.5)
+        points = ax.scatter(embedding[:, 0], embedding[:, 1], c=labels, cmap='tab10', s=6, vmin=-0.5, vmax=9.5)
         ax.set_title(title, fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
     fig.colorbar(points, ax=list(axes[0]), ticks=range(10), fraction=0.02, label='class')
     return fig
 
@@ -164,7 +128,6 @@ def save(fig, path: str) -> None:
     """A PNG of 256 colours (a third of the size of matplotlib's RGBA; the figures have few colours)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=DPI)
-    plt.close(fig)
     Image.open(buffer).convert('RGB').quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
@@ -172,15 +135,14 @@ def save(fig, path: str) -> None:
 def log_images(writer, model, backbone, args, epoch: int, num_images: int = 8) -> None:
     """TensorBoard pictures of a pre-training model (`main_pretrain.py --log_images_freq`): CLS attention
     of its `backbone`, plus MAE reconstructions or MimCo masks; fixed val images, fixed masks."""
-    images, _ = sample_images(args, num_images)
-    images = images.to(next(model.parameters()).device)
+    images = sample_images(args, num_images).to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     figures = {'cls_attention': attention_figure(images, {args.method: cls_attention(backbone, images)})}
-    if args.method == 'mae':
-        figures['mae_reconstruction'] = reconstruction_figure(model, images)
-    elif args.method == 'mimco':
-        figures['mimco_masks'] = masks_figure(images, model.mask_generator, backbone.patch_embed.patch_size[0])
+    if args.method in MASKING_NAMES:
+        figures[MASKING_NAMES[args.method]] = masking_figure(
+            images, backbone.patch_embed.patch_size[0], mae=model if args.method == 'mae' else None,
+            mask_generator=getattr(model, 'mask_generator', None))
     model.train(was_training)
     for name, fig in figures.items():
-        writer.add_figure(f'pictures/{name}', fig, epoch)  # closes the figure
+        writer.add_figure(f'pictures/{name}', fig, epoch)
