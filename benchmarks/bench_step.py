@@ -29,7 +29,7 @@ from timm.models.vision_transformer import Block
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_pretrain  # noqa: E402
-from engine import autocast, cosine_lr_scheduler, memory_format, to_device, train_one_epoch  # noqa: E402
+from engine import autocast, cosine_lr_scheduler, train_one_epoch  # noqa: E402
 from util import checkpoint, pretrain  # noqa: E402
 from util.schedules import moco_momentum  # noqa: E402
 
@@ -136,8 +136,8 @@ def measure_ours(args, device: torch.device, steps: int, warmup: int) -> dict:
     if args.grad_ckpt:
         getattr(model, pretrain.BACKBONE[args.method]).set_grad_checkpointing(True)
     # As main(): compile the model and the teacher, the optimizer holds the uncompiled parameters.
-    model.to(device, memory_format=memory_format(args))
-    teacher = teacher.to(device, memory_format=memory_format(args)) if teacher is not None else None
+    model.to(device)
+    teacher = teacher.to(device) if teacher is not None else None
     train_model = torch.compile(model) if args.compile else model
     teacher = torch.compile(teacher) if teacher is not None and args.compile else teacher
     optimizer = pretrain.build_optimizer(args, model)
@@ -190,8 +190,7 @@ def measure_reference(args, device: torch.device, steps: int, warmup: int, full_
     base = release_memory(device)
     method, size = 'vit' if full_vit else args.method, args.input_size
     model = Reference(args, mae=method == 'mae')
-    inputs = tuple(to_device(torch.randn(args.batch_size, 3, size, size), device, args.channels_last)
-                   for _ in range(2 if method == 'mocov3' else 1))
+    inputs = tuple(torch.randn(args.batch_size, 3, size, size, device=device) for _ in range(2 if method == 'mocov3' else 1))
     frozen = None
     if method == 'mimco':  # the teacher's timm ViT, at the size that gives it the student's patch grid
         with contextlib.redirect_stdout(io.StringIO()):
@@ -199,9 +198,9 @@ def measure_reference(args, device: torch.device, steps: int, warmup: int, full_
     elif method == 'mocov3':  # the momentum ViT
         frozen = pretrain.create_vit(args).requires_grad_(False)
     if frozen is not None:
-        frozen.to(device, memory_format=memory_format(args))
+        frozen.to(device)
         frozen_forward = torch.compile(frozen.forward_features) if args.compile else frozen.forward_features
-    model.to(device, memory_format=memory_format(args)).train()
+    model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     train_model = torch.compile(model) if args.compile else model
     optimizer = pretrain.build_optimizer(args, model)
@@ -278,7 +277,7 @@ def main(bench) -> list:
             args = pretrain_args(bench, method, *(mimco if method == 'mimco' else []), *flags)
             if not rows:  # each row is printed once measured: a run cut short keeps what it measured
                 print(f'device: {device_name(device)}; amp {args.amp}; compile {bench.compile}; '
-                      f'channels_last {args.channels_last}; {bench.steps} timed steps after {bench.warmup} '
+                      f'{bench.steps} timed steps after {bench.warmup} '
                       f'warm-up (warm-up s: ours, with compilation); peak memory: '
                       f'{"torch.cuda.max_memory_allocated" if device.type == "cuda" else "n/a on the CPU"}\n')
                 print(markdown_row(HEADER, header=True), flush=True)

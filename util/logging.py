@@ -134,7 +134,7 @@ def tensorboard_writer(log_dir: str):
 
 
 def add_run_args(p, train: bool = True) -> None:
-    """The flags of a run that every main_*.py has (`train`: also --compile and --channels_last)."""
+    """The flags of a run that every main_*.py has (`train`: also --compile)."""
     p.add_argument('--num_workers', default=4, type=int, help='data loader workers per process')
     p.add_argument('--output_dir', default='./output_dir', help='log.txt, checkpoints (and subset.txt) go here')
     p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: output_dir)')
@@ -146,9 +146,6 @@ def add_run_args(p, train: bool = True) -> None:
                    help='mixed precision (default: bf16 on CUDA, none on CPU)')
     if train:
         p.add_argument('--compile', action='store_true', help='torch.compile the model')
-        p.add_argument('--channels_last', action='store_true',
-                       help="images and the patch embedding (a ViT's one convolution) in NHWC memory "
-                            'layout (ViT-S/16 on an H200: the same step time, within noise)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help='cuda or cpu (default: cuda when available)')
     p.add_argument('--dist_url', default='env://', help='url of the torch.distributed rendezvous')
