@@ -27,10 +27,8 @@ from util.logging import add_run_args, log_json, run_header, setup_run, summariz
 
 # ImageNet gets the full BEiT/MAE recipe; the 8x8 digits get their own light view (util/data.py) and
 # no Mixup/CutMix/erasing by default. A flag given on the command line always wins.
-DATASET_DEFAULTS = {
-    'imagenet': dict(mixup=0.8, cutmix=1.0, reprob=0.25),
-    'digits': dict(mixup=0.0, cutmix=0.0, reprob=0.0),
-}
+DATASET_DEFAULTS = {'imagenet': dict(mixup=0.8, cutmix=1.0, reprob=0.25),
+                    'digits': dict(mixup=0.0, cutmix=0.0, reprob=0.0)}
 
 
 def get_args_parser():
@@ -38,22 +36,16 @@ def get_args_parser():
     p.add_argument('--batch_size', default=64, type=int, help='images per GPU (per process)')
     p.add_argument('--epochs', default=100, type=int, help='training epochs')
     p.add_argument('--accum_iter', default=1, type=int, help='batches of gradient accumulated per step')
-    # Model
-    p.add_argument('--model', default=None, type=str,
-                   help=f"timm ViT name (default: the --finetune file's architecture; {DIGITS_MODEL} "
-                        'without --finetune)')
+    p.add_argument('--model', help=f"timm ViT name (default: the --finetune file's architecture, else {DIGITS_MODEL})")
     p.add_argument('--input_size', default=None, type=int, help="image size (default: the model's)")
     p.add_argument('--drop_path', default=0.1, type=float, help='stochastic depth rate')
     p.add_argument('--global_pool', default=True, action='store_true',
                    help='classify the average of the patch tokens (default; MAE)')
-    p.add_argument('--cls_token', dest='global_pool', action='store_false',
-                   help='classify the CLS token instead of the pooled patch tokens')
-    p.add_argument('--finetune', default='', type=str,
+    p.add_argument('--cls_token', dest='global_pool', action='store_false', help='classify the CLS token, not the mean')
+    p.add_argument('--finetune', default='',
                    help='pre-trained backbone (MoCo v3, DINO, MAE, timm or ours); none: from scratch')
     p.add_argument('--init_from_projector', action='store_true',
-                   help="Layer Grafted's 10 %% protocol: a linear layer initialised from the first layer "
-                        'of the MoCo v3 projector in --finetune, in front of the classifier')
-    # Optimisation
+                   help="Layer Grafted's 10 %% protocol: the MoCo v3 projector's first layer before the classifier")
     p.add_argument('--opt_betas', default=(0.9, 0.999), type=float, nargs=2, help='AdamW betas')
     p.add_argument('--weight_decay', default=0.05, type=float, help='weight decay')
     p.add_argument('--lr', default=None, type=float, help='absolute lr (default: blr * total batch / 256)')
@@ -63,10 +55,10 @@ def get_args_parser():
     p.add_argument('--warmup_epochs', default=5, type=int, help='linear warm-up epochs')
     p.add_argument('--clip_grad', default=None, type=float, help='clip the gradient norm (off by default)')
     # Augmentation and regularisation (the RandAugment / erasing flags act on ImageNet-style data only)
-    p.add_argument('--aa', default='rand-m9-mstd0.5-inc1', type=str, help='timm RandAugment policy')
+    p.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help='timm RandAugment policy')
     p.add_argument('--color_jitter', default=None, type=float, help='colour jitter (off when --aa is set)')
     p.add_argument('--reprob', default=None, type=float, help='random erasing probability (0.25; digits 0)')
-    p.add_argument('--remode', default='pixel', type=str, help='random erasing mode')
+    p.add_argument('--remode', default='pixel', help='random erasing mode')
     p.add_argument('--recount', default=1, type=int, help='random erasing count')
     p.add_argument('--smoothing', default=0.1, type=float, help='label smoothing')
     p.add_argument('--mixup', default=None, type=float, help='Mixup alpha (0.8; digits 0 = off)')
@@ -102,8 +94,15 @@ def add_classifier(model, args, num_classes: int) -> torch.nn.Module:
         # the head's layer-decay scale 1, as in MAE's lr_decay (timm's puts `norm` a layer below).
         model.fc_norm, model.norm = model.norm, torch.nn.Identity()
     model.reset_classifier(num_classes, 'avg' if args.global_pool else 'token')
-    if args.init_from_projector:
-        layer = projector_layer(args)  # (D -> mlp_dim), then the classifier on mlp_dim
+    if args.init_from_projector:  # Layer Grafted's 10 % protocol: the projector's first Linear, then the classifier
+        projector = backbones.load_projector(args.finetune) if args.finetune else None
+        if projector is None:
+            raise InputError(f'--init_from_projector needs a --finetune checkpoint with a MoCo v3 projector '
+                             f'(base_encoder.head); {args.finetune or "no --finetune"} has none: drop the '
+                             f'flag, or fine-tune a MoCo v3 or grafted checkpoint')
+        layer = torch.nn.Linear(projector[0].in_features, projector[0].out_features)  # (D -> mlp_dim)
+        layer.weight.data.copy_(projector[0].weight.data)  # MoCo v3's projector has no bias
+        torch.nn.init.zeros_(layer.bias)
         model.head = torch.nn.Sequential(layer, torch.nn.Linear(layer.out_features, num_classes))
     if args.finetune:
         classifier = model.head[-1] if args.init_from_projector else model.head
@@ -117,23 +116,8 @@ def layer_decay_groups(model, args) -> list:
                                     no_weight_decay_list=model.no_weight_decay())
 
 
-def projector_layer(args) -> torch.nn.Linear:
-    """Layer Grafted's 10 % protocol: the first Linear of the MoCo v3 projector (D -> mlp_dim)."""
-    projector = backbones.load_projector(args.finetune) if args.finetune else None
-    if projector is None:
-        raise InputError(f'--init_from_projector needs a --finetune checkpoint with a MoCo v3 projector '
-                         f'(base_encoder.head); {args.finetune or "no --finetune"} has none: drop the '
-                         f'flag, or fine-tune a MoCo v3 or grafted checkpoint')
-    first = projector[0]  # (mlp_dim, D), no bias in MoCo v3's projector
-    head = torch.nn.Linear(first.in_features, first.out_features, bias=True)
-    head.weight.data.copy_(first.weight.data)
-    torch.nn.init.zeros_(head.bias)
-    return head
-
-
 def resolve_defaults(args) -> None:
-    digits = data.dataset_name(args) == 'digits'
-    for name, value in DATASET_DEFAULTS['digits' if digits else 'imagenet'].items():
+    for name, value in DATASET_DEFAULTS['digits' if data.dataset_name(args) == 'digits' else 'imagenet'].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
 
@@ -148,17 +132,6 @@ def add_transforms(args, train_set, val_set):
             interpolation='bicubic', re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
     val_set.transform = data.eval_transform(args)
     return data.label_subset(train_set, args)
-
-
-def build_mixup(args, num_classes: int):
-    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax):
-        return None
-    if args.batch_size % 2:
-        raise InputError(f'Mixup/CutMix pair images within a batch: --batch_size {args.batch_size} must '
-                         f'be even (or turn them off with --mixup 0 --cutmix 0)')
-    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                 label_smoothing=args.smoothing, num_classes=num_classes)
 
 
 def main(args):
@@ -176,7 +149,6 @@ def main(args):
     model = add_classifier(model, args, num_classes)
     loader = data.build_loader(train_set, args, is_train=True)
     val_loader = data.build_loader(val_set, args, is_train=False)
-
     model.to(device, memory_format=memory_format(args))
     model_without_ddp = model
     if args.distributed:
@@ -186,42 +158,40 @@ def main(args):
     # After DDP, which broadcast rank 0's weights: every rank's EMA starts from the same model.
     model_ema = ModelEmaV3(model_without_ddp, decay=args.model_ema_decay) if args.model_ema else None
     train_model = torch.compile(model) if args.compile else model
-
     optimizer = torch.optim.AdamW(layer_decay_groups(model_without_ddp, args), lr=args.lr,
                                   betas=tuple(args.opt_betas), fused=device.type == 'cuda')
     lr_scheduler = cosine_lr_scheduler(optimizer, args, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    mixup_fn = build_mixup(args, num_classes)
-    if mixup_fn is not None:
+    criterion = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else torch.nn.CrossEntropyLoss()
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax:
+        if args.batch_size % 2:
+            raise InputError(f'Mixup/CutMix pair images within a batch: --batch_size {args.batch_size} must '
+                             f'be even (or turn them off with --mixup 0 --cutmix 0)')
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=num_classes)
         criterion = SoftTargetCrossEntropy()  # Mixup makes the (smoothed) soft targets itself
-    elif args.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        criterion = torch.nn.CrossEntropyLoss()
     extra = {'model_ema': model_ema} if model_ema is not None else {}
     checkpoint.resume(args, model_without_ddp, optimizer, scaler, same_run=('finetune',), **extra)
     best_path = os.path.join(args.output_dir, 'checkpoint-best.pth')
     resumed = args.start_epoch > 0 and os.path.isfile(best_path)
     best_acc1 = checkpoint.load_file(best_path).get('acc1', 0.0) if resumed else 0.0
-
     if args.eval:
         stats = evaluate(model_without_ddp, val_loader, device, args)
         metrics = {'acc1': stats['acc1'], 'acc5': stats['acc5'], 'eval_only': True}
         return summarize(args, 'finetune', args.resume or args.finetune or 'random init', metrics)
-
     print(f'{len(train_set)} training images, {num_classes} classes; layer decay {args.layer_decay}, mixup '
           f'{args.mixup}, cutmix {args.cutmix}; epochs {args.start_epoch}..{args.epochs - 1}')
     log_writer = tensorboard_writer(args.log_dir)
     start, stats = time.time(), {}
     for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(train_model, loader, optimizer, lr_scheduler, scaler, device, epoch,
-                                      args, log_writer, criterion=criterion, mixup_fn=mixup_fn,
-                                      model_ema=model_ema)
+        train_stats = train_one_epoch(train_model, loader, optimizer, lr_scheduler, scaler, device, epoch, args,
+                                      log_writer, criterion=criterion, mixup_fn=mixup_fn, model_ema=model_ema)
         stats = {f'test_{k}': v for k, v in evaluate(model_without_ddp, val_loader, device, args).items()}
         if model_ema is not None:
-            stats.update({f'test_ema_{k}': v for k, v in
-                          evaluate(model_ema.module, val_loader, device, args).items()})
+            stats.update({f'test_ema_{k}': v for k, v in evaluate(model_ema.module, val_loader, device, args).items()})
         state = checkpoint.training_state(args, epoch, model_without_ddp, optimizer, scaler,
                                           acc1=stats['test_acc1'], **extra)
         checkpoint.save_checkpoint(state, os.path.join(args.output_dir, 'checkpoint-last.pth'))
@@ -232,8 +202,7 @@ def main(args):
         if log_writer is not None:
             for name, value in stats.items():
                 log_writer.add_scalar(f'test/{name[5:]}', value, epoch)
-        log_json(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()}, **stats,
-                                   'epoch': epoch})
+        log_json(args.output_dir, {**{f'train_{k}': v for k, v in train_stats.items()}, **stats, 'epoch': epoch})
     if log_writer is not None:
         log_writer.close()
     print(f'training time {datetime.timedelta(seconds=int(time.time() - start))}')
@@ -243,5 +212,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser('mimco fine-tuning', parents=[get_args_parser()])
-    run_main(main, parser.parse_args())
+    run_main(main, argparse.ArgumentParser('mimco fine-tuning', parents=[get_args_parser()]).parse_args())

@@ -30,45 +30,34 @@ def get_args_parser():
     p = argparse.ArgumentParser('mimco frozen-feature evaluation', add_help=False)
     p.add_argument('--protocol', default='linear', choices=['linear', 'logreg', 'knn'],
                    help='linear probe (MAE), few-shot logistic regression (Layer Grafted), weighted kNN (DINO)')
-    p.add_argument('--checkpoint', '--finetune', default='random', type=str, dest='checkpoint',
-                   help='backbone to evaluate (MoCo v3, DINO, MAE, timm or ours), or `random` for the '
-                        'random-init baseline of --model (--finetune: the same, as MAE names it)')
-    p.add_argument('--model', default=None, type=str,
-                   help=f"timm ViT name (default: the checkpoint's architecture; {DIGITS_MODEL} for random)")
+    p.add_argument('--checkpoint', '--finetune', default='random', dest='checkpoint',
+                   help='backbone (MoCo v3, DINO, MAE, timm, ours) or `random`, an untrained --model (also --finetune)')
+    p.add_argument('--model', help=f"timm ViT name (default: the checkpoint's architecture; {DIGITS_MODEL} for random)")
     p.add_argument('--input_size', default=None, type=int, help="image size (default: the model's)")
-    p.add_argument('--global_pool', action='store_true',
-                   help='features = mean of the final-normed patch tokens (default: the CLS token)')
+    p.add_argument('--global_pool', action='store_true', help='features = mean of the normed patch tokens (not CLS)')
     p.add_argument('--batch_size', default=256, type=int, help='images (or cached features) per GPU')
     # Linear probe (MAE: LARS, blr 0.1, no weight decay, 90 epochs, 10 warm-up, total batch 16384)
     p.add_argument('--epochs', default=90, type=int, help='linear probe epochs')
     p.add_argument('--warmup_epochs', default=10, type=int, help='linear probe warm-up epochs')
-    p.add_argument('--optimizer', default='lars', choices=['lars', 'sgd'],
-                   help='lars (MAE) or sgd with momentum (MoCo v3 style; sweep --blr/--weight_decay)')
-    p.add_argument('--blr', default=None, type=float,
-                   help='base lr for a total batch of 256 (default 0.1 as MAE; 32 with LARS on digits)')
+    p.add_argument('--optimizer', default='lars', choices=['lars', 'sgd'], help='lars (MAE) or momentum sgd (MoCo v3)')
+    p.add_argument('--blr', type=float, help='base lr per 256 images (default 0.1 as MAE; 32 with LARS on digits)')
     p.add_argument('--lr', default=None, type=float, help='absolute lr (default: blr * total batch / 256)')
     p.add_argument('--min_lr', default=0.0, type=float, help='lr at the end of the cosine')
     p.add_argument('--weight_decay', default=0.0, type=float, help='weight decay of the linear head')
     p.add_argument('--cache_features', default=None, action=argparse.BooleanOptionalAction,
-                   help='extract the features once and train the head on them (default: on for digits, '
-                        'which has no augmentation here; off elsewhere: RandomResizedCrop + flip per epoch)')
+                   help='train the head on features extracted once (default on digits; off: crop + flip each epoch)')
     p.add_argument('--crop_min', default=0.08, type=float, help='RandomResizedCrop min scale (no cache)')
     # Logistic regression (Layer Grafted's few-shot protocol)
     p.add_argument('--logreg_wd', default=None, type=float,
-                   help='L2 weight lambda in mean CE + lambda/2 |W|^2 (default 2.5e-4 / n_train, as in '
-                        "the Layer Grafted code; sklearn's C = 1 / (lambda n_train))")
+                   help="L2 lambda in mean CE + lambda/2 |W|^2 (default 2.5e-4 / n_train, as Layer Grafted's code)")
     p.add_argument('--logreg_iters', default=1000, type=int, help='L-BFGS iterations at most')
-    # kNN (DINO)
     p.add_argument('--knn_k', default=20, type=int, help='neighbours that vote')
     p.add_argument('--knn_t', default=0.07, type=float, help='temperature of the exp(similarity / T) weights')
-    p.add_argument('--knn_chunk', default=256, type=int,
-                   help='val features per similarity block (chunk x N_train floats in memory at once)')
+    p.add_argument('--knn_chunk', default=256, type=int, help='val features per similarity block (chunk x N_train)')
     data.add_data_args(p)
     add_run_args(p, train=False)  # --resume, --start_epoch: the linear probe's
     return p
 
-
-# --------------------------------------------------------------------------- linear probe
 
 class FrozenProbe(nn.Module):
     """Frozen backbone (always in eval(), no grad) + trainable head, for per-epoch augmented images."""
@@ -97,8 +86,7 @@ def linear_head(dim: int, num_classes: int) -> nn.Sequential:
 
 
 def fingerprint(backbone) -> float:
-    """One number that changes when any backbone weight does: a probe's checkpoint records it, so
-    that resuming never trains on top of a head fitted to another backbone."""
+    """A number that changes with any backbone weight: a probe's resume checks it against its checkpoint's."""
     return sum(v.detach().double().sum().item() + v.detach().double().square().sum().item()
                for v in backbone.state_dict().values() if v.is_floating_point())
 
@@ -121,20 +109,15 @@ def check_probe_checkpoint(backbone_id: float, args):
 
 
 def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dict:
-    """Trains the head, checkpointing it (with optimizer, scaler and RNG) after every epoch in
-    output_dir/checkpoint-last.pth, and resumes from there (or --resume) exactly."""
+    """Trains the head, saved with optimizer, scaler and RNG each epoch (checkpoint-last.pth), resumed exactly."""
     backbone_id = fingerprint(backbone)
     head = linear_head(backbone.num_features, num_classes).to(device)
-    if args.cache_features:
-        # Without augmentation the features are the same every epoch: compute them once.
-        train_x, train_y = extract_features(backbone, train_set, device, args)
-        val_x, val_y = extract_features(backbone, val_set, device, args)
-        train_set, val_set = TensorDataset(train_x.cpu(), train_y.cpu()), TensorDataset(val_x.cpu(), val_y.cpu())
-        model = head
+    if args.cache_features:  # without augmentation the features are the same every epoch: computed once
+        train_set, val_set = (TensorDataset(*(t.cpu() for t in extract_features(backbone, images, device, args)))
+                              for images in (train_set, val_set))
+        model, loader_args = head, argparse.Namespace(**{**vars(args), 'num_workers': 0})  # tensors need no workers
     else:
-        model = FrozenProbe(backbone, head).to(device)
-    # Tensors in memory need no worker processes.
-    loader_args = argparse.Namespace(**{**vars(args), 'num_workers': 0}) if args.cache_features else args
+        model, loader_args = FrozenProbe(backbone, head).to(device), args
     loader = data.build_loader(train_set, loader_args, is_train=True, random_samples=not args.cache_features)
     val_loader = data.build_loader(val_set, loader_args, is_train=False)
     train_model = model
@@ -179,35 +162,35 @@ def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dic
     return {'acc1': stats['acc1'], 'acc5': stats['acc5'], 'best_acc1': best}
 
 
-# --------------------------------------------------------------------------- main
-
 def main(args):
     device = setup_run(args)
     args.accum_iter, args.clip_grad = 1, None  # what engine.train_one_epoch reads
+    digits = data.dataset_name(args) == 'digits'
     if args.cache_features is None:
-        args.cache_features = data.dataset_name(args) == 'digits'
+        args.cache_features = digits
     if args.blr is None:
         # LARS moves each weight by lr x 0.001 of its norm per step, so the head's total movement grows
         # with the images seen (epochs x N x blr / 256): digits' 1,437 need a far larger blr than
         # ImageNet's 1.28 M (demo MoCo v3 backbone, 90 epochs: blr 0.1 -> 34 %, 8 -> 96 %, 32 -> 95 %).
-        args.blr = 32.0 if data.dataset_name(args) == 'digits' and args.optimizer == 'lars' else 0.1
+        args.blr = 32.0 if digits and args.optimizer == 'lars' else 0.1
     if args.knn_k < 1 or args.knn_t <= 0 or args.knn_chunk < 1:
         raise InputError(f'--knn_k {args.knn_k}, --knn_t {args.knn_t}, --knn_chunk {args.knn_chunk}: '
                          f'k and the chunk must be at least 1 and the temperature positive')
     # The data first, for the run header; their transforms once the backbone's input size is known.
     train_set, val_set = (data.build_dataset(args, is_train, transform=None) for is_train in (True, False))
-    total_batch = args.batch_size * get_world_size() if args.protocol == 'linear' else None
-    if total_batch:
+    linear = args.protocol == 'linear'
+    total_batch = args.batch_size * get_world_size() if linear else None
+    if linear:
         args.lr = args.lr or args.blr * total_batch / 256
     run_header(args, 'main_linprobe.py', len(train_set), len(val_set), total_batch)
     backbone = frozen_backbone(args).to(device)
-    before = {k: v.clone() for k, v in backbone.state_dict().items()} if args.protocol == 'linear' else None
+    before = {k: v.clone() for k, v in backbone.state_dict().items()} if linear else None
     val_set.transform = data.eval_transform(args)
-    train_set.transform = (data.crop_flip_view(args) if args.protocol == 'linear' and not args.cache_features
-                           and data.dataset_name(args) != 'digits' else data.eval_transform(args))
+    augment = linear and not args.cache_features and not digits
+    train_set.transform = data.crop_flip_view(args) if augment else data.eval_transform(args)
     train_set = data.label_subset(train_set, args)
     num_classes = len(val_set.classes)
-    if args.protocol == 'linear':
+    if linear:
         metrics = linear_probe(backbone, train_set, val_set, num_classes, device, args)
         changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v, before[k])]
         if changed:  # a bug, not a user error: the protocol's premise is broken
@@ -215,8 +198,7 @@ def main(args):
     elif args.protocol == 'knn':
         metrics = knn_evaluate(backbone, train_set, val_set, device, args, args.knn_k, args.knn_t, args.knn_chunk)
     else:
-        train_x, train_y = extract_features(backbone, train_set, device, args)
-        val_x, val_y = extract_features(backbone, val_set, device, args)
+        (train_x, train_y), (val_x, val_y) = (extract_features(backbone, s, device, args) for s in (train_set, val_set))
         train_x, val_x = center_normalize(train_x, val_x)
         if args.logreg_wd is None:
             args.logreg_wd = 2.5e-4 / len(train_set)
@@ -224,10 +206,8 @@ def main(args):
         top1, top5 = topk_accuracy(classifier(val_x.double()), val_y, topk=(1, min(5, num_classes)))
         metrics = {'acc1': top1, 'acc5': top5}
     metrics.update(n_train=len(train_set), n_val=len(val_set))
-    pooled = 'avg pool' if args.global_pool else 'CLS'
-    return summarize(args, args.protocol, f'{args.checkpoint}, {pooled}', metrics)
+    return summarize(args, args.protocol, f'{args.checkpoint}, {"avg pool" if args.global_pool else "CLS"}', metrics)
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser('mimco frozen-feature evaluation', parents=[get_args_parser()])
-    run_main(main, parser.parse_args())
+    run_main(main, argparse.ArgumentParser('mimco frozen-feature evaluation', parents=[get_args_parser()]).parse_args())

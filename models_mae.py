@@ -1,5 +1,4 @@
-"""MAE (He et al., 2022): an encoder on the visible 25 % of patches and a light decoder that regresses
-the pixels of the masked ones."""
+"""MAE (He et al., 2022), the pre-training of Layer Grafted's stage 1."""
 import functools
 
 import torch
@@ -12,31 +11,25 @@ from util.masking import random_masking_indices
 
 
 class MAE(nn.Module):
-    """Masked autoencoder (He et al., 2022): the encoder sees only the visible patches (Sec. 3, "MAE
-    encoder"); a light decoder adds mask tokens and regresses the pixels of the masked patches.
+    """Masked autoencoder: the encoder sees only the visible patches (Sec. 3, "MAE encoder"); a light decoder adds mask
+    tokens and regresses the masked patches' pixels. The decoder's names (`mask_token`, `decoder_*`) are the official
+    checkpoints', so `util.backbones` tells the backbone (`encoder.*`) from the decoder in both."""
 
-    The decoder's names (`mask_token`, `decoder_*`) are those of the official checkpoints, so
-    `util.backbones` tells the backbone (`encoder.*`) from the decoder in ours and theirs alike.
-    """
-
-    def __init__(self, encoder: VisionTransformer, decoder_embed_dim: int = 512,
-                 decoder_depth: int = 8, decoder_num_heads: int = 16, mask_ratio: float = 0.75,
-                 norm_pix_loss: bool = True):
+    def __init__(self, encoder: VisionTransformer, decoder_embed_dim: int = 512, decoder_depth: int = 8,
+                 decoder_num_heads: int = 16, mask_ratio: float = 0.75, norm_pix_loss: bool = True):
         super().__init__()
         encoder.reset_classifier(0)
         self.encoder = encoder
-        self.patch_size = encoder.patch_embed.patch_size[0]
-        self.in_chans = encoder.patch_embed.proj.in_channels
+        self.patch_size, self.in_chans = encoder.patch_embed.patch_size[0], encoder.patch_embed.proj.in_channels
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         # Fixed, not learned (Sec. 3, "MAE decoder": position embeddings on every token).
         self.register_buffer('decoder_pos_embed', sincos_pos_embed(
             encoder.patch_embed.grid_size, decoder_embed_dim, encoder.num_prefix_tokens, mae_layout=True))
-        self.decoder_blocks = nn.Sequential(*[
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio=4.0, qkv_bias=True,
-                  norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))
-            for _ in range(decoder_depth)])
+        self.decoder_blocks = nn.Sequential(*[Block(decoder_embed_dim, decoder_num_heads, mlp_ratio=4.0, qkv_bias=True,
+                                                    norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))
+                                              for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size ** 2 * self.in_chans)
         self._init_weights()
@@ -103,9 +96,8 @@ class MAE(nn.Module):
         return (target - mean) / std, (mean, std)
 
     def predict(self, images: torch.Tensor, noise: torch.Tensor = None) -> tuple:
-        """(loss, prediction (B, N, p*p*C) in the target's space, mask (B, N) with 1 = masked).
-        `noise` (B, N) picks the masked patches (the lowest 1 - mask_ratio are kept); drawn here
-        when not given."""
+        """(loss, prediction (B, N, p*p*C) in the target's space, mask (B, N) with 1 = masked). `noise` (B, N),
+        drawn here when not given, picks the masked patches (the lowest 1 - mask_ratio are kept)."""
         B, N = images.shape[0], self.encoder.patch_embed.num_patches
         ids_keep, ids_restore, mask = random_masking_indices(B, N, self.mask_ratio, images.device, noise)
         pred = self.forward_decoder(self.forward_encoder(images, ids_keep), ids_restore)
@@ -115,15 +107,12 @@ class MAE(nn.Module):
         return loss, pred, mask
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor = None) -> tuple:
-        loss, _, _ = self.predict(images, noise)
-        return loss, {}
+        return self.predict(images, noise)[0], {}
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> tuple:
         """For figures: (prediction (B, C, H, W) in the input's pixel space, mask (B, N), 1 = masked).
-
-        With `norm_pix_loss` each predicted patch is mapped back with its true patch's mean and std.
-        """
+        With `norm_pix_loss` each predicted patch is mapped back with its true patch's mean and std."""
         _, pred, mask = self.predict(images)
         _, (mean, std) = self.target(images)
         return self.unpatchify(pred.float() * std + mean, self.encoder.patch_embed.grid_size), mask

@@ -1,6 +1,5 @@
 """MimCo (Zhou et al., 2022): a ViT student that sees masked patches as a learned mask token and
-predicts, through a patch head and a CLS head, the tokens of a frozen contrastive `Teacher`.
-"""
+predicts, through a patch head and a CLS head, the tokens of a frozen contrastive `Teacher`."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,45 +12,33 @@ from models_vit import build_mlp
 
 
 def build_head(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, norm: str = 'bn') -> nn.Module:
-    """MimCo's patch and CLS heads, on tokens of any shape (..., in_dim) -> (..., out_dim).
-
-    norm 'bn': (Linear without bias, BatchNorm, ReLU) x (n-1), Linear without bias: MoCo v3's projector
-    without its last BN, the BN statistics taken over every token of the batch. norm 'none': (Linear,
-    GELU) x (n-1), Linear, the BEiT/iBOT-style head.
-    """
+    """MimCo's patch and CLS heads, on tokens of any shape (..., in_dim) -> (..., out_dim). norm 'bn': MoCo
+    v3's projector without its last BN, the BN statistics taken over every token of the batch; norm 'none':
+    (Linear, GELU) x (n-1), Linear, the BEiT/iBOT-style head."""
     if norm == 'bn':
         return TokenMLP(*build_mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn=False))
     dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-    layers = []
-    for i, (dim_in, dim_out) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(dim_in, dim_out))
-        if i < num_layers - 1:
-            layers.append(nn.GELU())
-    return nn.Sequential(*layers)
+    layers = [m for dim_in, dim_out in zip(dims, dims[1:]) for m in (nn.Linear(dim_in, dim_out), nn.GELU())]
+    return nn.Sequential(*layers[:-1])  # no GELU after the last Linear
 
 
 class TokenMLP(nn.Sequential):
-    """An MLP with BatchNorm1d applied to tokens of any leading shape: (..., D) is flattened to
-    (M, D) for the MLP and restored after."""
+    """A BatchNorm1d MLP on tokens of any leading shape: (..., D) flattened to (M, D) and restored."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.flatten(0, -2)).unflatten(0, x.shape[:-1])
 
 
 class Teacher(nn.Module):
-    """A frozen contrastive ViT that sees the whole image and gives MimCo's targets.
-
-    Returns the image-level target (the CLS token, through the teacher's own projector when it has
-    one and `use_projector`) and its final-normed patch tokens (B, N, D_t). Always in eval().
-    """
+    """A frozen contrastive ViT that sees the whole image and gives MimCo's targets: the image-level
+    target (the CLS token, through the teacher's own projector when given) and its final-normed patch
+    tokens (B, N, D_t). Always in eval()."""
 
     def __init__(self, backbone: VisionTransformer, projector: nn.Module = None):
         super().__init__()
-        self.backbone = backbone
-        self.projector = projector
+        self.backbone, self.projector = backbone, projector
         self.img_size = tuple(backbone.patch_embed.img_size)
-        self.requires_grad_(False)
-        self.eval()
+        self.requires_grad_(False).eval()
 
     def train(self, mode: bool = True):
         return super().train(False)
@@ -63,12 +50,10 @@ class Teacher(nn.Module):
         return [m for m in self.projector if isinstance(m, nn.Linear)][-1].out_features
 
     def forward(self, images: torch.Tensor) -> tuple:
-        # inference_mode skips autograd's bookkeeping entirely; the clones (outside it) turn the
-        # targets into ordinary tensors, which the student's loss may save for its backward. Under
-        # torch.compile no_grad instead: a compiled graph keeps no bookkeeping either, and AOTAutograd
-        # (torch 2.11 on CUDA, 2.14 on CPU) fails on parameters read in an inference_mode region in bf16.
-        no_grad = torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode()
-        with no_grad:
+        # inference_mode skips autograd's bookkeeping; the clones (outside it) make the targets ordinary tensors,
+        # which the student's loss may save for its backward. Under torch.compile no_grad: a compiled graph keeps no
+        # bookkeeping either, and AOTAutograd (torch 2.11 CUDA, 2.14 CPU) fails on inference_mode reads in bf16.
+        with torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode():
             if tuple(images.shape[-2:]) != self.img_size:  # give the teacher the student's patch grid
                 images = F.interpolate(images, size=self.img_size, mode='bicubic', align_corners=False)
             # (B, 1+N, D_t); fc_norm is the final norm of a global-pool fine-tuned file, Identity elsewhere
@@ -81,10 +66,7 @@ class Teacher(nn.Module):
 
 
 class MimCo(nn.Module):
-    """MIM with a contrastive teacher: masked patches -> mask token; heads regress teacher tokens.
-
-    Total loss = patch loss + img_loss_weight * image loss (MimCo, Sec. 3).
-    """
+    """MIM with a contrastive teacher (MimCo, Sec. 3): loss = patch loss + img_loss_weight * image loss."""
 
     def __init__(self, student: VisionTransformer, teacher_dim: int, target_dim: int,
                  num_masked: int, head_dim: int = 2048, head_layers: int = 2, head_norm: str = 'bn',
@@ -100,40 +82,30 @@ class MimCo(nn.Module):
         # parameter that no loss reaches.
         self.cls_head = (build_head(head_layers, student.embed_dim, head_dim, target_dim, head_norm)
                          if img_loss != 'none' else None)
-        self.num_masked = num_masked
+        self.num_masked, self.img_loss_weight = num_masked, img_loss_weight
         self.patch_loss, self.img_loss = patch_loss, img_loss
         self.patch_temp, self.img_temp = patch_temp, img_temp
-        self.img_loss_weight = img_loss_weight
 
     def no_weight_decay(self) -> set:
         return {'mask_token'} | {f'student.{n}' for n in self.student.no_weight_decay()}
 
-    def encode(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The student's final-normed tokens (B, 1+N, D) with masked patches as the mask token."""
-        vit = self.student
-        x = vit.patch_embed(images)  # (B, N, D)
-        x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))  # (B, 1+N, D)
-        x = checkpoint_seq(vit.blocks, x) if vit.grad_checkpointing else vit.blocks(x)
-        return vit.norm(x)
-
     def forward(self, images: torch.Tensor, mask: torch.Tensor, targets: tuple) -> tuple:
         teacher_cls, teacher_patches = targets  # (B, D_img), (B, N, D_t)
-        tokens = self.encode(images, mask)
-        patches = tokens[:, self.student.num_prefix_tokens:]  # (B, N, D)
+        vit = self.student
+        x = vit.patch_embed(images)  # (B, N, D)
+        x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)  # masked patches: the mask token
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))  # (B, 1+N, D)
+        tokens = vit.norm(checkpoint_seq(vit.blocks, x) if vit.grad_checkpointing else vit.blocks(x))
+        patches = tokens[:, vit.num_prefix_tokens:]  # (B, N, D)
         # Positions of the masked patches, K per image; argsort keeps this free of host syncs.
-        positions = torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)
-        positions = positions[:, :self.num_masked]  # (B, K)
+        positions = torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)[:, :self.num_masked]
         masked = torch.gather(patches, 1, positions.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        patch_pred = self.patch_head(masked)  # (B, K, D_t)
-        patch_loss = losses.PATCH_LOSSES[self.patch_loss](
-            patch_pred.float(), teacher_patches.float(), positions, self.patch_temp)
-        terms = {'patch_loss': patch_loss.detach()}
-        loss = patch_loss
+        patch_pred = self.patch_head(masked).float()  # (B, K, D_t)
+        loss = losses.PATCH_LOSSES[self.patch_loss](patch_pred, teacher_patches.float(), positions, self.patch_temp)
+        terms = {'patch_loss': loss.detach()}
         if self.img_loss != 'none':
             cls_pred = self.cls_head(tokens[:, 0])  # (B, D_img)
-            img_loss = losses.IMG_LOSSES[self.img_loss](
-                cls_pred.float(), teacher_cls.float(), self.img_temp)
+            img_loss = losses.IMG_LOSSES[self.img_loss](cls_pred.float(), teacher_cls.float(), self.img_temp)
             terms['img_loss'] = img_loss.detach()
             loss = loss + self.img_loss_weight * img_loss
         return loss, terms

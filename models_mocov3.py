@@ -1,7 +1,5 @@
 """MoCo v3 (Chen et al., 2021): base encoder + projector + predictor and a momentum encoder, MoCo v3's
-ViT initialisation, and the optional `L1Pull` towards grafted weights (Layer Grafted Pre-training,
-Jiang et al., 2023).
-"""
+ViT initialisation, and the optional `L1Pull` towards grafted weights (Layer Grafted, Jiang et al., 2023)."""
 import copy
 import math
 
@@ -14,9 +12,8 @@ from models_vit import build_mlp, set_sincos_pos_embed
 
 
 def mocov3_init(vit: VisionTransformer, stop_grad_conv1: bool) -> None:
-    """MoCo v3's ViT initialisation (Sec. 4 and 5): sin-cos positions, Xavier-uniform linears (q, k,
-    v each as its own matrix), and a random patch projection that stays frozen with
-    `stop_grad_conv1` — the paper's fix for training instability."""
+    """MoCo v3's ViT initialisation (Sec. 4 and 5): sin-cos positions, Xavier-uniform linears (q, k, v each as
+    its own matrix), a random patch projection frozen with `stop_grad_conv1` (the paper's fix for instability)."""
     set_sincos_pos_embed(vit)
     for name, module in vit.named_modules():
         if isinstance(module, nn.Linear) and not name.startswith('head'):
@@ -36,8 +33,7 @@ def mocov3_init(vit: VisionTransformer, stop_grad_conv1: bool) -> None:
 class MoCoV3(nn.Module):
     """Base encoder (ViT + projector as its `head`), predictor, and a momentum copy of the encoder."""
 
-    def __init__(self, encoder: VisionTransformer, dim: int = 256, mlp_dim: int = 4096,
-                 temperature: float = 0.2):
+    def __init__(self, encoder: VisionTransformer, dim: int = 256, mlp_dim: int = 4096, temperature: float = 0.2):
         super().__init__()
         encoder.reset_classifier(0)
         encoder.head = build_mlp(3, encoder.embed_dim, mlp_dim, dim)  # projector
@@ -50,17 +46,15 @@ class MoCoV3(nn.Module):
     @torch.no_grad()
     def update_momentum_encoder(self, m: float) -> None:
         """k <- m * k + (1 - m) * q over the parameters: m = 1 keeps k, m = 0 copies q."""
-        base = list(self.base_encoder.parameters())
         momentum = list(self.momentum_encoder.parameters())
         torch._foreach_mul_(momentum, m)
-        torch._foreach_add_(momentum, base, alpha=1.0 - m)
+        torch._foreach_add_(momentum, list(self.base_encoder.parameters()), alpha=1.0 - m)
 
     @staticmethod
     def project_views(encoder: VisionTransformer, view1: torch.Tensor, view2: torch.Tensor) -> tuple:
-        """`encoder(view1), encoder(view2)` in one ViT pass over both views: LayerNorm and attention act
-        on each image alone, so stacking the views changes only the number of kernels (half as many,
-        each twice as large). The projector runs on each view alone, so that its BatchNorm normalises
-        over one view's batch, as in the official code's separate passes (MoCo v3, Alg. 1)."""
+        """`encoder(view1), encoder(view2)` in one ViT pass over both views: LayerNorm and attention act on each image
+        alone, so stacking the views changes only the number of kernels. The projector runs on each view alone, so that
+        its BatchNorm normalises over one view's batch, as in the official code's separate passes (MoCo v3, Alg. 1)."""
         tokens = encoder.forward_features(torch.cat([view1, view2]))  # (2B, 1 + N, D)
         features = encoder.forward_head(tokens, pre_logits=True)  # (2B, D)
         return tuple(encoder.head(f) for f in features.chunk(2))  # 2 x (B, dim)
@@ -73,8 +67,7 @@ class MoCoV3(nn.Module):
         with torch.no_grad():
             k1, k2 = self.project_views(self.momentum_encoder, view1, view2)
         # Symmetrised InfoNCE (MoCo v3, Alg. 1).
-        loss = (losses.moco_infonce(q1, k2, self.temperature)
-                + losses.moco_infonce(q2, k1, self.temperature))
+        loss = losses.moco_infonce(q1, k2, self.temperature) + losses.moco_infonce(q2, k1, self.temperature)
         if self.l1_pull is None:
             return loss, {}
         pull = self.l1_pull()
@@ -82,20 +75,15 @@ class MoCoV3(nn.Module):
 
 
 class L1Pull:
-    """weight * sum |p - p_0| over some parameters: the official Layer Grafted code's pull of the
-    lower blocks towards the stage-1 (MAE) weights in its ViT-L runs (`--l1_dist_w`).
-
-    Not an nn.Module on purpose: the anchors must not be trained, saved in checkpoints (they are
-    re-read from --graft_pretrained) or broadcast by DDP each step as buffers would be.
-    """
+    """weight * sum |p - p_0| over some parameters: the official Layer Grafted code's pull of the lower blocks towards
+    the stage-1 (MAE) weights in its ViT-L runs (`--l1_dist_w`). Not an nn.Module: the anchors must not be trained,
+    saved in checkpoints (re-read from --graft_pretrained) or broadcast by DDP each step as buffers would be."""
 
     def __init__(self, params: list, weight: float):
-        self.params = list(params)
+        self.params, self.weight = list(params), weight
         self.anchors = [p.detach().clone() for p in self.params]
-        self.weight = weight
 
     def __call__(self) -> torch.Tensor:
         if self.anchors[0].device != self.params[0].device:  # follow the model to its device once
             self.anchors = [a.to(p.device) for a, p in zip(self.anchors, self.params)]
-        distance = sum((p.float() - a.float()).abs().sum() for p, a in zip(self.params, self.anchors))
-        return self.weight * distance
+        return self.weight * sum((p.float() - a.float()).abs().sum() for p, a in zip(self.params, self.anchors))
