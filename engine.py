@@ -62,17 +62,9 @@ def lars(groups: list, lr: float) -> Lars:
     return Lars(split, lr=lr)
 
 
-def memory_format(args) -> torch.memory_format:
-    """`Module.to(memory_format=...)` for --channels_last: NHWC 4-D weights (a ViT's patch embedding)."""
-    return torch.channels_last if getattr(args, 'channels_last', False) else torch.preserve_format
-
-
-def to_device(x, device, channels_last: bool = False):
-    """Tensors (or tuples of them) to the device; with `channels_last`, images (B, C, H, W) in NHWC."""
-    if isinstance(x, (list, tuple)):
-        return tuple(to_device(t, device, channels_last) for t in x)
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+def to_device(x, device):
+    """Tensors (or tuples of them) to the device."""
+    return tuple(to_device(t, device) for t in x) if isinstance(x, (list, tuple)) else x.to(device, non_blocking=True)
 
 
 def check_finite(values: list, first_step: int, epoch: int, terms: dict, lr: float) -> None:
@@ -101,7 +93,7 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, scaler, device,
                                                               args.batch_size)):
         if step % accum == 0:
             lr_scheduler.step_update(epoch * updates + step // accum)
-        inputs = to_device(inputs, device, getattr(args, 'channels_last', False))
+        inputs = to_device(inputs, device)
         update = (step + 1) % accum == 0 or step == steps - 1
         accumulated = min(accum, steps - step // accum * accum)  # batches in this step's accumulation
         sync = contextlib.nullcontext() if update or not args.distributed else model.no_sync()
@@ -150,7 +142,7 @@ def evaluate(model, data_loader, device, args) -> dict:
     logger = MetricLogger()
     logger.meters.update((name, SmoothedValue()) for name in ('loss', 'acc1', 'acc5'))  # also on an empty shard
     for images, targets in logger.log_every(data_loader, args.print_freq, 'Test:'):
-        images = to_device(images, device, getattr(args, 'channels_last', False))
+        images = to_device(images, device)
         targets = targets.to(device, non_blocking=True)
         with autocast(device, args.amp):
             output = model(images)

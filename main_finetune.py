@@ -18,7 +18,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 
-from engine import cosine_lr_scheduler, evaluate, memory_format, train_one_epoch
+from engine import cosine_lr_scheduler, evaluate, train_one_epoch
 from models_vit import DIGITS_MODEL
 from util import backbones, checkpoint, data
 from util.dist import get_world_size
@@ -149,7 +149,7 @@ def main(args):
     model = add_classifier(model, args, num_classes)
     loader = data.build_loader(train_set, args, is_train=True)
     val_loader = data.build_loader(val_set, args, is_train=False)
-    model.to(device, memory_format=memory_format(args))
+    model.to(device)
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(

@@ -16,13 +16,13 @@ import time
 import torch
 from torch.utils.data import TensorDataset, default_collate
 
-from engine import cosine_lr_scheduler, knn_evaluate, memory_format, train_one_epoch
+from engine import cosine_lr_scheduler, knn_evaluate, train_one_epoch
+from models_mocov3 import moco_momentum
 from util import checkpoint, data, decode, figures
 from util.dist import get_world_size
 from util.errors import run_main
 from util.logging import add_run_args, log_json, run_header, setup_run, tensorboard_writer
 from util.pretrain import BACKBONE, build_model, build_optimizer, resolve_defaults
-from util.schedules import moco_momentum
 
 
 def get_args_parser():
@@ -129,7 +129,7 @@ def main(args):
     dataset, loader = decode.build_pretrain_loader(args, dataset, getattr(model, 'mask_generator', None), device)
     backbone = getattr(model, BACKBONE[args.method])  # the ViT that pre-training trains
     backbone.set_grad_checkpointing(args.grad_ckpt)
-    model.to(device, memory_format=memory_format(args))
+    model.to(device)
     model_without_ddp = model
     if args.distributed:
         if args.method != 'mae' and device.type == 'cuda':
@@ -142,7 +142,7 @@ def main(args):
         model_without_ddp = model.module
     train_model = torch.compile(model) if args.compile else model
     if teacher is not None:
-        teacher.to(device, memory_format=memory_format(args))
+        teacher.to(device)
         teacher = torch.compile(teacher) if args.compile else teacher
     optimizer = build_optimizer(args, model_without_ddp)
     lr_scheduler = cosine_lr_scheduler(optimizer, args, len(loader))

@@ -11,6 +11,12 @@ import losses
 from models_vit import build_mlp, set_sincos_pos_embed
 
 
+def moco_momentum(epoch_progress: float, base_m: float, epochs: int, cosine: bool = True) -> float:
+    """MoCo v3's momentum of the key encoder at `epoch_progress` (epochs, fractional): from base_m to 1 by a
+    half cosine (its `adjust_moco_momentum`), or base_m throughout."""
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch_progress / epochs)) * (1.0 - base_m) if cosine else base_m
+
+
 def mocov3_init(vit: VisionTransformer, stop_grad_conv1: bool) -> None:
     """MoCo v3's ViT initialisation (Sec. 4 and 5): sin-cos positions, Xavier-uniform linears (q, k, v each as
     its own matrix), a random patch projection frozen with `stop_grad_conv1` (the paper's fix for instability)."""

@@ -30,8 +30,8 @@ from timm.models.vision_transformer import Block
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_pretrain  # noqa: E402
 from engine import autocast, cosine_lr_scheduler, train_one_epoch  # noqa: E402
+from models_mocov3 import moco_momentum  # noqa: E402
 from util import checkpoint, pretrain  # noqa: E402
-from util.schedules import moco_momentum  # noqa: E402
 
 METHODS = ('mimco', 'mae', 'mocov3')
 # DESIGN.md, "Speed and memory", as issue 17 restates them: time ratio ours / reference, memory ratio,
@@ -190,7 +190,8 @@ def measure_reference(args, device: torch.device, steps: int, warmup: int, full_
     base = release_memory(device)
     method, size = 'vit' if full_vit else args.method, args.input_size
     model = Reference(args, mae=method == 'mae')
-    inputs = tuple(torch.randn(args.batch_size, 3, size, size, device=device) for _ in range(2 if method == 'mocov3' else 1))
+    views = 2 if method == 'mocov3' else 1
+    inputs = tuple(torch.randn(args.batch_size, 3, size, size, device=device) for _ in range(views))
     frozen = None
     if method == 'mimco':  # the teacher's timm ViT, at the size that gives it the student's patch grid
         with contextlib.redirect_stdout(io.StringIO()):

@@ -42,7 +42,7 @@ def test_momentum_update_follows_m():
     assert all(torch.equal(q, k) for q, k in zip(moco.base_encoder.parameters(),
                                                   moco.momentum_encoder.parameters()))
     # The schedule: base_m at the start, 1 at the end (MoCo v3's half cosine).
-    from util.schedules import moco_momentum
+    from models_mocov3 import moco_momentum
     assert moco_momentum(0, 0.99, 100) == pytest.approx(0.99)
     assert moco_momentum(100, 0.99, 100) == pytest.approx(1.0)
     assert moco_momentum(50, 0.99, 100) == pytest.approx(0.995)
