@@ -80,10 +80,9 @@ def device_name(device: torch.device) -> str:
 def release_memory(device: torch.device):
     """Free what the last measurement left; the MiB CUDA tensors still hold (None on the CPU)."""
     gc.collect()
-    if device.type != 'cuda':
-        return None
-    torch.cuda.empty_cache()
-    return torch.cuda.memory_allocated(device) / 2 ** 20
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated(device) / 2 ** 20
 
 
 def timed(run_steps, device: torch.device, steps: int, warmup: int, base) -> dict:
@@ -150,7 +149,6 @@ def measure_ours(args, device: torch.device, steps: int, warmup: int) -> dict:
         with contextlib.redirect_stdout(io.StringIO()):
             train_one_epoch(train_model, [batch] * n, optimizer, scheduler, scaler, device, 0, args,
                             teacher=teacher, momentum_schedule=momentum)
-
     result = timed(run_steps, device, steps, warmup, base)
     if teacher is not None:  # the teacher alone, as the loop calls it
         def teacher_steps(n):
@@ -223,7 +221,6 @@ def measure_reference(args, device: torch.device, steps: int, warmup: int, full_
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-
     return timed(run_steps, device, steps, warmup, base)
 
 

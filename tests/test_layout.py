@@ -45,3 +45,10 @@ def test_no_script_imports_another_scripts_building_blocks():
     uses = {path: script_uses(path) for path in python_files()}
     assert not {path: found for path, found in uses.items() if found}
 
+
+
+def test_the_code_stays_small():
+    """Issue 18: at most 4,000 lines of non-test Python in all, no file over 400 (`wc -l`)."""
+    lines = {path: sum(1 for _ in open(os.path.join(ROOT, path))) for path in python_files()}
+    assert not {path: n for path, n in lines.items() if n > 400}
+    assert sum(lines.values()) <= 4000, sorted(lines.items(), key=lambda item: -item[1])[:5]

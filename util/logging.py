@@ -126,11 +126,9 @@ def log_json(output_dir: str, stats: dict) -> None:
 
 def tensorboard_writer(log_dir: str):
     """A SummaryWriter on rank 0, None elsewhere or without a log dir."""
-    if not log_dir or not is_main_process():
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-    os.makedirs(log_dir, exist_ok=True)
-    return SummaryWriter(log_dir=log_dir)
+    if log_dir and is_main_process():
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(log_dir=log_dir)  # creates the folder
 
 
 def add_run_args(p, train: bool = True) -> None:
