@@ -85,14 +85,13 @@ def train_one_epoch(model, data_loader, optimizer, lr_scheduler, scaler, device,
     logger = MetricLogger()
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.2e}'))
     steps, accum = len(data_loader), args.accum_iter
-    updates = math.ceil(steps / accum)
     inner = getattr(model, '_orig_mod', model)  # the model inside torch.compile and DDP
     inner = getattr(inner, 'module', inner)
     optimizer.zero_grad(set_to_none=True)
     for step, (inputs, targets) in enumerate(logger.log_every(data_loader, args.print_freq, f'Epoch: [{epoch}]',
                                                               args.batch_size)):
         if step % accum == 0:
-            lr_scheduler.step_update(epoch * updates + step // accum)
+            lr_scheduler.step_update(epoch * math.ceil(steps / accum) + step // accum)
         inputs = to_device(inputs, device)
         update = (step + 1) % accum == 0 or step == steps - 1
         accumulated = min(accum, steps - step // accum * accum)  # batches in this step's accumulation
@@ -142,8 +141,7 @@ def evaluate(model, data_loader, device, args) -> dict:
     logger = MetricLogger()
     logger.meters.update((name, SmoothedValue()) for name in ('loss', 'acc1', 'acc5'))  # also on an empty shard
     for images, targets in logger.log_every(data_loader, args.print_freq, 'Test:'):
-        images = to_device(images, device)
-        targets = targets.to(device, non_blocking=True)
+        images, targets = to_device(images, device), targets.to(device, non_blocking=True)
         with autocast(device, args.amp):
             output = model(images)
             loss = torch.nn.functional.cross_entropy(output, targets)

@@ -3,8 +3,7 @@ protocol (`--train_fraction 0.1` or `--subset_file 10percent.txt`, with `--init_
 Layer Grafted's version).
 
 One process:  python main_finetune.py --finetune output/mimco/checkpoint-last.pth
-Many GPUs:    torchrun --nproc_per_node 8 main_finetune.py --model vit_small_patch16_224 \
-                  --finetune mimco_vits.pth --data_path /data/imagenet --batch_size 128
+Many GPUs:    torchrun --nproc_per_node 8 main_finetune.py --finetune mimco_vits.pth --data_path /data/imagenet
 """
 import argparse
 import datetime
@@ -39,11 +38,9 @@ def get_args_parser():
     p.add_argument('--model', help=f"timm ViT name (default: the --finetune file's architecture, else {DIGITS_MODEL})")
     p.add_argument('--input_size', default=None, type=int, help="image size (default: the model's)")
     p.add_argument('--drop_path', default=0.1, type=float, help='stochastic depth rate')
-    p.add_argument('--global_pool', default=True, action='store_true',
-                   help='classify the average of the patch tokens (default; MAE)')
+    p.add_argument('--global_pool', default=True, action='store_true', help='classify the patch-token mean (MAE)')
     p.add_argument('--cls_token', dest='global_pool', action='store_false', help='classify the CLS token, not the mean')
-    p.add_argument('--finetune', default='',
-                   help='pre-trained backbone (MoCo v3, DINO, MAE, timm or ours); none: from scratch')
+    p.add_argument('--finetune', default='', help='backbone (MoCo v3, DINO, MAE, timm, ours); none: from scratch')
     p.add_argument('--init_from_projector', action='store_true',
                    help="Layer Grafted's 10 %% protocol: the MoCo v3 projector's first layer before the classifier")
     p.add_argument('--opt_betas', default=(0.9, 0.999), type=float, nargs=2, help='AdamW betas')
@@ -140,8 +137,7 @@ def main(args):
     # The data first, for the run header; their transforms once the backbone's input size is known.
     train_set, val_set = (data.build_dataset(args, is_train, transform=None) for is_train in (True, False))
     total_batch = args.batch_size * args.accum_iter * get_world_size()
-    if args.lr is None:
-        args.lr = args.blr * total_batch / 256
+    args.lr = args.blr * total_batch / 256 if args.lr is None else args.lr
     run_header(args, 'main_finetune.py', len(train_set), len(val_set), total_batch)
     model = build_backbone(args)
     train_set = add_transforms(args, train_set, val_set)

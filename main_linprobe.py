@@ -85,12 +85,6 @@ def linear_head(dim: int, num_classes: int) -> nn.Sequential:
     return head
 
 
-def fingerprint(backbone) -> float:
-    """A number that changes with any backbone weight: a probe's resume checks it against its checkpoint's."""
-    return sum(v.detach().double().sum().item() + v.detach().double().square().sum().item()
-               for v in backbone.state_dict().values() if v.is_floating_point())
-
-
 def check_probe_checkpoint(backbone_id: float, args):
     """The `validate` of checkpoint.resume: only a linear probe of this backbone may be resumed."""
     def validate(path, saved):
@@ -110,7 +104,9 @@ def check_probe_checkpoint(backbone_id: float, args):
 
 def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dict:
     """Trains the head, saved with optimizer, scaler and RNG each epoch (checkpoint-last.pth), resumed exactly."""
-    backbone_id = fingerprint(backbone)
+    # A number that changes with any backbone weight: a resume checks it against its checkpoint's.
+    backbone_id = sum(v.detach().double().sum().item() + v.detach().double().square().sum().item()
+                      for v in backbone.state_dict().values() if v.is_floating_point())
     head = linear_head(backbone.num_features, num_classes).to(device)
     if args.cache_features:  # without augmentation the features are the same every epoch: computed once
         train_set, val_set = (TensorDataset(*(t.cpu() for t in extract_features(backbone, images, device, args)))
@@ -128,10 +124,9 @@ def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dic
             model, device_ids=[args.gpu] if device.type == 'cuda' else None)
     total_batch = args.batch_size * get_world_size()
     args.lr = args.lr or args.blr * total_batch / 256  # main() has set it for the run header
-    if args.optimizer == 'lars':
-        optimizer = lars([{'params': list(head.parameters()), 'weight_decay': args.weight_decay}], args.lr)
-    else:
-        optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    optimizer = (lars([{'params': list(head.parameters()), 'weight_decay': args.weight_decay}], args.lr)
+                 if args.optimizer == 'lars' else
+                 torch.optim.SGD(head.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay))
     lr_scheduler = cosine_lr_scheduler(optimizer, args, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     resumed = checkpoint.resume(args, head, optimizer, scaler, validate=check_probe_checkpoint(backbone_id, args),
@@ -166,12 +161,10 @@ def main(args):
     device = setup_run(args)
     args.accum_iter, args.clip_grad = 1, None  # what engine.train_one_epoch reads
     digits = data.dataset_name(args) == 'digits'
-    if args.cache_features is None:
-        args.cache_features = digits
+    args.cache_features = digits if args.cache_features is None else args.cache_features
     if args.blr is None:
-        # LARS moves each weight by lr x 0.001 of its norm per step, so the head's total movement grows
-        # with the images seen (epochs x N x blr / 256): digits' 1,437 need a far larger blr than
-        # ImageNet's 1.28 M (demo MoCo v3 backbone, 90 epochs: blr 0.1 -> 34 %, 8 -> 96 %, 32 -> 95 %).
+        # LARS moves a weight by lr x 0.001 of its norm per step, so the head moves with epochs x N x blr / 256:
+        # digits' 1,437 images need a far larger blr (demo MoCo v3, 90 epochs: blr 0.1 -> 34 %, 8 -> 96 %, 32 -> 95 %).
         args.blr = 32.0 if digits and args.optimizer == 'lars' else 0.1
     if args.knn_k < 1 or args.knn_t <= 0 or args.knn_chunk < 1:
         raise InputError(f'--knn_k {args.knn_k}, --knn_t {args.knn_t}, --knn_chunk {args.knn_chunk}: '
@@ -200,8 +193,7 @@ def main(args):
     else:
         (train_x, train_y), (val_x, val_y) = (extract_features(backbone, s, device, args) for s in (train_set, val_set))
         train_x, val_x = center_normalize(train_x, val_x)
-        if args.logreg_wd is None:
-            args.logreg_wd = 2.5e-4 / len(train_set)
+        args.logreg_wd = 2.5e-4 / len(train_set) if args.logreg_wd is None else args.logreg_wd
         classifier = logistic_regression(train_x, train_y, num_classes, args.logreg_wd, args.logreg_iters)
         top1, top5 = topk_accuracy(classifier(val_x.double()), val_y, topk=(1, min(5, num_classes)))
         metrics = {'acc1': top1, 'acc5': top5}

@@ -2,8 +2,7 @@
 Layer Grafted Pre-training is MAE, then MoCo v3 with --graft_pretrained and --lr_layer_wise.
 
 One process:  python main_pretrain.py --method mocov3 --epochs 100
-Grafting:     python main_pretrain.py --method mocov3 --graft_pretrained mae/checkpoint-last.pth \
-                  --lr_layer_wise 0.1,0.1,1
+Grafting:     python main_pretrain.py --method mocov3 --graft_pretrained mae.pth --lr_layer_wise 0.1,0.1,1
 Many GPUs:    torchrun --nproc_per_node 8 main_pretrain.py --method mimco --teacher mocov3_vits.pth ...
 """
 import argparse
@@ -40,13 +39,11 @@ def get_args_parser():
     p.add_argument('--teacher_model', default=None, help='timm name of the teacher (default: from the file)')
     p.add_argument('--teacher_target', default='auto', choices=['auto', 'backbone', 'head'],
                    help="CLS target: through the teacher's projector (head: required; auto: if any) or raw (backbone)")
-    p.add_argument('--mask_type', default=None, choices=['block', 'random'],
-                   help='block: BEiT block-wise (mimco default); random: uniform (mae, always)')
+    p.add_argument('--mask_type', default=None, choices=['block', 'random'], help='BEiT blocks (mimco); uniform (mae)')
     p.add_argument('--mask_ratio', default=None, type=float, help='fraction of patches masked (mimco 0.4, mae 0.75)')
     p.add_argument('--patch_loss', default='infonce', choices=['infonce', 'smoothl1', 'cosine'],
                    help='patch-level loss: intra-image InfoNCE, or the regression ablations')
-    p.add_argument('--img_loss', default='infonce', choices=['infonce', 'cosine', 'none'],
-                   help='image-level loss on the CLS token; none turns it off')
+    p.add_argument('--img_loss', default='infonce', choices=['infonce', 'cosine', 'none'], help='CLS-token loss')
     p.add_argument('--img_loss_weight', default=1.0, type=float, help='weight of the image-level loss')
     p.add_argument('--patch_temp', default=0.1, type=float, help='temperature of the patch InfoNCE')
     p.add_argument('--img_temp', default=0.2, type=float, help='temperature of the image InfoNCE')
@@ -62,8 +59,7 @@ def get_args_parser():
     p.add_argument('--moco_dim', default=256, type=int, help='projector / predictor output dim')
     p.add_argument('--moco_mlp_dim', default=4096, type=int, help='projector / predictor hidden dim')
     p.add_argument('--moco_m', default=0.99, type=float, help='base momentum of the key encoder')
-    p.add_argument('--moco_m_cos', default=True, action=argparse.BooleanOptionalAction,
-                   help='raise the momentum to 1 by a half cosine')
+    p.add_argument('--moco_m_cos', default=True, action=argparse.BooleanOptionalAction, help='momentum to 1 by cosine')
     p.add_argument('--moco_t', default=0.2, type=float, help='InfoNCE temperature')
     p.add_argument('--stop_grad_conv1', default=True, action=argparse.BooleanOptionalAction,
                    help='freeze the random patch projection (MoCo v3, Sec. 5)')
@@ -120,8 +116,7 @@ def main(args):
     device = setup_run(args)
     resolve_defaults(args)
     total_batch = args.batch_size * args.accum_iter * get_world_size()
-    if args.lr is None:
-        args.lr = args.blr * total_batch / 256
+    args.lr = args.blr * total_batch / 256 if args.lr is None else args.lr
     dataset = data.build_dataset(args, is_train=True, transform=None)  # its views come with the model's masks
     knn_sets = knn_datasets(args, dataset) if args.knn_freq else None
     run_header(args, 'main_pretrain.py', len(dataset), len(knn_sets[1]) if knn_sets else None, total_batch)
@@ -134,16 +129,14 @@ def main(args):
     if args.distributed:
         if args.method != 'mae' and device.type == 'cuda':
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN in the MLP heads
-        # The graph is the same every step (static_graph; it does not mix with no_sync, which
-        # --accum_iter uses), and gradients live in DDP's buckets (gradient_as_bucket_view).
+        # One graph every step (static_graph; not with --accum_iter's no_sync); gradients in DDP's buckets.
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == 'cuda' else None,
             static_graph=args.accum_iter == 1, gradient_as_bucket_view=True)
         model_without_ddp = model.module
     train_model = torch.compile(model) if args.compile else model
     if teacher is not None:
-        teacher.to(device)
-        teacher = torch.compile(teacher) if args.compile else teacher
+        teacher = torch.compile(teacher.to(device)) if args.compile else teacher.to(device)
     optimizer = build_optimizer(args, model_without_ddp)
     lr_scheduler = cosine_lr_scheduler(optimizer, args, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
