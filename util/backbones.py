@@ -27,12 +27,6 @@ NON_BACKBONE = re.compile(r'^(head\.|fc_norm\.|mask_token|decoder_|decoder\.)')
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 
 
-def _vit_prefix(state_dict: dict, prefer: tuple) -> str:
-    """The key prefix of the ViT in `state_dict`, the first holding a word of `prefer` if any; None if none."""
-    prefixes = [k[:-len(PATCH_KEY)] for k in state_dict if k.endswith(PATCH_KEY)]
-    return next((p for word in prefer for p in prefixes if word in p), prefixes[0] if prefixes else None)
-
-
 def _wrapped_state_dict(path: str, checkpoint: dict, info: dict) -> tuple:
     """(state dict holding the ViT, key words of its prefix), filling info['format'/'num_heads'/'model']."""
     state = checkpoint.get('state_dict')
@@ -82,7 +76,9 @@ def read_backbone(path: str) -> tuple:
         raise InputError(f'{path} holds a {type(checkpoint).__name__}, not a state dict')
     info = {'num_heads': None, 'model': None}
     sd, prefer = _wrapped_state_dict(path, checkpoint, info)
-    prefix = _vit_prefix(sd, prefer)
+    # The key prefix of the ViT, the first holding a word of `prefer` if any.
+    prefixes = [k[:-len(PATCH_KEY)] for k in sd if k.endswith(PATCH_KEY)]
+    prefix = next((p for word in prefer for p in prefixes if word in p), prefixes[0] if prefixes else None)
     if prefix is None or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         some = ', '.join(list(sd)[:4])
         raise InputError(f'{path} holds no Vision Transformer (no *{PATCH_KEY}; keys start: {some}): '
@@ -118,26 +114,33 @@ def read_backbone(path: str) -> tuple:
 def vit_kwargs(state_dict: dict, info: dict) -> dict:
     """The timm VisionTransformer that these weights came from, read off the tensors' shapes; the
     head count from the file's format when it tells, else that of the usual ViT of this width."""
-    patch = state_dict[PATCH_KEY]
-    embed_dim, in_chans, patch_size = patch.shape[0], patch.shape[1], patch.shape[-1]
+    embed_dim, in_chans, _, patch_size = state_dict[PATCH_KEY].shape
     depth = 1 + max(int(k.split('.')[1]) for k in state_dict if k.startswith('blocks.'))
     num_prefix = 1 if 'cls_token' in state_dict else 0
     grid = int(round((state_dict['pos_embed'].shape[1] - num_prefix) ** 0.5))
-    return dict(
-        img_size=grid * patch_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-        depth=depth, num_heads=info['num_heads'] or HEADS_BY_WIDTH.get(embed_dim, max(1, embed_dim // 64)),
-        mlp_ratio=state_dict['blocks.0.mlp.fc1.weight'].shape[0] / embed_dim,
-        qkv_bias='blocks.0.attn.qkv.bias' in state_dict, class_token=bool(num_prefix),
-        global_pool='token' if num_prefix else 'avg', fc_norm='norm.weight' not in state_dict,
-        init_values=1e-5 if 'blocks.0.ls1.gamma' in state_dict else None, num_classes=0)
+    return dict(img_size=grid * patch_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                depth=depth, num_heads=info['num_heads'] or HEADS_BY_WIDTH.get(embed_dim, max(1, embed_dim // 64)),
+                mlp_ratio=state_dict['blocks.0.mlp.fc1.weight'].shape[0] / embed_dim,
+                qkv_bias='blocks.0.attn.qkv.bias' in state_dict, class_token=bool(num_prefix),
+                global_pool='token' if num_prefix else 'avg', fc_norm='norm.weight' not in state_dict,
+                init_values=1e-5 if 'blocks.0.ls1.gamma' in state_dict else None, num_classes=0)
 
 
-def _check_shapes(state_dict: dict, model: VisionTransformer, path: str, flag: str) -> None:
+def _check_fit(state_dict: dict, model: VisionTransformer, info: dict, path: str, flag: str) -> None:
+    """Refuse a file the model does not fit, or whose head count it contradicts: heads change no shape,
+    so a wrong count would load silently."""
+    heads, built = info['num_heads'], model.blocks[0].attn.num_heads
+    if heads and heads != built:
+        name = info['model'] or ('mocov3_vit_small' if heads == 12 and model.embed_dim == 384 else None)
+        fix = f'{flag} {name}' if name else f'a {flag} with {heads} heads'
+        raise InputError(f'{path} is a {info["format"]} ViT with {heads} attention heads, but {flag} '
+                         f'builds one with {built}: use {fix}, or leave {flag} out to build it from the file')
+    if 'fc_norm.weight' in state_dict and isinstance(model.fc_norm, torch.nn.Identity):
+        model.fc_norm, model.norm = model.norm, torch.nn.Identity()  # the file's final norm follows the pooling
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     wrong = [f'{k} {tuple(state_dict[k].shape)} in the file vs {tuple(expected[k].shape)} in the model'
-             for k in expected if k in state_dict and k != 'pos_embed'
-             and state_dict[k].shape != expected[k].shape]
+             for k in expected if k in state_dict and k != 'pos_embed' and state_dict[k].shape != expected[k].shape]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or wrong or unexpected:
         found = vit_kwargs(state_dict, {'num_heads': None})
@@ -147,16 +150,6 @@ def _check_shapes(state_dict: dict, model: VisionTransformer, path: str, flag: s
                          f'embed_dim {found["embed_dim"]}, depth {found["depth"]}, patch '
                          f'{found["patch_size"]}, {found["in_chans"]} channels: pick the matching '
                          f'{flag} (or leave it out to infer it from the file)')
-
-
-def _check_heads(model: VisionTransformer, info: dict, path: str, flag: str) -> None:
-    """Heads change no shape, so a wrong count loads silently: refuse one the file contradicts."""
-    heads, built = info['num_heads'], model.blocks[0].attn.num_heads
-    if heads and heads != built:
-        name = info['model'] or ('mocov3_vit_small' if heads == 12 and model.embed_dim == 384 else None)
-        fix = f'{flag} {name}' if name else f'a {flag} with {heads} heads'
-        raise InputError(f'{path} is a {info["format"]} ViT with {heads} attention heads, but {flag} '
-                         f'builds one with {built}: use {fix}, or leave {flag} out to build it from the file')
 
 
 def load_backbone(path: str, model: VisionTransformer = None, img_size: int = None,
@@ -180,10 +173,7 @@ def load_backbone(path: str, model: VisionTransformer = None, img_size: int = No
             guessed = '' if info['num_heads'] else (
                 f'; {kwargs["num_heads"]} attention heads assumed (the file does not say; {usual} at width '
                 f'{kwargs["embed_dim"]}): give {flag} to build another')
-    _check_heads(model, info, path, flag)
-    if 'fc_norm.weight' in state_dict and isinstance(model.fc_norm, torch.nn.Identity):
-        model.fc_norm, model.norm = model.norm, torch.nn.Identity()  # the file's final norm follows the pooling
-    _check_shapes(state_dict, model, path, flag)
+    _check_fit(state_dict, model, info, path, flag)
     if state_dict['pos_embed'].shape != model.pos_embed.shape:
         # Plain bicubic, as MAE's and DeiT's interpolate_pos_embed (timm's default antialiases).
         state_dict['pos_embed'] = resample_abs_pos_embed(
@@ -221,7 +211,7 @@ def build_backbone(path: str = None, name: str = None, img_size: int = None, see
 
 def load_projector(path: str) -> torch.nn.Module:
     """The MoCo v3 projector (`base_encoder.head`) in `path`, or None when it has none."""
-    _, projector, _ = read_backbone(path)
+    projector = read_backbone(path)[1]
     if projector is None:
         return None
     shapes = [v.shape for k, v in sorted(projector.items(), key=lambda kv: int(kv[0].split('.')[0]))

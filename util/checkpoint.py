@@ -46,15 +46,6 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state['torch'])
-    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state['python']))
-    name, keys, *rest = state['numpy']
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -63,11 +54,10 @@ def seed_everything(seed: int) -> None:
 
 def save_checkpoint(state: dict, path: str) -> None:
     """Write whole or not at all: a temporary file in the same folder, then an atomic rename."""
-    if not is_main_process():
-        return
-    tmp = f'{path}.tmp.{os.getpid()}'
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    if is_main_process():
+        tmp = f'{path}.tmp.{os.getpid()}'
+        torch.save(state, tmp)
+        os.replace(tmp, path)
 
 
 def restore_rng(saved, args) -> None:
@@ -76,7 +66,13 @@ def restore_rng(saved, args) -> None:
     each rank gets a fresh one of its own, seeded from (--seed, rank, epoch)."""
     states = saved if isinstance(saved, list) else [saved]
     if len(states) == get_world_size():
-        set_rng_state(states[get_rank()])
+        state = states[get_rank()]
+        torch.set_rng_state(state['torch'])
+        random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state['python']))
+        name, keys, *rest = state['numpy']
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+        if 'cuda' in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state['cuda'])
         return
     seed_everything(args.seed + get_rank() + 1000 * args.start_epoch)
     print(f'the checkpoint holds the RNG streams of {len(states)} process(es), this run has {get_world_size()}: '
@@ -84,10 +80,9 @@ def restore_rng(saved, args) -> None:
 
 
 def training_state(args, epoch: int, model, optimizer, scaler, **extra) -> dict:
-    """Ours: {'model', 'optimizer', 'scaler', 'epoch', 'args', 'num_heads', 'rng'}; args as a plain
-    dict so that weights_only=True loads it; the head count of the (first) ViT in `model`, which no
-    weight's shape tells; 'rng' one state per rank (each draws its own drop path, masks and
-    augmentations), so every rank must call this."""
+    """Ours: {'model', 'optimizer', 'scaler', 'epoch', 'args', 'num_heads', 'rng'}; args a plain dict (for
+    weights_only=True); the head count of the (first) ViT in `model`, which no shape tells; 'rng' one state
+    per rank (each draws its own drop path, masks and augmentations), so every rank must call this."""
     vit = next((m for m in model.modules() if isinstance(m, VisionTransformer)), None)
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
              'scaler': scaler.state_dict(), 'epoch': epoch, 'args': dict(vars(args)),
@@ -110,18 +105,8 @@ def prepare_output_dir(path: str) -> None:
         raise InputError(f'--output_dir {path} is not writable ({e.strerror}): pick another folder') from None
 
 
-def _same_setting(saved, given) -> bool:
-    """Two values of one flag: equal, both unset, or two spellings of one file."""
-    if saved == given:
-        return True
-    if not saved or not given:
-        return not saved and not given
-    return isinstance(saved, str) and isinstance(given, str) and os.path.realpath(saved) == os.path.realpath(given)
-
-
-# What defines a run in every script (each adds its own: --method, --teacher, --finetune ...): an
-# implicit resume of a run with other data, model, input size, labelled subset, lr or warm-up would
-# carry that run on in place of this one. --epochs is not among them: raising it extends a run.
+# What defines a run in every script (each adds its own: --method, --teacher, --finetune ...): an implicit
+# resume of another run would carry it on in place of this one. Not --epochs: raising it extends a run.
 SAME_RUN = ('data_path', 'dataset', 'model', 'input_size', 'subset_file', 'train_fraction',
             'shots_per_class', 'blr', 'lr', 'warmup_epochs')
 
@@ -130,9 +115,13 @@ def check_same_run(path: str, checkpoint: dict, args, flags: tuple = ()) -> None
     """Refuse to auto-resume output_dir/checkpoint-last.pth of a run with other SAME_RUN or `flags`."""
     saved = checkpoint.get('args') or {}
     for flag in tuple(flags) + SAME_RUN:  # the script's own first: --finetune says more than --model
-        if flag not in saved or not hasattr(args, flag) or _same_setting(saved[flag], getattr(args, flag)):
+        if flag not in saved or not hasattr(args, flag):
             continue
-        there, here = ('none' if v is None or v == '' else v for v in (saved[flag], getattr(args, flag)))
+        there, here = saved[flag], getattr(args, flag)
+        files = there and here and isinstance(there, str) and isinstance(here, str)
+        if there == here or not (there or here) or files and os.path.realpath(there) == os.path.realpath(here):
+            continue  # equal, both unset, or two spellings of one file
+        there, here = ('none' if v is None or v == '' else v for v in (there, here))
         hint = ' (the lr is --blr x batch size x processes x --accum_iter / 256)' if flag == 'lr' else ''
         raise InputError(f'{path} is the checkpoint of another run (--{flag} {there} there, {here} here{hint}), '
                          f'which would be resumed in place of this one: use a fresh --output_dir, delete '
@@ -140,10 +129,9 @@ def check_same_run(path: str, checkpoint: dict, args, flags: tuple = ()) -> None
 
 
 def resume(args, model, optimizer=None, scaler=None, validate=None, same_run: tuple = (), **extra) -> dict:
-    """Restore model, optimizer, scaler, RNG and any `extra` modules; set args.start_epoch.
-    `validate(path, checkpoint)` may refuse the file before anything is restored; an implicit resume
-    (no --resume) also refuses a run whose SAME_RUN or `same_run` flags differ. Returns the checkpoint read
-    (None when there is nothing to resume)."""
+    """Restore model, optimizer, scaler, RNG and any `extra` modules; set args.start_epoch. `validate(path,
+    checkpoint)` may refuse the file before anything is restored; an implicit resume (no --resume) also
+    refuses a run whose SAME_RUN or `same_run` flags differ. Returns the checkpoint read, or None."""
     last = os.path.join(args.output_dir, 'checkpoint-last.pth') if args.output_dir else ''
     path = args.resume or (last if last and os.path.isfile(last) else '')
     if not path:

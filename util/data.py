@@ -16,16 +16,14 @@ from util.errors import InputError
 
 
 def load_image(path: str) -> Image.Image:
-    try:
-        with open(path, 'rb') as f:
-            return to_rgb(Image.open(f), path)
-    except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-        raise InputError(f'{path} is not a readable image ({e}): remove or replace the file') from None
-
-
-def to_rgb(image: Image.Image, path: str) -> Image.Image:
     """8-bit RGB. PIL's convert('RGB') clips wider samples to 0..255 (a 16-bit scan turns white):
     16-bit grayscale ('I;16*', or 'I' as older Pillow reads it) keeps its top 8 bits instead."""
+    try:
+        with open(path, 'rb') as f:
+            image = Image.open(f)
+            image.load()
+    except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise InputError(f'{path} is not a readable image ({e}): remove or replace the file') from None
     if not (image.mode.startswith('I') or image.mode == 'F'):
         return image.convert('RGB')
     pixels = np.asarray(image)
@@ -104,15 +102,13 @@ def normalize(args=None) -> T.Normalize:
     return T.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
-def to_tensor() -> list:
-    """A PIL image or uint8 tensor (C, H, W) to float32 in [0, 1]."""
-    return [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
+TO_TENSOR = [T.ToImage(), T.ToDtype(torch.float32, scale=True)]  # PIL or uint8 (C, H, W) to float32 in [0, 1]
 
 
 def digits_view(args) -> T.Compose:
     """Digits are centred strokes: a small affine jitter and pixel noise, no crops or flips (a flipped
     2 is no digit)."""
-    return T.Compose([T.Resize(args.input_size, interpolation=BICUBIC), *to_tensor(), DigitsJitter(),
+    return T.Compose([T.Resize(args.input_size, interpolation=BICUBIC), *TO_TENSOR, DigitsJitter(),
                       T.GaussianNoise(sigma=0.05, clip=False), normalize()])
 
 
@@ -122,13 +118,13 @@ def byol_view(args, blur_p: float, solarize_p: float) -> T.Compose:
         T.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=BICUBIC),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
         T.RandomApply([T.GaussianBlur(23, sigma=(0.1, 2.0))], p=blur_p), T.RandomHorizontalFlip(),
-        *to_tensor(), T.RandomSolarize(0.5, p=solarize_p), normalize()])
+        *TO_TENSOR, T.RandomSolarize(0.5, p=solarize_p), normalize()])
 
 
 def crop_flip_view(args) -> T.Compose:
     """MimCo/MAE: RandomResizedCrop + flip only."""
     return T.Compose([T.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=BICUBIC),
-                      T.RandomHorizontalFlip(), *to_tensor(), normalize()])
+                      T.RandomHorizontalFlip(), *TO_TENSOR, normalize()])
 
 
 def eval_transform(args) -> T.Compose:
@@ -137,7 +133,7 @@ def eval_transform(args) -> T.Compose:
         resize = [T.Resize(args.input_size, interpolation=BICUBIC)]
     else:
         resize = [T.Resize(int(args.input_size * 256 / 224), interpolation=BICUBIC), T.CenterCrop(args.input_size)]
-    return T.Compose(resize + to_tensor() + [normalize()])
+    return T.Compose(resize + TO_TENSOR + [normalize()])
 
 
 class Views:
@@ -200,13 +196,11 @@ class SeededSamples(Dataset):
 
 
 def build_loader(dataset, args, is_train: bool, batch_size: int = None, random_samples: bool = True) -> DataLoader:
-    """Training: a DistributedSampler (one replica without torchrun), whose per-epoch shuffle is a
-    function of (--seed, epoch) alone; samples are seeded one by one (SeededSamples), so resumed runs
-    are exact and the workers can persist between epochs; `random_samples=False` (fixed tensors, e.g.
-    cached features) skips that seeding, which would cost more than the sample. Evaluation: rank r
-    takes images r, r + W, ... (gather_shards puts them back in order), so each image counts once."""
-    batch_size = batch_size or args.batch_size
-    world_size = get_world_size()
+    """Training: a DistributedSampler (one replica without torchrun) shuffled by (--seed, epoch) alone;
+    samples seeded one by one (SeededSamples), so resumed runs are exact and workers can persist;
+    `random_samples=False` (fixed tensors, e.g. cached features) skips that seeding, which would cost more
+    than the sample. Evaluation: rank r takes images r, r + W, ... (gather_shards restores the order)."""
+    batch_size, world_size = batch_size or args.batch_size, get_world_size()
     if is_train and batch_size * world_size > len(dataset):
         raise InputError(f'--batch_size {batch_size} x {world_size} process(es) is larger than the '
                          f'{len(dataset)} training images: lower --batch_size')
@@ -216,10 +210,8 @@ def build_loader(dataset, args, is_train: bool, batch_size: int = None, random_s
         dataset = SeededSamples(dataset, args.seed) if random_samples else dataset
     else:  # each image once: DistributedSampler would pad the last ranks with repeats
         sampler = range(get_rank(), len(dataset), world_size)
-    # Each new iterator draws its workers' base seed from `generator`; from the global stream, that
-    # draw would come at other times in a resumed run (persistent workers start once per run), and
-    # the drop path drawn after it would differ. The workers' seeds matter to nothing: every sample
-    # is seeded by SeededSamples.
+    # Workers' base seeds come from `generator`: from the global stream, that draw would move in a resumed
+    # run (persistent workers start once per run) and shift the drop path drawn after it.
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
                       pin_memory=torch.cuda.is_available(), drop_last=is_train,
                       persistent_workers=is_train and args.num_workers > 0,
@@ -257,25 +249,6 @@ def add_data_args(p, subsets: bool = True) -> None:
                    help='keep this many training images per class, seeded by --seed')
 
 
-def sample_names(dataset) -> list:
-    """One name per sample: the file name for ImageFolder (what SimCLR's subset lists hold),
-    `<dataset>_<index>` for sets without files (digits_0, digits_1, ... in Digits' train order)."""
-    if hasattr(dataset, 'samples'):
-        return [os.path.basename(path) for path, _ in dataset.samples]
-    return [f'{type(dataset).__name__.lower()}_{i}' for i in range(len(dataset))]
-
-
-def stratified_subset(targets, fraction: float = None, shots: int = None, seed: int = 0) -> list:
-    """Sorted indices holding round(fraction * n_c) (at least 1) or `shots` images of each class c,
-    drawn without replacement by a generator seeded with `seed` alone."""
-    rng, targets, chosen = np.random.default_rng(seed), np.asarray(targets), []
-    for c in np.unique(targets):
-        members = np.flatnonzero(targets == c)
-        k = shots if shots is not None else max(1, int(round(fraction * len(members))))
-        chosen.append(rng.choice(members, size=min(k, len(members)), replace=False))
-    return sorted(np.concatenate(chosen).tolist())
-
-
 def read_subset_file(path: str, names: list) -> list:
     """Sorted indices of the samples named in `path` (one name a line, blank lines skipped)."""
     if not os.path.isfile(path):
@@ -297,8 +270,7 @@ def read_subset_file(path: str, names: list) -> list:
 def label_subset(dataset, args) -> Dataset:
     """The labelled training subset chosen by --subset_file / --train_fraction / --shots_per_class, or
     the whole set. Its names go to output_dir/subset.txt, which --subset_file reads back."""
-    flags = ('subset_file', 'train_fraction', 'shots_per_class')
-    given = [flag for flag in flags if getattr(args, flag, None) is not None]
+    given = [f for f in ('subset_file', 'train_fraction', 'shots_per_class') if getattr(args, f, None) is not None]
     if not given:
         return dataset
     if len(given) > 1:
@@ -307,11 +279,20 @@ def label_subset(dataset, args) -> Dataset:
         raise InputError(f'--train_fraction must be in (0, 1], got {args.train_fraction}')
     if args.shots_per_class is not None and args.shots_per_class < 1:
         raise InputError(f'--shots_per_class must be at least 1, got {args.shots_per_class}')
-    names = sample_names(dataset)
+    # The file name for ImageFolder (what SimCLR's lists hold), <dataset>_<index> for sets without files.
+    if hasattr(dataset, 'samples'):
+        names = [os.path.basename(path) for path, _ in dataset.samples]
+    else:
+        names = [f'{type(dataset).__name__.lower()}_{i}' for i in range(len(dataset))]
     if args.subset_file:
         indices = read_subset_file(args.subset_file, names)
-    else:
-        indices = stratified_subset(dataset.targets, args.train_fraction, args.shots_per_class, args.seed)
+    else:  # round(fraction * n_c) (at least 1) or shots images of each class c, drawn by --seed alone
+        rng, targets, chosen = np.random.default_rng(args.seed), np.asarray(dataset.targets), []
+        for c in np.unique(targets):
+            members = np.flatnonzero(targets == c)
+            k = args.shots_per_class or max(1, int(round(args.train_fraction * len(members))))
+            chosen.append(rng.choice(members, size=min(k, len(members)), replace=False))
+        indices = sorted(np.concatenate(chosen).tolist())
     listed = os.path.join(args.output_dir or '.', 'subset.txt')
     if args.output_dir and get_rank() == 0:
         os.makedirs(args.output_dir, exist_ok=True)

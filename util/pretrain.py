@@ -20,8 +20,7 @@ from util.masking import MaskNoiseGenerator, build_mask_generator, check_mask_ra
 METHOD_DEFAULTS = {
     'mimco': dict(mask_type='block', mask_ratio=0.4, weight_decay=0.05, opt_betas=(0.9, 0.98),
                   warmup_epochs=10, crop_min=0.2, drop_path=0.1),
-    'mocov3': dict(weight_decay=0.1, opt_betas=(0.9, 0.999), warmup_epochs=40, crop_min=0.08,
-                   drop_path=0.0),
+    'mocov3': dict(weight_decay=0.1, opt_betas=(0.9, 0.999), warmup_epochs=40, crop_min=0.08, drop_path=0.0),
     'mae': dict(mask_type='random', mask_ratio=0.75, weight_decay=0.05, opt_betas=(0.9, 0.95),
                 warmup_epochs=40, crop_min=0.2, drop_path=0.0),
 }
@@ -43,29 +42,8 @@ def resolve_defaults(args) -> None:
     if getattr(args, 'mask_ratio', None) is not None:
         check_mask_ratio(args.mask_ratio)
     args.opt_betas = list(args.opt_betas)
-    check_mae_and_graft_args(args)
-    warn_accumulated_contrast(args)
-
-
-def warn_accumulated_contrast(args) -> None:
-    """--accum_iter adds up gradients; a contrastive loss's negatives (and BatchNorm) are not added up."""
-    mimco = [part for part, used in (("MimCo's image-level InfoNCE negatives", args.img_loss == 'infonce'),
-                                     ("its heads' BatchNorm", args.head_norm == 'bn')) if used]
-    seen = {'mocov3': "MoCo v3's InfoNCE negatives and its projector's BatchNorm",
-            'mimco': ' and '.join(mimco)}.get(args.method)
-    if args.accum_iter > 1 and seen:
-        momentum = (f', and the momentum encoder moves at every micro-batch ({args.accum_iter} times per '
-                    f'optimizer step)' if args.method == 'mocov3' else '')
-        print(f'warning: --accum_iter {args.accum_iter} adds up gradients, not negatives: {seen} see one '
-              f'micro-batch ({args.batch_size} images per process), not the total batch of '
-              f'{args.batch_size * args.accum_iter * get_world_size()}{momentum}; for the paper\'s setting '
-              f'raise --batch_size instead (--grad_ckpt saves memory)')
-
-
-def check_mae_and_graft_args(args) -> None:
     if args.method == 'mae' and args.mask_type != 'random':
-        raise InputError(f'--method mae masks uniformly at random (MAE, Sec. 3): drop --mask_type '
-                         f'{args.mask_type}')
+        raise InputError(f'--method mae masks uniformly at random (MAE, Sec. 3): drop --mask_type {args.mask_type}')
     if args.method == 'mae' and args.decoder_embed_dim % args.decoder_num_heads:
         raise InputError(f'--decoder_embed_dim {args.decoder_embed_dim} is not divisible by '
                          f'--decoder_num_heads {args.decoder_num_heads}: pick e.g. 512 and 16, or 64 and 4')
@@ -80,6 +58,18 @@ def check_mae_and_graft_args(args) -> None:
         args.lr_layer_wise = '0.1,0.1,1'  # the paper's ViT-B setting
     if args.lr_layer_wise is not None:
         parse_lr_layer_wise(args.lr_layer_wise)
+    # --accum_iter adds up gradients; a contrastive loss's negatives (and BatchNorm) are not added up.
+    mimco = [part for part, used in (("MimCo's image-level InfoNCE negatives", args.img_loss == 'infonce'),
+                                     ("its heads' BatchNorm", args.head_norm == 'bn')) if used]
+    seen = {'mocov3': "MoCo v3's InfoNCE negatives and its projector's BatchNorm",
+            'mimco': ' and '.join(mimco)}.get(args.method)
+    if args.accum_iter > 1 and seen:
+        momentum = (f', and the momentum encoder moves at every micro-batch ({args.accum_iter} times per '
+                    f'optimizer step)' if args.method == 'mocov3' else '')
+        print(f'warning: --accum_iter {args.accum_iter} adds up gradients, not negatives: {seen} see one '
+              f'micro-batch ({args.batch_size} images per process), not the total batch of '
+              f'{args.batch_size * args.accum_iter * get_world_size()}{momentum}; for the paper\'s setting '
+              f'raise --batch_size instead (--grad_ckpt saves memory)')
 
 
 def create_vit(args, **kwargs):
@@ -95,8 +85,7 @@ def build_teacher(args, student) -> models_mimco.Teacher:
                          'with `python main_pretrain.py --method mocov3 --output_dir teacher` and pass '
                          '--teacher teacher/checkpoint-last.pth')
     state_dict, projector_state, info = backbones.read_backbone(args.teacher)
-    found = backbones.vit_kwargs(state_dict, info)
-    grid = student.patch_embed.grid_size
+    found, grid = backbones.vit_kwargs(state_dict, info), student.patch_embed.grid_size
     img_size = grid[0] * found['patch_size']
     if 'cls_token' not in state_dict or found['in_chans'] != student.patch_embed.proj.in_channels:
         raise InputError(f'the teacher {args.teacher} cannot give targets for this student: it needs a '
