@@ -1,5 +1,4 @@
 """Frozen-feature evaluation of a pre-trained ViT backbone, chosen by --protocol:
-
 - linear: BatchNorm (no affine) + Linear head on the frozen features, LARS (MAE) or SGD (MoCo v3).
 - logreg: few-shot L2-regularised multinomial logistic regression by L-BFGS (Layer Grafted's 1 %).
 - knn:    DINO's weighted k-nearest-neighbour vote.

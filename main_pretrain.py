@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset, default_collate
 
 from engine import cosine_lr_scheduler, knn_evaluate, train_one_epoch
 from models_mocov3 import moco_momentum
-from util import checkpoint, data, decode, figures
+from util import checkpoint, data, decode
 from util.dist import get_world_size
 from util.errors import run_main
 from util.logging import add_run_args, log_json, run_header, setup_run, tensorboard_writer
@@ -90,8 +90,6 @@ def get_args_parser():
     p.add_argument('--save_freq', default=20, type=int, help='keep checkpoint-<epoch>.pth every N epochs')
     p.add_argument('--knn_freq', default=None, type=int,
                    help='DINO kNN (k 20, T 0.07) on val every N epochs and the last (digits: default 5; else 0 = off)')
-    p.add_argument('--log_images_freq', default=0, type=int,
-                   help='every N epochs, attention maps, MAE reconstructions / MimCo masks to TensorBoard (0 = off)')
     data.add_data_args(p, subsets=False)
     add_run_args(p)
     return p
@@ -168,8 +166,6 @@ def main(args):
                 for name, value in knn.items():
                     log_writer.add_scalar(f'knn/{name}', value, epoch)
         log_json(args.output_dir, {**stats, 'epoch': epoch})
-        if log_writer is not None and args.log_images_freq and (epoch + 1) % args.log_images_freq == 0:
-            figures.log_images(log_writer, model_without_ddp, backbone, args, epoch)
     if log_writer is not None:
         log_writer.close()
     print(f'training time {datetime.timedelta(seconds=int(time.time() - start))}')

@@ -4,10 +4,8 @@ Decoders (default): per CPU core (one torch thread, CPU time), the images/s of e
 and MAE's view (RandomResizedCrop + flip + to tensor + normalise): the median of --repeats passes, their spread, and the
 views' mean / max difference to the pil path's on the same crops, in 0-255 levels; on CUDA, the nvjpeg path's GPU part
 (img/s of the device). Loader (--table loader): the real training loader of --data_backend. Rows print as measured.
-
 python benchmarks/bench_data.py --images 300 --repeats 3
-python benchmarks/bench_data.py --table loader --data_backend nvjpeg --num_workers 8 --batch_size 256
-"""
+python benchmarks/bench_data.py --table loader --data_backend nvjpeg --num_workers 8 --batch_size 256"""
 import argparse
 import contextlib
 import io

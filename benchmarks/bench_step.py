@@ -7,10 +7,8 @@ the method needs (heads, projectors and losses must fit in the targets' margin):
 - mae:    the encoder on the visible tokens (timm's PatchDropout) plus the decoder blocks, fwd + bwd + step;
 - mocov3: base ViT fwd + bwd + step on both views, plus the momentum update and momentum ViT fwd.
 Peak memory: CUDA's max_memory_allocated (n/a on the CPU). Warm-up s: ours, --compile's compilation included.
-
 python benchmarks/bench_step.py                                                 # CPU, the tiny digits ViT
-python benchmarks/bench_step.py --model vit_small_patch16_224 --batch_size 256  # one GPU; all: gpu_all.sh
-"""
+python benchmarks/bench_step.py --model vit_small_patch16_224 --batch_size 256  # one GPU; all: gpu_all.sh"""
 import argparse
 import contextlib
 import functools

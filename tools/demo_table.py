@@ -1,9 +1,7 @@
 """The table of scripts/demo.sh, in the shape of the papers' tables, from each run's JSON lines in
 its output_dir/log.txt (never from console text): rows are backbones with their pre-training epochs,
 columns the evaluations, val top-1 (%). The Markdown goes to stdout and to output_dir/results.md.
-
-python tools/demo_table.py --output_dir output/demo --command "scripts/demo.sh" --wall_time 812
-"""
+python tools/demo_table.py --output_dir output/demo --command "scripts/demo.sh" --wall_time 812"""
 import argparse
 import datetime
 import json

@@ -2,9 +2,7 @@
 the real script's parser and main(): kNN, linear probe, 1 % and 10 % logistic regression (main_linprobe.py)
 and a fine-tune (main_finetune.py). Each prints its command line, then writes its JSON summary to
 <output_dir>/<protocol>/log.txt for tools/demo_table.py. Used by scripts/demo.sh:
-
-python tools/eval_all.py --checkpoint output/demo/mimco/checkpoint-last.pth --output_dir output/demo/eval/mimco
-"""
+python tools/eval_all.py --checkpoint output/demo/mimco/checkpoint-last.pth --output_dir output/demo/eval/mimco"""
 import argparse
 import os
 import shlex

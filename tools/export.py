@@ -1,9 +1,7 @@
 """Export a pre-trained backbone (any file util/backbones reads: ours, MoCo v3, DINO, MAE, timm) as a plain timm state
 dict, exactly the keys of timm's ViT without a classifier, checked by loading it through timm and comparing features
 with `util.backbones.load_backbone` on the original file (docs/checkpoints.md shows how to load it):
-
-python tools/export.py --checkpoint output/demo/mimco/checkpoint-last.pth --output mimco_digits.pth
-"""
+python tools/export.py --checkpoint output/demo/mimco/checkpoint-last.pth --output mimco_digits.pth"""
 import argparse
 import os
 import sys

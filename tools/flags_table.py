@@ -1,9 +1,5 @@
-"""The Markdown tables of the scripts' flags, from their own argument parsers (tests/test_readme.py checks
-that docs/flags.md is what --markdown prints now):
-
-python tools/flags_table.py main_pretrain            # one script's table
-python tools/flags_table.py --markdown > docs/flags.md   # the whole page, one table per script
-"""
+"""docs/flags.md, the Markdown tables of the scripts' flags from their own argument parsers (tests/test_readme.py
+checks that the page is what this prints now): python tools/flags_table.py --markdown > docs/flags.md"""
 import argparse
 import importlib
 import os
@@ -47,13 +43,11 @@ def flags_page() -> str:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('Markdown tables of the scripts\' flags', add_help=False)
-    p.add_argument('script', nargs='?', default='main_pretrain', help='the script whose table to print')
-    p.add_argument('--markdown', action='store_true', help='print the whole docs/flags.md page instead')
+    p = argparse.ArgumentParser('docs/flags.md', add_help=False)
+    p.add_argument('--markdown', action='store_true', help='print the whole page (its only output)')
     return p
 
 
 if __name__ == '__main__':
-    args = argparse.ArgumentParser(parents=[get_args_parser()]).parse_args()
-    module = importlib.import_module(args.script)
-    sys.stdout.write(flags_page() if args.markdown else flags_table(module.get_args_parser()) + '\n')
+    argparse.ArgumentParser(parents=[get_args_parser()]).parse_args()
+    sys.stdout.write(flags_page())

@@ -3,9 +3,7 @@ motivating observation, Jiang et al., 2023, Sec. 1): the cosine similarity betwe
 MAE loss and of the MoCo v3 loss on the *same* encoder weights. The decoder (MAE) and the projector and
 predictor (MoCo v3) come from the checkpoint when it holds them (ours, official MAE, official MoCo v3),
 else they are freshly initialised; the output says which.
-
-python tools/grad_conflict.py --checkpoint output/mae/checkpoint-last.pth
-"""
+python tools/grad_conflict.py --checkpoint output/mae/checkpoint-last.pth"""
 import argparse
 import copy
 import itertools

@@ -2,7 +2,6 @@
 t-SNE maps of the val features titled with the val top-1 of a logistic regression on the frozen train
 features and the Fisher ratio (both also printed); attention.png, the last block's CLS attention;
 mae_reconstruction_<name>.png / mimco_masks_<name>.png for our MAE / MimCo checkpoints.
-
 python tools/visualize.py --checkpoints random output/demo/mocov3/checkpoint-last.pth --output_dir output/demo/pictures
 """
 import argparse

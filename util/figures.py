@@ -1,6 +1,6 @@
 """Pictures of what a ViT learned, as matplotlib figures: CLS attention maps of the last block, MAE reconstructions,
-MimCo masks and t-SNE panels. `tools/visualize.py` saves them as PNG; `main_pretrain.py --log_images_freq N` sends
-them to TensorBoard (`log_images`). Figure sizes are fixed (inches x DPI): a PNG's pixel size is known in advance.
+MimCo masks and t-SNE panels, which `tools/visualize.py` saves as PNG. Figure sizes are fixed (inches x DPI): a
+PNG's pixel size is known in advance.
 """
 import contextlib
 import io
@@ -23,8 +23,7 @@ MASKING_NAMES = {'mae': 'mae_reconstruction', 'mimco': 'mimco_masks'}  # the mas
 
 @contextlib.contextmanager
 def seeded(seed: int = 0):
-    """Fixed masks and samples for pictures without moving the training RNG streams (torch, CUDA,
-    Python's `random`), so that logging images never changes a run or its bit-exact resume."""
+    """Fixed masks and samples for pictures, the caller's RNG streams (torch, CUDA, Python's `random`) untouched."""
     state = random.getstate()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
@@ -129,20 +128,3 @@ def save(fig, path: str) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=DPI)
     Image.open(buffer).convert('RGB').quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
-
-
-@torch.no_grad()
-def log_images(writer, model, backbone, args, epoch: int, num_images: int = 8) -> None:
-    """TensorBoard pictures of a pre-training model (`main_pretrain.py --log_images_freq`): CLS attention
-    of its `backbone`, plus MAE reconstructions or MimCo masks; fixed val images, fixed masks."""
-    images = sample_images(args, num_images).to(next(model.parameters()).device)
-    was_training = model.training
-    model.eval()
-    figures = {'cls_attention': attention_figure(images, {args.method: cls_attention(backbone, images)})}
-    if args.method in MASKING_NAMES:
-        figures[MASKING_NAMES[args.method]] = masking_figure(
-            images, backbone.patch_embed.patch_size[0], mae=model if args.method == 'mae' else None,
-            mask_generator=getattr(model, 'mask_generator', None))
-    model.train(was_training)
-    for name, fig in figures.items():
-        writer.add_figure(f'pictures/{name}', fig, epoch)
