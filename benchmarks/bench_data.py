@@ -83,7 +83,7 @@ def time_path(view, paths: list, repeats: int, keep: int = COMPARED) -> tuple:
 
 
 def levels_apart(views: list, reference: list) -> str:
-    std = torch.tensor(data.normalize(None).std).view(3, 1, 1) * 255
+    std = torch.tensor(data.NORMALIZE.std).view(3, 1, 1) * 255
     diff = torch.stack([(a - b).abs() * std for a, b in zip(views, reference)])
     return f'{diff.mean():.2f} / {diff.max():.0f}'
 

@@ -98,8 +98,7 @@ class ValImageFolder(datasets.ImageFolder):
 BICUBIC = T.InterpolationMode.BICUBIC
 
 
-def normalize(args=None) -> T.Normalize:
-    return T.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+NORMALIZE = T.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)  # stateless: one for every view
 
 
 TO_TENSOR = [T.ToImage(), T.ToDtype(torch.float32, scale=True)]  # PIL or uint8 (C, H, W) to float32 in [0, 1]
@@ -109,7 +108,7 @@ def digits_view(args) -> T.Compose:
     """Digits are centred strokes: a small affine jitter and pixel noise, no crops or flips (a flipped
     2 is no digit)."""
     return T.Compose([T.Resize(args.input_size, interpolation=BICUBIC), *TO_TENSOR, DigitsJitter(),
-                      T.GaussianNoise(sigma=0.05, clip=False), normalize()])
+                      T.GaussianNoise(sigma=0.05, clip=False), NORMALIZE])
 
 
 def byol_view(args, blur_p: float, solarize_p: float) -> T.Compose:
@@ -118,13 +117,13 @@ def byol_view(args, blur_p: float, solarize_p: float) -> T.Compose:
         T.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=BICUBIC),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
         T.RandomApply([T.GaussianBlur(23, sigma=(0.1, 2.0))], p=blur_p), T.RandomHorizontalFlip(),
-        *TO_TENSOR, T.RandomSolarize(0.5, p=solarize_p), normalize()])
+        *TO_TENSOR, T.RandomSolarize(0.5, p=solarize_p), NORMALIZE])
 
 
 def crop_flip_view(args) -> T.Compose:
     """MimCo/MAE: RandomResizedCrop + flip only."""
     return T.Compose([T.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=BICUBIC),
-                      T.RandomHorizontalFlip(), *TO_TENSOR, normalize()])
+                      T.RandomHorizontalFlip(), *TO_TENSOR, NORMALIZE])
 
 
 def eval_transform(args) -> T.Compose:
@@ -133,7 +132,7 @@ def eval_transform(args) -> T.Compose:
         resize = [T.Resize(args.input_size, interpolation=BICUBIC)]
     else:
         resize = [T.Resize(int(args.input_size * 256 / 224), interpolation=BICUBIC), T.CenterCrop(args.input_size)]
-    return T.Compose(resize + TO_TENSOR + [normalize()])
+    return T.Compose(resize + TO_TENSOR + [NORMALIZE])
 
 
 class Views:

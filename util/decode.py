@@ -76,7 +76,8 @@ def collate_encoded(batch: list) -> tuple:
     """Samples ((encoded, box), *rest), target -> ((list of encoded, boxes (B, 5)), *rest), targets:
     encoded files differ in length, so they stay a list."""
     rest, targets = default_collate([(sample[0][1:], sample[1]) for sample in batch])
-    return (([sample[0][0][0] for sample in batch], torch.stack([sample[0][0][1] for sample in batch])), *rest), targets
+    encoded, boxes = zip(*(sample[0][0] for sample in batch))
+    return ((list(encoded), torch.stack(boxes)), *rest), targets
 
 
 def crop_flip_batch(encoded: list, boxes: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
@@ -94,7 +95,7 @@ def crop_flip_batch(encoded: list, boxes: torch.Tensor, size: int, device: torch
                                interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         views.append(TF.horizontal_flip(view) if flip else view)
     views = TF.to_dtype(torch.stack(views), torch.float32, scale=True)  # (B, 3, size, size)
-    return data.normalize(None)(views)
+    return data.NORMALIZE(views)
 
 
 class DecodeOnDevice:
