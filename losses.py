@@ -1,7 +1,9 @@
 """The losses, as pure functions of tensors. Every input is float32; shapes in the docstrings."""
+
 import torch
 import torch.nn.functional as F
 
+from models_vit import gather_tokens
 from util.dist import all_gather, get_rank
 
 
@@ -15,13 +17,9 @@ def moco_infonce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
-def _gather_positions(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """tokens (B, N, D), positions (B, K) -> (B, K, D)."""
-    return torch.gather(tokens, 1, positions.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-
-
-def patch_infonce(pred: torch.Tensor, target: torch.Tensor, positions: torch.Tensor,
-                  temperature: float = 0.1) -> torch.Tensor:
+def patch_infonce(
+    pred: torch.Tensor, target: torch.Tensor, positions: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
     """MimCo's patch-level contrastive reconstruction (our reading of Sec. 3.2). pred (B, K, D): the student's
     predictions at the K masked positions of each image; target (B, N, D): the teacher's patch tokens; positions (B, K):
     where the predictions belong. Positive: the teacher token at its position; negatives: the image's other N - 1."""
@@ -30,19 +28,23 @@ def patch_infonce(pred: torch.Tensor, target: torch.Tensor, positions: torch.Ten
     return F.cross_entropy(logits.flatten(0, 1), positions.flatten())
 
 
-def patch_smoothl1(pred: torch.Tensor, target: torch.Tensor, positions: torch.Tensor,
-                   temperature: float = None) -> torch.Tensor:
+def patch_smoothl1(
+    pred: torch.Tensor, target: torch.Tensor, positions: torch.Tensor, temperature: float = None
+) -> torch.Tensor:
     """Ablation: regress the layer-normed teacher tokens at the masked positions (smooth L1)."""
-    return F.smooth_l1_loss(pred, F.layer_norm(_gather_positions(target, positions), target.shape[-1:]))
+    return F.smooth_l1_loss(pred, F.layer_norm(gather_tokens(target, positions), target.shape[-1:]))
 
 
-def patch_cosine(pred: torch.Tensor, target: torch.Tensor, positions: torch.Tensor,
-                 temperature: float = None) -> torch.Tensor:
+def patch_cosine(
+    pred: torch.Tensor, target: torch.Tensor, positions: torch.Tensor, temperature: float = None
+) -> torch.Tensor:
     """Ablation: 1 - cosine similarity to the teacher tokens at the masked positions."""
-    return 1 - F.cosine_similarity(pred, _gather_positions(target, positions), dim=-1).mean()
+    return 1 - F.cosine_similarity(pred, gather_tokens(target, positions), dim=-1).mean()
 
 
-def img_infonce(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+def img_infonce(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.2
+) -> torch.Tensor:
     """MimCo's image-level contrastive reconstruction (our reading of Sec. 3.2), symmetrised. student
     (B, D), teacher (B, D): image i's positive is its own teacher target; the negatives are the other
     images of the global batch (all-gathered; the gradient flows through the local part)."""
@@ -50,11 +52,14 @@ def img_infonce(student: torch.Tensor, teacher: torch.Tensor, temperature: float
     labels = torch.arange(student.shape[0], device=student.device) + student.shape[0] * get_rank()
     student_to_teacher = student @ all_gather(teacher, keep_local_grad=False).t() / temperature
     teacher_to_student = teacher @ all_gather(student, keep_local_grad=True).t() / temperature
-    return 0.5 * (F.cross_entropy(student_to_teacher, labels)
-                  + F.cross_entropy(teacher_to_student, labels))
+    return 0.5 * (
+        F.cross_entropy(student_to_teacher, labels) + F.cross_entropy(teacher_to_student, labels)
+    )
 
 
-def img_cosine(student: torch.Tensor, teacher: torch.Tensor, temperature: float = None) -> torch.Tensor:
+def img_cosine(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = None
+) -> torch.Tensor:
     """Ablation: 1 - cosine similarity between student and teacher image embeddings."""
     return 1 - F.cosine_similarity(student, teacher, dim=-1).mean()
 

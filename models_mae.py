@@ -1,13 +1,14 @@
 """MAE (He et al., 2022), the pre-training of Layer Grafted's stage 1."""
+
 import functools
 
 import torch
 import torch.nn as nn
-from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from models_vit import set_sincos_pos_embed, sincos_pos_embed
+from models_vit import embed_tokens, encode_tokens, gather_tokens, keep_visible
 from util.masking import random_masking_indices
+from util.pos_embed import set_sincos_pos_embed, sincos_pos_embed
 
 
 class MAE(nn.Module):
@@ -15,23 +16,49 @@ class MAE(nn.Module):
     tokens and regresses the masked patches' pixels. The decoder's names (`mask_token`, `decoder_*`) are the official
     checkpoints', so `util.backbones` tells the backbone (`encoder.*`) from the decoder in both."""
 
-    def __init__(self, encoder: VisionTransformer, decoder_embed_dim: int = 512, decoder_depth: int = 8,
-                 decoder_num_heads: int = 16, mask_ratio: float = 0.75, norm_pix_loss: bool = True):
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = True,
+    ):
         super().__init__()
         encoder.reset_classifier(0)
         self.encoder = encoder
-        self.patch_size, self.in_chans = encoder.patch_embed.patch_size[0], encoder.patch_embed.proj.in_channels
+        self.patch_size, self.in_chans = (
+            encoder.patch_embed.patch_size[0],
+            encoder.patch_embed.proj.in_channels,
+        )
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         # Fixed, not learned (Sec. 3, "MAE decoder": position embeddings on every token).
-        self.register_buffer('decoder_pos_embed', sincos_pos_embed(
-            encoder.patch_embed.grid_size, decoder_embed_dim, encoder.num_prefix_tokens, mae_layout=True))
-        self.decoder_blocks = nn.Sequential(*[Block(decoder_embed_dim, decoder_num_heads, mlp_ratio=4.0, qkv_bias=True,
-                                                    norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))
-                                              for _ in range(decoder_depth)])
+        self.register_buffer(
+            'decoder_pos_embed',
+            sincos_pos_embed(
+                encoder.patch_embed.grid_size,
+                decoder_embed_dim,
+                encoder.num_prefix_tokens,
+                mae_layout=True,
+            ),
+        )
+        self.decoder_blocks = nn.Sequential(
+            *[
+                Block(
+                    decoder_embed_dim,
+                    decoder_num_heads,
+                    mlp_ratio=4.0,
+                    qkv_bias=True,
+                    norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
+                )
+                for _ in range(decoder_depth)
+            ]
+        )
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size ** 2 * self.in_chans)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size**2 * self.in_chans)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -65,13 +92,9 @@ class MAE(nn.Module):
 
     def forward_encoder(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Final-normed tokens (B, prefix + N_keep, D) of the visible patches only."""
-        vit = self.encoder
-        x = vit._pos_embed(vit.patch_embed(images))  # (B, P + N, D): positions added, CLS prepended
-        prefix = vit.num_prefix_tokens
-        visible = torch.gather(x[:, prefix:], 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        x = vit.norm_pre(torch.cat([x[:, :prefix], visible], dim=1))  # (B, P + N_keep, D)
-        x = checkpoint_seq(vit.blocks, x) if vit.grad_checkpointing else vit.blocks(x)
-        return vit.norm(x)
+        x = embed_tokens(self.encoder, images)  # (B, P + N, D)
+        x = keep_visible(self.encoder, x, ids_keep)  # (B, P + N_keep, D)
+        return encode_tokens(self.encoder, x)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Predicted pixels (B, N, p*p*C) of every patch from the visible tokens."""
@@ -80,7 +103,7 @@ class MAE(nn.Module):
         B, N = ids_restore.shape
         masks = self.mask_token.to(x.dtype).expand(B, N + prefix - x.shape[1], -1)
         patches = torch.cat([x[:, prefix:], masks], dim=1)  # (B, N, D_dec), visible first
-        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        patches = gather_tokens(patches, ids_restore)  # (B, N, D_dec), image order
         x = torch.cat([x[:, :prefix], patches], dim=1) + self.decoder_pos_embed  # image order
         x = self.decoder_norm(self.decoder_blocks(x))
         return self.decoder_pred(x)[:, prefix:]  # (B, N, p*p*C)
@@ -99,7 +122,9 @@ class MAE(nn.Module):
         """(loss, prediction (B, N, p*p*C) in the target's space, mask (B, N) with 1 = masked). `noise` (B, N),
         drawn here when not given, picks the masked patches (the lowest 1 - mask_ratio are kept)."""
         B, N = images.shape[0], self.encoder.patch_embed.num_patches
-        ids_keep, ids_restore, mask = random_masking_indices(B, N, self.mask_ratio, images.device, noise)
+        ids_keep, ids_restore, mask = random_masking_indices(
+            B, N, self.mask_ratio, images.device, noise
+        )
         pred = self.forward_decoder(self.forward_encoder(images, ids_keep), ids_restore)
         target, _ = self.target(images)
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, N)

@@ -1,24 +1,31 @@
 """MimCo (Zhou et al., 2022): a ViT student that sees masked patches as a learned mask token and
 predicts, through a patch head and a CLS head, the tokens of a frozen contrastive `Teacher`."""
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 
 import losses
-from models_vit import build_mlp
+from models_vit import embed_tokens, encode_tokens, gather_tokens
+from util.architectures import build_mlp
 
 
-def build_head(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, norm: str = 'bn') -> nn.Module:
+def build_head(
+    num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, norm: str = 'bn'
+) -> nn.Module:
     """MimCo's patch and CLS heads, on tokens of any shape (..., in_dim) -> (..., out_dim). norm 'bn': MoCo
     v3's projector without its last BN, the BN statistics taken over every token of the batch; norm 'none':
     (Linear, GELU) x (n-1), Linear, the BEiT/iBOT-style head."""
     if norm == 'bn':
         return TokenMLP(*build_mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn=False))
     dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-    layers = [m for dim_in, dim_out in zip(dims, dims[1:]) for m in (nn.Linear(dim_in, dim_out), nn.GELU())]
+    layers = [
+        m
+        for dim_in, dim_out in zip(dims, dims[1:])
+        for m in (nn.Linear(dim_in, dim_out), nn.GELU())
+    ]
     return nn.Sequential(*layers[:-1])  # no GELU after the last Linear
 
 
@@ -54,34 +61,54 @@ class Teacher(nn.Module):
         # which the student's loss may save for its backward. Under torch.compile no_grad: a compiled graph keeps no
         # bookkeeping either, and AOTAutograd (torch 2.11 CUDA, 2.14 CPU) fails on inference_mode reads in bf16.
         with torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode():
-            if tuple(images.shape[-2:]) != self.img_size:  # give the teacher the student's patch grid
-                images = F.interpolate(images, size=self.img_size, mode='bicubic', align_corners=False)
+            if (
+                tuple(images.shape[-2:]) != self.img_size
+            ):  # give the teacher the student's patch grid
+                images = F.interpolate(
+                    images, size=self.img_size, mode='bicubic', align_corners=False
+                )
             # (B, 1+N, D_t); fc_norm is the final norm of a global-pool fine-tuned file, Identity elsewhere
             tokens = self.backbone.fc_norm(self.backbone.forward_features(images))
             cls_token = tokens[:, 0]
             if self.projector is not None:
                 cls_token = self.projector(cls_token)
-        patch_tokens = tokens[:, self.backbone.num_prefix_tokens:]  # (B, N, D_t)
+        patch_tokens = tokens[:, self.backbone.num_prefix_tokens :]  # (B, N, D_t)
         return cls_token.clone(), patch_tokens.clone()
 
 
 class MimCo(nn.Module):
     """MIM with a contrastive teacher (MimCo, Sec. 3): loss = patch loss + img_loss_weight * image loss."""
 
-    def __init__(self, student: VisionTransformer, teacher_dim: int, target_dim: int,
-                 num_masked: int, head_dim: int = 2048, head_layers: int = 2, head_norm: str = 'bn',
-                 patch_loss: str = 'infonce', img_loss: str = 'infonce', patch_temp: float = 0.1,
-                 img_temp: float = 0.2, img_loss_weight: float = 1.0):
+    def __init__(
+        self,
+        student: VisionTransformer,
+        teacher_dim: int,
+        target_dim: int,
+        num_masked: int,
+        head_dim: int = 2048,
+        head_layers: int = 2,
+        head_norm: str = 'bn',
+        patch_loss: str = 'infonce',
+        img_loss: str = 'infonce',
+        patch_temp: float = 0.1,
+        img_temp: float = 0.2,
+        img_loss_weight: float = 1.0,
+    ):
         super().__init__()
         student.reset_classifier(0)
         self.student = student
         self.mask_token = nn.Parameter(torch.zeros(1, 1, student.embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
-        self.patch_head = build_head(head_layers, student.embed_dim, head_dim, teacher_dim, head_norm)
+        self.patch_head = build_head(
+            head_layers, student.embed_dim, head_dim, teacher_dim, head_norm
+        )
         # No CLS head without an image loss: DDP without static_graph (--accum_iter > 1) fails on a
         # parameter that no loss reaches.
-        self.cls_head = (build_head(head_layers, student.embed_dim, head_dim, target_dim, head_norm)
-                         if img_loss != 'none' else None)
+        self.cls_head = (
+            build_head(head_layers, student.embed_dim, head_dim, target_dim, head_norm)
+            if img_loss != 'none'
+            else None
+        )
         self.num_masked, self.img_loss_weight = num_masked, img_loss_weight
         self.patch_loss, self.img_loss = patch_loss, img_loss
         self.patch_temp, self.img_temp = patch_temp, img_temp
@@ -91,21 +118,24 @@ class MimCo(nn.Module):
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, targets: tuple) -> tuple:
         teacher_cls, teacher_patches = targets  # (B, D_img), (B, N, D_t)
-        vit = self.student
-        x = vit.patch_embed(images)  # (B, N, D)
-        x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)  # masked patches: the mask token
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))  # (B, 1+N, D)
-        tokens = vit.norm(checkpoint_seq(vit.blocks, x) if vit.grad_checkpointing else vit.blocks(x))
-        patches = tokens[:, vit.num_prefix_tokens:]  # (B, N, D)
+        x = embed_tokens(self.student, images, mask, self.mask_token)  # (B, 1 + N, D)
+        tokens = encode_tokens(self.student, x)
+        patches = tokens[:, self.student.num_prefix_tokens :]  # (B, N, D)
         # Positions of the masked patches, K per image; argsort keeps this free of host syncs.
-        positions = torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)[:, :self.num_masked]
-        masked = torch.gather(patches, 1, positions.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        positions = torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)[
+            :, : self.num_masked
+        ]
+        masked = gather_tokens(patches, positions)  # (B, K, D)
         patch_pred = self.patch_head(masked).float()  # (B, K, D_t)
-        loss = losses.PATCH_LOSSES[self.patch_loss](patch_pred, teacher_patches.float(), positions, self.patch_temp)
+        loss = losses.PATCH_LOSSES[self.patch_loss](
+            patch_pred, teacher_patches.float(), positions, self.patch_temp
+        )
         terms = {'patch_loss': loss.detach()}
         if self.img_loss != 'none':
             cls_pred = self.cls_head(tokens[:, 0])  # (B, D_img)
-            img_loss = losses.IMG_LOSSES[self.img_loss](cls_pred.float(), teacher_cls.float(), self.img_temp)
+            img_loss = losses.IMG_LOSSES[self.img_loss](
+                cls_pred.float(), teacher_cls.float(), self.img_temp
+            )
             terms['img_loss'] = img_loss.detach()
             loss = loss + self.img_loss_weight * img_loss
         return loss, terms

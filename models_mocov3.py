@@ -1,5 +1,6 @@
 """MoCo v3 (Chen et al., 2021): base encoder + projector + predictor and a momentum encoder, MoCo v3's
 ViT initialisation, and the optional `L1Pull` towards grafted weights (Layer Grafted, Jiang et al., 2023)."""
+
 import copy
 import math
 
@@ -8,13 +9,18 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 import losses
-from models_vit import build_mlp, set_sincos_pos_embed
+from util.architectures import build_mlp
+from util.pos_embed import set_sincos_pos_embed
 
 
 def moco_momentum(epoch_progress: float, base_m: float, epochs: int, cosine: bool = True) -> float:
     """MoCo v3's momentum of the key encoder at `epoch_progress` (epochs, fractional): from base_m to 1 by a
     half cosine (its `adjust_moco_momentum`), or base_m throughout."""
-    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch_progress / epochs)) * (1.0 - base_m) if cosine else base_m
+    return (
+        1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch_progress / epochs)) * (1.0 - base_m)
+        if cosine
+        else base_m
+    )
 
 
 def mocov3_init(vit: VisionTransformer, stop_grad_conv1: bool) -> None:
@@ -29,7 +35,9 @@ def mocov3_init(vit: VisionTransformer, stop_grad_conv1: bool) -> None:
             nn.init.zeros_(module.bias) if module.bias is not None else None
     nn.init.normal_(vit.cls_token, std=1e-6)
     proj = vit.patch_embed.proj
-    bound = math.sqrt(6.0 / float(3 * proj.kernel_size[0] * proj.kernel_size[1] + proj.out_channels))
+    bound = math.sqrt(
+        6.0 / float(3 * proj.kernel_size[0] * proj.kernel_size[1] + proj.out_channels)
+    )
     nn.init.uniform_(proj.weight, -bound, bound)
     nn.init.zeros_(proj.bias)
     if stop_grad_conv1:
@@ -39,7 +47,13 @@ def mocov3_init(vit: VisionTransformer, stop_grad_conv1: bool) -> None:
 class MoCoV3(nn.Module):
     """Base encoder (ViT + projector as its `head`), predictor, and a momentum copy of the encoder."""
 
-    def __init__(self, encoder: VisionTransformer, dim: int = 256, mlp_dim: int = 4096, temperature: float = 0.2):
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        dim: int = 256,
+        mlp_dim: int = 4096,
+        temperature: float = 0.2,
+    ):
         super().__init__()
         encoder.reset_classifier(0)
         encoder.head = build_mlp(3, encoder.embed_dim, mlp_dim, dim)  # projector
@@ -57,7 +71,9 @@ class MoCoV3(nn.Module):
         torch._foreach_add_(momentum, list(self.base_encoder.parameters()), alpha=1.0 - m)
 
     @staticmethod
-    def project_views(encoder: VisionTransformer, view1: torch.Tensor, view2: torch.Tensor) -> tuple:
+    def project_views(
+        encoder: VisionTransformer, view1: torch.Tensor, view2: torch.Tensor
+    ) -> tuple:
         """`encoder(view1), encoder(view2)` in one ViT pass over both views: LayerNorm and attention act on each image
         alone, so stacking the views changes only the number of kernels. The projector runs on each view alone, so that
         its BatchNorm normalises over one view's batch, as in the official code's separate passes (MoCo v3, Alg. 1)."""
@@ -69,11 +85,15 @@ class MoCoV3(nn.Module):
         """With `m`, the momentum update first (engine.train_one_epoch makes it before the forward)."""
         if m is not None:
             self.update_momentum_encoder(m)  # the queries do not read the momentum encoder
-        q1, q2 = (self.predictor(z) for z in self.project_views(self.base_encoder, view1, view2))  # (B, dim)
+        q1, q2 = (
+            self.predictor(z) for z in self.project_views(self.base_encoder, view1, view2)
+        )  # (B, dim)
         with torch.no_grad():
             k1, k2 = self.project_views(self.momentum_encoder, view1, view2)
         # Symmetrised InfoNCE (MoCo v3, Alg. 1).
-        loss = losses.moco_infonce(q1, k2, self.temperature) + losses.moco_infonce(q2, k1, self.temperature)
+        loss = losses.moco_infonce(q1, k2, self.temperature) + losses.moco_infonce(
+            q2, k1, self.temperature
+        )
         if self.l1_pull is None:
             return loss, {}
         pull = self.l1_pull()
@@ -92,4 +112,6 @@ class L1Pull:
     def __call__(self) -> torch.Tensor:
         if self.anchors[0].device != self.params[0].device:  # follow the model to its device once
             self.anchors = [a.to(p.device) for a, p in zip(self.anchors, self.params)]
-        return self.weight * sum((p.float() - a.float()).abs().sum() for p, a in zip(self.params, self.anchors))
+        return self.weight * sum(
+            (p.float() - a.float()).abs().sum() for p, a in zip(self.params, self.anchors)
+        )

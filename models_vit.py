@@ -1,62 +1,74 @@
-"""The ViT architectures this repository registers with timm, their fixed 2-D sin-cos position
-embeddings, and MoCo v3's MLP (projector, predictor; MimCo's BN heads). It imports nothing of ours:
-util/backbones.py reads files into these, and every model file builds on them."""
+"""The ViT front end that MAE, MimCo and the attention maps share, on timm's VisionTransformer.
+
+timm's `forward_features` runs every patch through the encoder; MAE keeps only the visible ones,
+MimCo swaps the masked ones for a mask token, and the attention maps stop before the last block.
+So each builds its token sequence here, from the same steps timm's forward takes. `_pos_embed`
+and `checkpoint_seq` are private to timm: they are read as in timm 1.0.31, the version pinned in
+requirements.txt; a timm upgrade must re-check them (tests/test_fidelity.py compares the full
+sequence with timm's own `forward_features`).
+"""
+
 import torch
-import torch.nn as nn
-from timm.layers import build_sincos2d_pos_embed
-from timm.models import generate_default_cfgs, register_model
-from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
-
-DIGITS_MODEL = 'vit_digits_patch4_16'  # the default of every script on the built-in digits
+from timm.models._manipulate import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer
 
 
-def _cfg(input_size: int) -> dict:
-    return dict(url='', num_classes=0, input_size=(3, input_size, input_size), crop_pct=1.0,
-                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), first_conv='patch_embed.proj', classifier='head')
+def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The tokens at `index` of each image: tokens (B, N, D), index (B, K) -> (B, K, D)."""
+    index = index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+    return torch.gather(tokens, 1, index)
 
 
-default_cfgs = generate_default_cfgs({'vit_digits_patch4_16.untrained': _cfg(16),
-                                      'mocov3_vit_small.untrained': _cfg(224)})
+def embed_tokens(
+    vit: VisionTransformer,
+    images: torch.Tensor,
+    mask: torch.Tensor = None,
+    mask_token: torch.Tensor = None,
+) -> torch.Tensor:
+    """Patch embeddings with positions added and the CLS token prepended: (B, prefix + N, D).
+
+    With `mask` (B, N), True = masked, the masked patches are replaced by `mask_token` (1, 1, D)
+    before the positions are added (SimMIM/BEiT style, MimCo's student).
+    """
+    x = vit.patch_embed(images)  # (B, N, D)
+    if mask is not None:
+        x = torch.where(mask.unsqueeze(-1), mask_token.to(x.dtype), x)
+    x = vit._pos_embed(x)  # (B, prefix + N, D)
+    return vit.patch_drop(x)
 
 
-@register_model
-def vit_digits_patch4_16(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """A tiny ViT for the built-in digits set: 16 px, 4x4 patches (a 4x4 grid), width 128, depth 6."""
-    model_args = dict(img_size=16, patch_size=4, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4)
-    return _create_vision_transformer('vit_digits_patch4_16', pretrained=pretrained, **dict(model_args, **kwargs))
+def keep_visible(vit: VisionTransformer, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    """The prefix tokens and the visible patches (MAE's encoder input): (B, prefix + N_keep, D)."""
+    prefix = vit.num_prefix_tokens
+    visible = gather_tokens(x[:, prefix:], ids_keep)  # (B, N_keep, D)
+    return torch.cat([x[:, :prefix], visible], dim=1)
 
 
-@register_model
-def mocov3_vit_small(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """MoCo v3's ViT-S/16: as timm's vit_small_patch16_224 but with 12 heads (head dim 32)."""
-    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=12, mlp_ratio=4)
-    return _create_vision_transformer('mocov3_vit_small', pretrained=pretrained, **dict(model_args, **kwargs))
+def encode_tokens(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """The blocks and the final norm on a token sequence (B, T, D) -> (B, T, D)."""
+    x = vit.norm_pre(x)
+    if vit.grad_checkpointing:
+        x = checkpoint_seq(vit.blocks, x)
+    else:
+        x = vit.blocks(x)
+    return vit.norm(x)
 
 
-def build_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool = True) -> nn.Sequential:
-    """MoCo v3's projector/predictor: (Linear, BN, ReLU) x (n-1), Linear, BN without affine. The layer
-    indices match the official checkpoints, so `base_encoder.head.*` loads as it is."""
-    dims = [in_dim] + [hidden_dim] * (num_layers - 1)
-    layers = []
-    for dim_in, dim_out in zip(dims[:-1], dims[1:]):
-        layers += [nn.Linear(dim_in, dim_out, bias=False), nn.BatchNorm1d(dim_out), nn.ReLU(inplace=True)]
-    layers.append(nn.Linear(dims[-1], out_dim, bias=False))
-    if last_bn:
-        layers.append(nn.BatchNorm1d(out_dim, affine=False))
-    return nn.Sequential(*layers)
+@torch.no_grad()
+def cls_attention(vit: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """The last block's attention from the CLS token to each patch, per head: (B, heads, h, w).
 
-
-def sincos_pos_embed(grid_size, dim: int, num_prefix_tokens: int, mae_layout: bool = False) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embeddings (1, prefix + N, dim), zeros for the prefix tokens: sin and cos of
-    the row, then of the column (MoCo v3), or the column first with `mae_layout` (MAE's get_2d_sincos_pos_embed)."""
-    grid = build_sincos2d_pos_embed(list(grid_size), dim, interleave_sin_cos=True)  # (N, dim)
-    if mae_layout:
-        grid = torch.cat(grid.chunk(2, dim=1)[::-1], dim=1)
-    return torch.cat([torch.zeros(num_prefix_tokens, dim), grid]).unsqueeze(0)
-
-
-def set_sincos_pos_embed(vit: VisionTransformer, mae_layout: bool = False) -> None:
-    """Fixed 2-D sin-cos position embeddings (MoCo v3, Sec. 4; MAE), zeros for the CLS token."""
-    vit.pos_embed.data.copy_(sincos_pos_embed(vit.patch_embed.grid_size, vit.embed_dim,
-                                              vit.num_prefix_tokens, mae_layout))
-    vit.pos_embed.requires_grad_(False)
+    timm's fused attention (SDPA) never forms the weights, so they are recomputed here from the
+    last block's own qkv projection on its normed input: softmax(q k^T * scale) of the CLS query.
+    """
+    x = vit.norm_pre(embed_tokens(vit, images))
+    x = vit.blocks[:-1](x)  # (B, 1 + N, D): the input of the last block
+    last = vit.blocks[-1]
+    attn = last.attn
+    qkv = attn.qkv(last.norm1(x))  # (B, 1 + N, 3 D)
+    qkv = qkv.unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4)
+    q = attn.q_norm(qkv[0])  # (B, heads, 1 + N, head_dim)
+    k = attn.k_norm(qkv[1])
+    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, 1+N, 1+N)
+    cls_to_patches = weights[:, :, 0, vit.num_prefix_tokens :]  # (B, heads, N)
+    return cls_to_patches.unflatten(-1, vit.patch_embed.grid_size)  # (B, heads, h, w)

@@ -52,7 +52,7 @@ block() {
     why='skipped: out of time'
   else
     # SIGINT: Python's KeyboardInterrupt, which still removes bench_data.py's temporary JPEGs.
-    timeout -s INT -k 10 "$seconds" "$PYTHON" "benchmarks/$script.py" "${argv[@]}"
+    timeout -s INT -k 10 "$seconds" "$PYTHON" -m "benchmarks.$script" "${argv[@]}"
     rc=$?
     (( rc == 124 || rc == 137 )) && why="stopped at its budget of $seconds s"
     (( rc != 0 )) && [[ -z $why ]] && why="failed (exit code $rc)"

@@ -64,7 +64,7 @@ pretrain() {  # pretrain <folder> <epochs> <flags...>: quiet, the log goes to <f
 }
 evaluate() {  # evaluate <row> <checkpoint>
   mkdir -p "$OUT/eval/$1"
-  "$PYTHON" tools/eval_all.py --checkpoint "$2" --output_dir "$OUT/eval/$1" --num_workers "$WORKERS" \
+  "$PYTHON" -m tools.eval_all --checkpoint "$2" --output_dir "$OUT/eval/$1" --num_workers "$WORKERS" \
       --linear_epochs "$LINEAR_EPOCHS" --finetune_epochs "$FT_EPOCHS" \
       --finetune_warmup "$(warmup "$FT_EPOCHS")" --finetune_blr 2e-3 > "$OUT/eval/$1/console.txt" 2>&1 \
     || { tail -20 "$OUT/eval/$1/console.txt"; exit 1; }
@@ -96,7 +96,7 @@ for row in mocov3 mimco mae grafted; do
 done
 
 echo "[demo] done in $(( $(date +%s) - START )) s"
-"$PYTHON" tools/demo_table.py --output_dir "$OUT" --command "$COMMAND" --wall_time "$(( $(date +%s) - START ))"
-echo "[demo] table in $OUT/results.md; pictures: $PYTHON tools/visualize.py --checkpoints random" \
+"$PYTHON" -m tools.demo_table --output_dir "$OUT" --command "$COMMAND" --wall_time "$(( $(date +%s) - START ))"
+echo "[demo] table in $OUT/results.md; pictures: $PYTHON -m tools.visualize --checkpoints random" \
      "$OUT/mocov3/checkpoint-last.pth $OUT/mimco/checkpoint-last.pth $OUT/mae/checkpoint-last.pth" \
      "$OUT/grafted/checkpoint-last.pth --output_dir $OUT/pictures"

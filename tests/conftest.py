@@ -1,4 +1,5 @@
 """Shared pieces of the tests: small pre-training settings and a MoCo v3 teacher trained once."""
+
 import builtins
 import json
 import os
@@ -28,19 +29,27 @@ def epoch_losses(output_dir):
 
 
 def run_script(argv, **kwargs):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'main_pretrain.py')] + argv,
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'main_pretrain.py')] + argv,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope='session')
 def teacher_path(tmp_path_factory):
     """A MoCo v3 teacher trained on digits for a few epochs (shared by the MimCo tests)."""
     out = tmp_path_factory.mktemp('mocov3')
-    main_pretrain.main(parse(MOCO + ['--epochs', '6', '--warmup_epochs', '1', '--blr', '1e-3',
-                                     '--output_dir', str(out)]))
+    main_pretrain.main(
+        parse(
+            MOCO
+            + ['--epochs', '6', '--warmup_epochs', '1', '--blr', '1e-3', '--output_dir', str(out)]
+        )
+    )
     return str(out)
-
-
 
 
 PLAIN_PRINT = builtins.print
@@ -57,7 +66,9 @@ def plain_print():
 
 
 def pytest_configure(config):
-    config.addinivalue_line('markers', 'slow: over ~30 s alone; runs in CI (CI=true) or with --runslow')
+    config.addinivalue_line(
+        'markers', 'slow: over ~30 s alone; runs in CI (CI=true) or with --runslow'
+    )
 
 
 def pytest_addoption(parser):

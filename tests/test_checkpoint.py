@@ -1,4 +1,5 @@
 """Backbones in every official format load through load_backbone and give the original features."""
+
 import os
 
 import pytest
@@ -13,8 +14,15 @@ from util.errors import InputError
 
 def tiny_vit(num_heads=12, embed_dim=96, **kwargs):
     torch.manual_seed(0)
-    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=embed_dim, depth=2,
-                            num_heads=num_heads, num_classes=0, **kwargs)
+    vit = VisionTransformer(
+        img_size=16,
+        patch_size=4,
+        embed_dim=embed_dim,
+        depth=2,
+        num_heads=num_heads,
+        num_classes=0,
+        **kwargs,
+    )
     # Non-trivial values everywhere, so a key loaded into the wrong place shows.
     with torch.no_grad():
         for p in vit.parameters():
@@ -57,16 +65,20 @@ def test_mocov3_official_vit_small_by_name(tmp_path):
     loaded = backbones.load_backbone(str(tmp_path / 'moco.pth'))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.forward_features(x), vit.forward_features(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            loaded.forward_features(x), vit.forward_features(x), atol=1e-5, rtol=0
+        )
 
 
 def test_dino_plain_and_full(tmp_path):
     vit = tiny_vit(num_heads=1, embed_dim=64)  # DINO/timm convention: heads = width / 64
     reference = features(vit)
     torch.save(vit.state_dict(), tmp_path / 'dino_plain.pth')
-    full = {'teacher': {f'backbone.{k}': v for k, v in vit.state_dict().items()},
-            'student': {f'module.backbone.{k}': v + 1 for k, v in vit.state_dict().items()},
-            'epoch': 100}
+    full = {
+        'teacher': {f'backbone.{k}': v for k, v in vit.state_dict().items()},
+        'student': {f'module.backbone.{k}': v + 1 for k, v in vit.state_dict().items()},
+        'epoch': 100,
+    }
     full['teacher']['head.mlp.0.weight'] = torch.randn(8, 64)
     torch.save(full, tmp_path / 'dino_full.pth')
     for name in ('dino_plain.pth', 'dino_full.pth'):
@@ -78,8 +90,13 @@ def test_mae_and_timm_formats(tmp_path):
     vit = tiny_vit(num_heads=1, embed_dim=64)
     reference = features(vit)
     sd = dict(vit.state_dict())
-    sd.update({'mask_token': torch.zeros(1, 1, 64), 'decoder_embed.weight': torch.randn(32, 64),
-               'decoder_pos_embed': torch.randn(1, 17, 32)})
+    sd.update(
+        {
+            'mask_token': torch.zeros(1, 1, 64),
+            'decoder_embed.weight': torch.randn(32, 64),
+            'decoder_pos_embed': torch.randn(1, 17, 32),
+        }
+    )
     torch.save({'model': sd}, tmp_path / 'mae.pth')
     torch.save(vit.state_dict(), tmp_path / 'timm.pth')
     for name in ('mae.pth', 'timm.pth'):
@@ -90,7 +107,9 @@ def test_mae_and_timm_formats(tmp_path):
 def test_given_model_and_resampled_grid(tmp_path):
     vit = tiny_vit(num_heads=1, embed_dim=64)
     torch.save(vit.state_dict(), tmp_path / 'timm.pth')
-    target = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=1, num_classes=0)
+    target = VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=1, num_classes=0
+    )
     loaded = backbones.load_backbone(str(tmp_path / 'timm.pth'), target)
     assert loaded.pos_embed.shape == (1, 65, 64)
     torch.testing.assert_close(loaded.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
@@ -99,10 +118,14 @@ def test_given_model_and_resampled_grid(tmp_path):
 def test_wrong_architecture_is_named(tmp_path):
     vit = tiny_vit(num_heads=1, embed_dim=64)
     torch.save(vit.state_dict(), tmp_path / 'timm.pth')
-    wrong = VisionTransformer(img_size=16, patch_size=4, embed_dim=128, depth=2, num_heads=2, num_classes=0)
+    wrong = VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=128, depth=2, num_heads=2, num_classes=0
+    )
     with pytest.raises(InputError, match=r'embed_dim 64, depth 2.*--teacher_model'):
         backbones.load_backbone(str(tmp_path / 'timm.pth'), wrong, flag='--teacher_model')
-    deeper = VisionTransformer(img_size=16, patch_size=4, embed_dim=64, depth=3, num_heads=1, num_classes=0)
+    deeper = VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=64, depth=3, num_heads=1, num_classes=0
+    )
     with pytest.raises(InputError, match=r'missing blocks\.2'):
         backbones.load_backbone(str(tmp_path / 'timm.pth'), deeper)
 

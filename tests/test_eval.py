@@ -1,5 +1,6 @@
 """Evaluation protocols: kNN and logistic regression against references, label subsets, and real runs
 of main_finetune.py / main_linprobe.py on digits with a tiny ViT."""
+
 import argparse
 import json
 import os
@@ -11,13 +12,13 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from timm.models.vision_transformer import VisionTransformer
 
-import engine
 import main_finetune
 import main_linprobe
-import models_vit
-from util import data, features
+from util import data, features, transforms
+from util.architectures import build_mlp
 from util.digits import Digits
 from util.errors import InputError
+from util.lars import lars
 from util.logging import setup_run
 
 
@@ -47,6 +48,7 @@ def clustered(n_train: int, n_test: int, dim: int, classes: int, seed: int) -> t
 
 # --------------------------------------------------------------------------- references
 
+
 def test_knn_matches_brute_force():
     train_x, train_y, test_x, test_y = clustered(300, 70, 16, 5, seed=0)
     k, t = 20, 0.07
@@ -71,7 +73,9 @@ def test_logreg_matches_sklearn():
     wd = 0.01
     ours = features.logistic_regression(train_x, train_y, 4, wd)
     # sklearn minimises C * sum_i CE_i + |W|^2 / 2, ours mean_i CE_i + wd / 2 |W|^2: C = 1 / (wd n).
-    ref = LogisticRegression(C=1 / (wd * len(train_y)), fit_intercept=False, tol=1e-10, max_iter=10000)
+    ref = LogisticRegression(
+        C=1 / (wd * len(train_y)), fit_intercept=False, tol=1e-10, max_iter=10000
+    )
     ref.fit(train_x.double().numpy(), train_y.numpy())
     np.testing.assert_allclose(ours.weight.numpy(), ref.coef_, atol=2e-4)
     # Rows centred on their own mean, unit length (cyanure's per-row preprocessing).
@@ -84,23 +88,40 @@ def test_logreg_matches_sklearn():
 
 # --------------------------------------------------------------------------- label subsets
 
+
 def subset_args(tmp_path, **kwargs):
-    base = dict(subset_file=None, train_fraction=None, shots_per_class=None, seed=0,
-                output_dir=str(tmp_path))
+    base = dict(
+        subset_file=None,
+        train_fraction=None,
+        shots_per_class=None,
+        seed=0,
+        output_dir=str(tmp_path),
+    )
     return argparse.Namespace(**{**base, **kwargs})
 
 
 def test_train_fraction_is_stratified_seeded_and_saved(tmp_path):
     digits = Digits(train=True)
     subset = data.label_subset(digits, subset_args(tmp_path, train_fraction=0.1))
-    counts, full = np.bincount(subset.targets, minlength=10), np.bincount(digits.targets, minlength=10)
+    counts, full = (
+        np.bincount(subset.targets, minlength=10),
+        np.bincount(digits.targets, minlength=10),
+    )
     assert (np.abs(counts - 0.1 * full) <= 0.5).all() and counts.sum() == len(subset.indices)
-    assert data.label_subset(digits, subset_args(tmp_path / 'b', train_fraction=0.1)).indices == subset.indices
-    assert data.label_subset(digits, subset_args(tmp_path / 'c', train_fraction=0.1, seed=1)).indices != subset.indices
+    assert (
+        data.label_subset(digits, subset_args(tmp_path / 'b', train_fraction=0.1)).indices
+        == subset.indices
+    )
+    assert (
+        data.label_subset(digits, subset_args(tmp_path / 'c', train_fraction=0.1, seed=1)).indices
+        != subset.indices
+    )
     # The saved list repeats the run.
     saved = tmp_path / 'subset.txt'
     again = data.label_subset(digits, subset_args(tmp_path / 'd', subset_file=str(saved)))
-    assert again.indices == subset.indices and saved.read_text().splitlines()[0].startswith('digits_')
+    assert again.indices == subset.indices and saved.read_text().splitlines()[0].startswith(
+        'digits_'
+    )
     shots = data.label_subset(digits, subset_args(tmp_path / 'e', shots_per_class=3))
     assert (np.bincount(shots.targets) == 3).all()
     with pytest.raises(InputError, match='only one'):
@@ -114,7 +135,9 @@ def image_folder(root, size: int = 8, per_class: int = 4):
             os.makedirs(root / split / wnid)
             for i in range(per_class):
                 color = (i * 60, 200 * c, 0)
-                Image.new('RGB', (size, size), color=color).save(root / split / wnid / f'{wnid}_{i}.JPEG')
+                Image.new('RGB', (size, size), color=color).save(
+                    root / split / wnid / f'{wnid}_{i}.JPEG'
+                )
     return root
 
 
@@ -122,7 +145,9 @@ def test_subset_file_reads_simclr_list(tmp_path):
     root = image_folder(tmp_path / 'data')
     listing = tmp_path / '1percent.txt'
     listing.write_text('n001_2.JPEG\n\nn002_0.JPEG\nn002_3.JPEG\n')
-    args = subset_args(tmp_path / 'out', subset_file=str(listing), data_path=str(root), dataset='auto')
+    args = subset_args(
+        tmp_path / 'out', subset_file=str(listing), data_path=str(root), dataset='auto'
+    )
     subset = data.label_subset(data.build_dataset(args, True, None), args)
     names = [os.path.basename(subset.dataset.samples[i][0]) for i in subset.indices]
     assert names == ['n001_2.JPEG', 'n002_0.JPEG', 'n002_3.JPEG'] and subset.targets == [0, 1, 1]
@@ -134,6 +159,7 @@ def test_subset_file_reads_simclr_list(tmp_path):
 
 # --------------------------------------------------------------------------- real runs on digits
 
+
 @pytest.fixture(scope='session')
 def pretrained(teacher_path):
     """The session's short MoCo v3 run on digits (tests/conftest.py): the pre-trained backbone the
@@ -142,9 +168,20 @@ def pretrained(teacher_path):
 
 
 def probe(tmp_path, checkpoint, protocol, *extra):
-    return run(main_linprobe, '--checkpoint', checkpoint, '--protocol', protocol, '--num_workers', 0,
-               '--print_freq', 1000, '--output_dir', tmp_path / f'{protocol}{len(os.listdir(tmp_path))}',
-               *extra)
+    return run(
+        main_linprobe,
+        '--checkpoint',
+        checkpoint,
+        '--protocol',
+        protocol,
+        '--num_workers',
+        0,
+        '--print_freq',
+        1000,
+        '--output_dir',
+        tmp_path / f'{protocol}{len(os.listdir(tmp_path))}',
+        *extra,
+    )
 
 
 @pytest.mark.slow
@@ -154,7 +191,8 @@ def test_protocols_tell_pretrained_from_random(tmp_path, pretrained):
         results[name] = {
             'linear': probe(tmp_path, ckpt, 'linear', '--epochs', 30, '--warmup_epochs', 3)['acc1'],
             'knn': probe(tmp_path, ckpt, 'knn')['acc1'],
-            'logreg10': probe(tmp_path, ckpt, 'logreg', '--train_fraction', 0.1)['acc1']}
+            'logreg10': probe(tmp_path, ckpt, 'logreg', '--train_fraction', 0.1)['acc1'],
+        }
     print(json.dumps(results))
     for protocol in ('linear', 'knn', 'logreg10'):
         assert results['mocov3'][protocol] > results['random'][protocol] + 5, (protocol, results)
@@ -165,15 +203,38 @@ def test_protocols_tell_pretrained_from_random(tmp_path, pretrained):
 def test_linear_probe_leaves_backbone_identical(tmp_path):
     """The per-epoch image path (no cache): the backbone runs inside the trained module."""
     args = argparse.ArgumentParser(parents=[main_linprobe.get_args_parser()]).parse_args(
-        ['--checkpoint', 'random', '--epochs', '8', '--warmup_epochs', '0', '--optimizer', 'sgd', '--blr', '2',
-         '--num_workers', '0', '--no-cache_features', '--shots_per_class', '20', '--batch_size', '50',
-         '--output_dir', str(tmp_path)])
+        [
+            '--checkpoint',
+            'random',
+            '--epochs',
+            '8',
+            '--warmup_epochs',
+            '0',
+            '--optimizer',
+            'sgd',
+            '--blr',
+            '2',
+            '--num_workers',
+            '0',
+            '--no-cache_features',
+            '--shots_per_class',
+            '20',
+            '--batch_size',
+            '50',
+            '--output_dir',
+            str(tmp_path),
+        ]
+    )
     device = setup_run(args)
-    args.accum_iter, args.clip_grad = 1, None
-    backbone = features.frozen_backbone(args)
+    main_linprobe.resolve_args(args, digits=True)
+    backbone = features.frozen_backbone(
+        args.checkpoint, args.model, args.input_size, args.global_pool, args.seed
+    )
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    train_set = data.label_subset(data.build_dataset(args, True, data.eval_transform(args)), args)
-    val_set = data.build_dataset(args, False, data.eval_transform(args))
+    train_set = data.label_subset(
+        data.build_dataset(args, True, transforms.eval_transform(args)), args
+    )
+    val_set = data.build_dataset(args, False, transforms.eval_transform(args))
     metrics = main_linprobe.linear_probe(backbone, train_set, val_set, 10, device, args)
     assert not backbone.training and metrics['acc1'] > 25, metrics  # the head did learn
     assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
@@ -186,7 +247,7 @@ def test_lars_adapts_weights_at_zero_weight_decay():
     head = main_linprobe.linear_head(16, 10)
     head[1].bias.data.normal_()
     weight, bias = head[1].weight.detach().clone(), head[1].bias.detach().clone()
-    optimizer = engine.lars([{'params': list(head.parameters()), 'weight_decay': 0.0}], lr=6.4)
+    optimizer = lars([{'params': list(head.parameters()), 'weight_decay': 0.0}], lr=6.4)
     head(torch.randn(32, 16)).logsumexp(1).mean().backward()
     grad_w, grad_b = head[1].weight.grad.clone(), head[1].bias.grad.clone()
     optimizer.step()
@@ -197,12 +258,38 @@ def test_lars_adapts_weights_at_zero_weight_decay():
 
 def test_finetune_from_scratch_learns_and_keeps_best(tmp_path):
     out = tmp_path / 'ft'
-    metrics = run(main_finetune, '--epochs', 4, '--warmup_epochs', 1, '--blr', 2e-3, '--layer_decay', 1,
-                  '--drop_path', 0, '--batch_size', 64, '--num_workers', 0, '--print_freq', 1000,
-                  '--output_dir', out)
+    metrics = run(
+        main_finetune,
+        '--epochs',
+        4,
+        '--warmup_epochs',
+        1,
+        '--blr',
+        2e-3,
+        '--layer_decay',
+        1,
+        '--drop_path',
+        0,
+        '--batch_size',
+        64,
+        '--num_workers',
+        0,
+        '--print_freq',
+        1000,
+        '--output_dir',
+        out,
+    )
     assert metrics['best_acc1'] > 25, metrics  # chance is 10 %; 38 % measured
-    again = run(main_finetune, '--eval', '--resume', out / 'checkpoint-best.pth', '--num_workers', 0,
-                '--output_dir', tmp_path / 'eval')
+    again = run(
+        main_finetune,
+        '--eval',
+        '--resume',
+        out / 'checkpoint-best.pth',
+        '--num_workers',
+        0,
+        '--output_dir',
+        tmp_path / 'eval',
+    )
     assert again['acc1'] == pytest.approx(metrics['best_acc1'])
 
 
@@ -210,12 +297,16 @@ def official_mocov3(tmp_path, with_projector: bool = True):
     """A tiny ViT saved as MoCo v3's official files are: module.base_encoder.* with its projector
     as `head`, a momentum encoder and a predictor; 12 heads as read_backbone assumes."""
     torch.manual_seed(0)
-    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=96, depth=2, num_heads=12, num_classes=0)
-    vit.head = models_vit.build_mlp(3, 96, 64, 32)
+    vit = VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=96, depth=2, num_heads=12, num_classes=0
+    )
+    vit.head = build_mlp(3, 96, 64, 32)
     torch.nn.init.uniform_(vit.norm.weight)  # not LayerNorm's default, so loading it shows
     sd = {f'module.base_encoder.{k}': v for k, v in vit.state_dict().items()}
     sd.update({f'module.momentum_encoder.{k}': v.clone() for k, v in vit.state_dict().items()})
-    sd.update({f'module.predictor.{k}': v for k, v in models_vit.build_mlp(2, 32, 64, 32).state_dict().items()})
+    sd.update(
+        {f'module.predictor.{k}': v for k, v in build_mlp(2, 32, 64, 32).state_dict().items()}
+    )
     path = tmp_path / 'vit_small.pth.tar'
     torch.save({'state_dict': sd, 'arch': 'vit_small', 'epoch': 300}, path)
     plain = tmp_path / 'plain.pth'
@@ -226,25 +317,47 @@ def official_mocov3(tmp_path, with_projector: bool = True):
 def test_finetune_reads_official_mocov3_format(tmp_path):
     vit, path, plain = official_mocov3(tmp_path)
     args = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()]).parse_args(
-        ['--finetune', str(path), '--init_from_projector', '--output_dir', str(tmp_path / 'out')])
+        ['--finetune', str(path), '--init_from_projector', '--output_dir', str(tmp_path / 'out')]
+    )
     model = main_finetune.add_classifier(main_finetune.build_backbone(args), args, 10)
     assert torch.equal(model.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
-    assert model.blocks[0].attn.num_heads == 12 and torch.equal(model.fc_norm.weight, vit.norm.weight)
+    assert model.blocks[0].attn.num_heads == 12 and torch.equal(
+        model.fc_norm.weight, vit.norm.weight
+    )
     assert torch.equal(model.head[0].weight, vit.head[0].weight)  # (64, 96) from the projector
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     # At another resolution: the 4x4 grid of positions resampled to 8x8.
     args = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()]).parse_args(
-        ['--finetune', str(path), '--input_size', '32', '--output_dir', str(tmp_path / 'out32')])
+        ['--finetune', str(path), '--input_size', '32', '--output_dir', str(tmp_path / 'out32')]
+    )
     model = main_finetune.build_backbone(args)
     assert args.input_size == 32 and model.pos_embed.shape == (1, 1 + 64, 96)
     assert torch.equal(model.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 96)
-    metrics = run(main_finetune, '--finetune', path, '--eval', '--cls_token', '--num_workers', 0,
-                  '--output_dir', tmp_path / 'eval')
+    metrics = run(
+        main_finetune,
+        '--finetune',
+        path,
+        '--eval',
+        '--cls_token',
+        '--num_workers',
+        0,
+        '--output_dir',
+        tmp_path / 'eval',
+    )
     assert 0 <= metrics['acc1'] <= 100 and metrics['eval_only']
     with pytest.raises(InputError, match='projector'):
-        run(main_finetune, '--finetune', plain, '--init_from_projector', '--eval', '--num_workers', 0,
-            '--output_dir', tmp_path / 'bad')
+        run(
+            main_finetune,
+            '--finetune',
+            plain,
+            '--init_from_projector',
+            '--eval',
+            '--num_workers',
+            0,
+            '--output_dir',
+            tmp_path / 'bad',
+        )
 
 
 def test_imagefolder_paths_run_the_full_recipe(tmp_path):
@@ -252,15 +365,48 @@ def test_imagefolder_paths_run_the_full_recipe(tmp_path):
     through the frozen backbone for the linear probe."""
     root = image_folder(tmp_path / 'data', size=24, per_class=8)
     args = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()]).parse_args(
-        ['--data_path', str(root), '--input_size', '16'])
+        ['--data_path', str(root), '--input_size', '16']
+    )
     main_finetune.resolve_defaults(args)
-    train_set = main_finetune.add_transforms(args, *(data.build_dataset(args, t, None) for t in (True, False)))
+    train_set = main_finetune.add_transforms(
+        args, *(data.build_dataset(args, t, None) for t in (True, False))
+    )
     shown = repr(train_set.transform)
-    assert 'RandAugment' in shown and 'RandomErasing' in shown and (args.mixup, args.cutmix) == (0.8, 1.0)
-    metrics = run(main_finetune, '--data_path', root, '--input_size', 16, '--epochs', 1, '--batch_size', 8,
-                  '--num_workers', 0, '--output_dir', tmp_path / 'ft')
+    assert (
+        'RandAugment' in shown
+        and 'RandomErasing' in shown
+        and (args.mixup, args.cutmix) == (0.8, 1.0)
+    )
+    metrics = run(
+        main_finetune,
+        '--data_path',
+        root,
+        '--input_size',
+        16,
+        '--epochs',
+        1,
+        '--batch_size',
+        8,
+        '--num_workers',
+        0,
+        '--output_dir',
+        tmp_path / 'ft',
+    )
     assert metrics['n_train'] == 16 and 0 <= metrics['acc1'] <= 100
-    metrics = run(main_linprobe, '--data_path', root, '--input_size', 16, '--epochs', 1, '--batch_size', 8,
-                  '--num_workers', 0, '--output_dir', tmp_path / 'lin')
+    metrics = run(
+        main_linprobe,
+        '--data_path',
+        root,
+        '--input_size',
+        16,
+        '--epochs',
+        1,
+        '--batch_size',
+        8,
+        '--num_workers',
+        0,
+        '--output_dir',
+        tmp_path / 'lin',
+    )
     log = [json.loads(line) for line in open(tmp_path / 'lin' / 'log.txt')]
     assert log[-1]['args']['cache_features'] is False and metrics['n_val'] == 16

@@ -1,12 +1,15 @@
 """DESIGN.md's layout, checked: a script never imports another script's building blocks (what two of
 them share lives in util/ or a model file)."""
+
 import ast
 import os
 import subprocess
 
 from tests.conftest import ROOT
 
-SCRIPTS = {name[:-3] for name in os.listdir(ROOT) if name.startswith('main_') and name.endswith('.py')}
+SCRIPTS = {
+    name[:-3] for name in os.listdir(ROOT) if name.startswith('main_') and name.endswith('.py')
+}
 # What a tool may use of a script: run it as its command line would (tools/eval_all.py does).
 RUN_A_SCRIPT = {'get_args_parser', 'main'}
 
@@ -14,12 +17,20 @@ RUN_A_SCRIPT = {'get_args_parser', 'main'}
 def python_files() -> list:
     """The non-test Python files of the checkout (git's list; every file below ROOT outside git)."""
     try:
-        listed = subprocess.run(['git', 'ls-files', '*.py'], cwd=ROOT, capture_output=True, text=True, check=True)
+        listed = subprocess.run(
+            ['git', 'ls-files', '*.py'], cwd=ROOT, capture_output=True, text=True, check=True
+        )
         files = listed.stdout.split()
     except (OSError, subprocess.CalledProcessError):
-        files = [os.path.relpath(os.path.join(d, f), ROOT) for d, _, names in os.walk(ROOT) for f in names
-                 if f.endswith('.py') and '/.' not in d]
-    return sorted(f for f in files if not f.startswith('tests/') and os.path.isfile(os.path.join(ROOT, f)))
+        files = [
+            os.path.relpath(os.path.join(d, f), ROOT)
+            for d, _, names in os.walk(ROOT)
+            for f in names
+            if f.endswith('.py') and '/.' not in d
+        ]
+    return sorted(
+        f for f in files if not f.startswith('tests/') and os.path.isfile(os.path.join(ROOT, f))
+    )
 
 
 def script_uses(path: str) -> list:
@@ -29,12 +40,22 @@ def script_uses(path: str) -> list:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module in SCRIPTS:
-            found.append((node.lineno, f'from {node.module} import {", ".join(a.name for a in node.names)}'))
+            found.append(
+                (node.lineno, f'from {node.module} import {", ".join(a.name for a in node.names)}')
+            )
         elif isinstance(node, ast.Import):
-            found += [(node.lineno, f'import {a.name}') for a in node.names
-                      if a.name in SCRIPTS and (own in SCRIPTS or not path.startswith(('tools/', 'benchmarks/')))]
-        elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in SCRIPTS
-              and node.attr not in RUN_A_SCRIPT):
+            found += [
+                (node.lineno, f'import {a.name}')
+                for a in node.names
+                if a.name in SCRIPTS
+                and (own in SCRIPTS or not path.startswith(('tools/', 'benchmarks/')))
+            ]
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in SCRIPTS
+            and node.attr not in RUN_A_SCRIPT
+        ):
             found.append((node.lineno, f'{node.value.id}.{node.attr}'))
     return found
 
@@ -44,7 +65,6 @@ def test_no_script_imports_another_scripts_building_blocks():
     assert {'main_pretrain', 'main_finetune', 'main_linprobe'} <= SCRIPTS
     uses = {path: script_uses(path) for path in python_files()}
     assert not {path: found for path, found in uses.items() if found}
-
 
 
 def test_the_code_stays_small():

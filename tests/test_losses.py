@@ -1,5 +1,6 @@
 """Each loss against a naive per-sample loop; perfect predictions beat shuffled ones; the image loss
 under 2 processes equals the 1-process loss on the full batch."""
+
 import math
 import os
 import socket
@@ -8,7 +9,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 import losses
 
@@ -35,6 +35,7 @@ def naive_img_infonce(student, teacher, t):
             sims = [cos(queries[i], keys[j]) / t for j in range(len(keys))]
             total += math.log(sum(math.exp(s) for s in sims)) - sims[i]
         return total / len(queries)
+
     return 0.5 * (one_way(student, teacher) + one_way(teacher, student))
 
 
@@ -72,26 +73,35 @@ def test_patch_regressions_match_loop(tokens):
             cos_ref.append(1 - cos(pred[b, k], t))
             t_norm = (t - t.mean()) / torch.sqrt(t.var(unbiased=False) + 1e-5)
             diff = (pred[b, k] - t_norm).abs()
-            l1_ref.append(float(torch.where(diff < 1, 0.5 * diff ** 2, diff - 0.5).mean()))
-    assert losses.patch_cosine(pred, target, positions).item() == pytest.approx(sum(cos_ref) / len(cos_ref))
-    assert losses.patch_smoothl1(pred, target, positions).item() == pytest.approx(sum(l1_ref) / len(l1_ref))
+            l1_ref.append(float(torch.where(diff < 1, 0.5 * diff**2, diff - 0.5).mean()))
+    assert losses.patch_cosine(pred, target, positions).item() == pytest.approx(
+        sum(cos_ref) / len(cos_ref)
+    )
+    assert losses.patch_smoothl1(pred, target, positions).item() == pytest.approx(
+        sum(l1_ref) / len(l1_ref)
+    )
 
 
 def test_img_and_moco_losses_match_loop():
     g = torch.Generator().manual_seed(1)
     student, teacher = torch.randn(2, 6, 5, generator=g, dtype=torch.float64)
     assert losses.img_infonce(student, teacher, 0.2).item() == pytest.approx(
-        naive_img_infonce(student, teacher, 0.2), rel=1e-9)
+        naive_img_infonce(student, teacher, 0.2), rel=1e-9
+    )
     assert losses.moco_infonce(student, teacher, 0.2).item() == pytest.approx(
-        naive_moco(student, teacher, 0.2), rel=1e-9)
+        naive_moco(student, teacher, 0.2), rel=1e-9
+    )
     assert losses.img_cosine(student, teacher).item() == pytest.approx(
-        1 - sum(cos(s, t) for s, t in zip(student, teacher)) / 6)
+        1 - sum(cos(s, t) for s, t in zip(student, teacher)) / 6
+    )
 
 
 def test_perfect_prediction_beats_shuffled(tokens):
     _, target, positions = tokens
     perfect = torch.gather(target, 1, positions.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
-    shuffled = perfect[:, torch.randperm(perfect.shape[1], generator=torch.Generator().manual_seed(3))]
+    shuffled = perfect[
+        :, torch.randperm(perfect.shape[1], generator=torch.Generator().manual_seed(3))
+    ]
     shuffled = torch.roll(shuffled, 1, dims=1)  # every prediction at a wrong position
     for loss in (losses.patch_infonce, losses.patch_cosine, losses.patch_smoothl1):
         assert loss(perfect, target, positions, 0.1) < loss(shuffled, target, positions, 0.1)

@@ -1,4 +1,5 @@
 """MAE and the Layer Grafted cascade on digits, end to end: the real scripts, small settings."""
+
 import math
 import os
 import re
@@ -6,23 +7,41 @@ import re
 import pytest
 import timm
 import torch
-from timm.scheduler import CosineLRScheduler
 from timm.models.vision_transformer import VisionTransformer
+from timm.scheduler import CosineLRScheduler
 
 import main_pretrain
 import models_mae
 import models_mocov3
-from engine import train_one_epoch
-from tools import grad_conflict
-from util import backbones, data, graft, pretrain
+import pretrain_setup as pretrain
+from engine_pretrain import train_one_epoch
 from tests.conftest import epoch_losses
+from tools import grad_conflict
+from util import backbones, data, graft, transforms
 from util.errors import InputError
 from util.masking import random_masking_indices
 
 FAST = ['--num_workers', '0', '--print_freq', '5', '--batch_size', '128']
-MAE = ['--method', 'mae', '--decoder_embed_dim', '64', '--decoder_depth', '2',
-       '--decoder_num_heads', '4'] + FAST
-GRAFT = ['--method', 'mocov3', '--moco_mlp_dim', '256', '--moco_dim', '64', '--warmup_epochs', '0'] + FAST
+MAE = [
+    '--method',
+    'mae',
+    '--decoder_embed_dim',
+    '64',
+    '--decoder_depth',
+    '2',
+    '--decoder_num_heads',
+    '4',
+] + FAST
+GRAFT = [
+    '--method',
+    'mocov3',
+    '--moco_mlp_dim',
+    '256',
+    '--moco_dim',
+    '64',
+    '--warmup_epochs',
+    '0',
+] + FAST
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -46,7 +65,7 @@ def last_checkpoint(output_dir):
 def digits_batch(n=32):
     args = parse([])
     args.input_size = 16
-    dataset = data.build_dataset(args, is_train=False, transform=data.eval_transform(args))
+    dataset = data.build_dataset(args, is_train=False, transform=transforms.eval_transform(args))
     return torch.stack([dataset[i][0] for i in range(n)])
 
 
@@ -54,7 +73,9 @@ def digits_batch(n=32):
 def mae_dir(tmp_path_factory):
     """Stage 1: MAE on digits for a few epochs (shared by the grafting tests)."""
     out = tmp_path_factory.mktemp('mae')
-    main_pretrain.main(parse(MAE + ['--epochs', '3', '--warmup_epochs', '1', '--output_dir', str(out)]))
+    main_pretrain.main(
+        parse(MAE + ['--epochs', '3', '--warmup_epochs', '1', '--output_dir', str(out)])
+    )
     return out
 
 
@@ -71,6 +92,7 @@ def official_mae_path(mae_dir, tmp_path_factory):
 
 # --------------------------------------------------------------------------- MAE
 
+
 def test_random_masking_is_exact_and_unshuffles():
     B, N = 64, 196
     ids_keep, ids_restore, mask = random_masking_indices(B, N, 0.75)
@@ -78,13 +100,17 @@ def test_random_masking_is_exact_and_unshuffles():
     assert ids_keep.shape == (B, N - num_masked)
     assert (mask.sum(dim=1) == num_masked).all()
     # Kept and masked positions together are every patch, once.
-    ids_masked = torch.argsort(ids_restore, dim=1)[:, N - num_masked:]
+    ids_masked = torch.argsort(ids_restore, dim=1)[:, N - num_masked :]
     together = torch.cat([ids_keep, ids_masked], dim=1).sort(dim=1).values
     assert torch.equal(together, torch.arange(N).expand(B, -1))
-    assert (torch.gather(mask, 1, ids_keep) == 0).all() and (torch.gather(mask, 1, ids_masked) == 1).all()
+    assert (torch.gather(mask, 1, ids_keep) == 0).all() and (
+        torch.gather(mask, 1, ids_masked) == 1
+    ).all()
     # Gathering (kept, masked) with ids_restore gives back the image order.
     tokens = torch.arange(N).expand(B, -1)
-    shuffled = torch.cat([torch.gather(tokens, 1, ids_keep), torch.gather(tokens, 1, ids_masked)], 1)
+    shuffled = torch.cat(
+        [torch.gather(tokens, 1, ids_keep), torch.gather(tokens, 1, ids_masked)], 1
+    )
     assert torch.equal(torch.gather(shuffled, 1, ids_restore), tokens)
 
 
@@ -93,7 +119,9 @@ def test_mae_patchify_and_reconstruct_shapes():
     images = digits_batch(8)
     assert torch.equal(mae.unpatchify(mae.patchify(images), (4, 4)), images)
     # patchify's patch i is the patch the embedding's token i sees.
-    assert torch.equal(mae.patchify(images)[:, 5], images[:, :, 4:8, 4:8].permute(0, 2, 3, 1).flatten(1))
+    assert torch.equal(
+        mae.patchify(images)[:, 5], images[:, :, 4:8, 4:8].permute(0, 2, 3, 1).flatten(1)
+    )
     recon, mask = mae.reconstruct(images)
     assert recon.shape == images.shape and (mask.sum(1) == 12).all()
 
@@ -109,14 +137,21 @@ def test_mae_loss_falls_and_checkpoint_is_a_backbone(mae_dir):
     backbone = backbones.load_backbone(str(mae_dir / 'checkpoint-last.pth'))
     images = digits_batch()
     with torch.no_grad():
-        assert torch.allclose(backbone.forward_features(images), mae.encoder.forward_features(images))
+        assert torch.allclose(
+            backbone.forward_features(images), mae.encoder.forward_features(images)
+        )
 
 
 def test_official_mae_format_loads_with_the_same_features(mae_dir, official_mae_path):
     state, _, info = backbones.read_backbone(str(official_mae_path))
-    assert info['format'] == 'MAE' and 'decoder_pred.weight' in info['skipped'] and 'mask_token' in info['skipped']
-    official = backbones.load_backbone(str(official_mae_path),
-                                        timm.create_model('vit_digits_patch4_16', num_classes=0))
+    assert (
+        info['format'] == 'MAE'
+        and 'decoder_pred.weight' in info['skipped']
+        and 'mask_token' in info['skipped']
+    )
+    official = backbones.load_backbone(
+        str(official_mae_path), timm.create_model('vit_digits_patch4_16', num_classes=0)
+    )
     mae = models_mae.MAE(timm.create_model('vit_digits_patch4_16', num_classes=0), 64, 2, 4)
     mae.load_state_dict(last_checkpoint(mae_dir)['model'])
     mae.eval()
@@ -134,10 +169,12 @@ def test_mae_bad_flags_are_named():
 
 # --------------------------------------------------------------------------- grafting
 
+
 @pytest.mark.parametrize('depth', [6, 12])
 def test_graft_param_groups_map_blocks_to_groups(depth):
-    encoder = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=depth, num_heads=2,
-                                num_classes=0)
+    encoder = VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=32, depth=depth, num_heads=2, num_classes=0
+    )
     models_mocov3.mocov3_init(encoder, stop_grad_conv1=True)
     model = models_mocov3.MoCoV3(encoder, dim=16, mlp_dim=32)
     multipliers = [0.1, 0.5, 1.0]
@@ -157,12 +194,20 @@ def test_graft_param_groups_map_blocks_to_groups(depth):
     assert seen['base_encoder.norm.weight'] == seen['base_encoder.head.0.weight'] == 1.0
     assert seen['predictor.0.weight'] == 1.0
     # Frozen (patch projection, positions) and momentum parameters are never optimised.
-    assert not any(n.startswith('momentum_encoder') or 'patch_embed' in n or 'pos_embed' in n for n in seen)
+    assert not any(
+        n.startswith('momentum_encoder') or 'patch_embed' in n or 'pos_embed' in n for n in seen
+    )
     assert len(seen) == sum(p.requires_grad for p in model.parameters())
     # timm's scheduler gives each group blr-derived lr times its multiplier.
     optimizer = torch.optim.AdamW(groups, lr=1e-3)
-    scheduler = CosineLRScheduler(optimizer, t_initial=100, warmup_t=10, warmup_lr_init=0.0,
-                                  warmup_prefix=True, t_in_epochs=False)
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=100,
+        warmup_t=10,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
     scheduler.step_update(5)
     for group in optimizer.param_groups:
         assert math.isclose(group['lr'], 0.5e-3 * group['lr_scale'])
@@ -171,9 +216,14 @@ def test_graft_param_groups_map_blocks_to_groups(depth):
 def test_graft_bad_multipliers_and_depth_are_named(official_mae_path):
     for bad in ('0.1,1', '0.1,0.1,1,1', 'a,b,c', '-1,1,1'):
         with pytest.raises(InputError, match='three non-negative lr multipliers'):
-            main_pretrain.main(parse(GRAFT + ['--graft_pretrained', str(official_mae_path),
-                                              f'--lr_layer_wise={bad}']))
-    encoder = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=0)
+            main_pretrain.main(
+                parse(
+                    GRAFT + ['--graft_pretrained', str(official_mae_path), f'--lr_layer_wise={bad}']
+                )
+            )
+    encoder = VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=0
+    )
     with pytest.raises(InputError, match='divisible by 3'):
         graft.graft_param_groups(models_mocov3.MoCoV3(encoder, 16, 32), [1, 1, 1], 0.1)
     with pytest.raises(InputError, match='--method mocov3'):
@@ -181,9 +231,20 @@ def test_graft_bad_multipliers_and_depth_are_named(official_mae_path):
 
 
 def test_graft_build_freezes_and_pulls(official_mae_path):
-    args = parse(GRAFT + ['--graft_pretrained', str(official_mae_path), '--graft_freeze_blocks', '2',
-                          '--graft_l1_weight', '1e-3', '--graft_l1_blocks', '4'])
-    pretrain.resolve_defaults(args)
+    args = parse(
+        GRAFT
+        + [
+            '--graft_pretrained',
+            str(official_mae_path),
+            '--graft_freeze_blocks',
+            '2',
+            '--graft_l1_weight',
+            '1e-3',
+            '--graft_l1_blocks',
+            '4',
+        ]
+    )
+    pretrain.resolve_args(args)
     assert args.lr_layer_wise == '0.1,0.1,1'  # the paper's setting is the grafting default
     model, _ = pretrain.build_model(args)
     mae = torch.load(official_mae_path, weights_only=True)['model']
@@ -192,8 +253,10 @@ def test_graft_build_freezes_and_pulls(official_mae_path):
             assert torch.equal(value, mae[name]), name
     trainable = {n for n, p in model.base_encoder.named_parameters() if p.requires_grad}
     # The official --fixTo N freezes the CLS token with the first N blocks.
-    assert not any(n.startswith(('blocks.0.', 'blocks.1.', 'patch_embed', 'pos_embed', 'cls_token'))
-                   for n in trainable)
+    assert not any(
+        n.startswith(('blocks.0.', 'blocks.1.', 'patch_embed', 'pos_embed', 'cls_token'))
+        for n in trainable
+    )
     assert 'blocks.2.attn.qkv.weight' in trainable
     # The pull covers the trainable blocks 2, 3 (the embeddings are frozen); zero at the start.
     assert len(model.l1_pull.params) == 2 * 12
@@ -206,8 +269,21 @@ def test_graft_build_freezes_and_pulls(official_mae_path):
 def test_graft_zero_lr_keeps_lower_blocks_bit_identical(official_mae_path, tmp_path):
     """--lr_layer_wise 0,0,1 from the official-format file: blocks 0-3 (and the CLS token) stay the
     MAE's to the bit, blocks 4-5 move."""
-    main_pretrain.main(parse(GRAFT + ['--graft_pretrained', str(official_mae_path), '--lr_layer_wise',
-                                      '0,0,1', '--epochs', '1', '--output_dir', str(tmp_path)]))
+    main_pretrain.main(
+        parse(
+            GRAFT
+            + [
+                '--graft_pretrained',
+                str(official_mae_path),
+                '--lr_layer_wise',
+                '0,0,1',
+                '--epochs',
+                '1',
+                '--output_dir',
+                str(tmp_path),
+            ]
+        )
+    )
     mae = torch.load(official_mae_path, weights_only=True)['model']
     ckpt = last_checkpoint(tmp_path)
     trained = ckpt['model']
@@ -224,56 +300,124 @@ def test_graft_zero_lr_keeps_lower_blocks_bit_identical(official_mae_path, tmp_p
 def test_grafted_loss_falls_and_every_block_moves(mae_dir, tmp_path):
     """The official code never stepped its GradScaler (its issue #1): here the stage-2 loss falls
     and every block moves, the lower two thirds at 0.1x the lr."""
-    main_pretrain.main(parse(GRAFT + ['--graft_pretrained', str(mae_dir / 'checkpoint-last.pth'),
-                                      '--lr_layer_wise', '0.1,0.1,1', '--blr', '1e-3',
-                                      '--epochs', '2', '--output_dir', str(tmp_path)]))
+    main_pretrain.main(
+        parse(
+            GRAFT
+            + [
+                '--graft_pretrained',
+                str(mae_dir / 'checkpoint-last.pth'),
+                '--lr_layer_wise',
+                '0.1,0.1,1',
+                '--blr',
+                '1e-3',
+                '--epochs',
+                '2',
+                '--output_dir',
+                str(tmp_path),
+            ]
+        )
+    )
     losses = epoch_losses(tmp_path)
     assert losses[-1] < losses[0] - 0.05, losses
     mae = last_checkpoint(mae_dir)['model']
     ckpt = last_checkpoint(tmp_path)
     for i in range(6):
-        before = torch.cat([v.flatten() for k, v in mae.items() if k.startswith(f'encoder.blocks.{i}.')])
-        after = torch.cat([v.flatten() for k, v in ckpt['model'].items()
-                           if k.startswith(f'base_encoder.blocks.{i}.')])
+        before = torch.cat(
+            [v.flatten() for k, v in mae.items() if k.startswith(f'encoder.blocks.{i}.')]
+        )
+        after = torch.cat(
+            [
+                v.flatten()
+                for k, v in ckpt['model'].items()
+                if k.startswith(f'base_encoder.blocks.{i}.')
+            ]
+        )
         assert not torch.equal(before, after), i
     assert ckpt['scaler'] == {}  # fp32 on CPU: the scaler is off
 
 
-@pytest.mark.parametrize('amp', ['none', pytest.param('bf16', marks=pytest.mark.slow),
-                                 pytest.param('fp16', marks=pytest.mark.slow)])  # 20-25 s each on 2 cores
+@pytest.mark.parametrize(
+    'amp',
+    [
+        'none',
+        pytest.param('bf16', marks=pytest.mark.slow),
+        pytest.param('fp16', marks=pytest.mark.slow),
+    ],
+)  # 20-25 s each on 2 cores
 def test_grafted_training_steps_under_each_precision(mae_dir, amp):
     """fp32, bf16 autocast and fp16 autocast with an enabled GradScaler all lower the grafted loss
     through engine.train_one_epoch. CPU autocast in half precision is ~10x slower than fp32 here,
     so this runs on 64 digits, batch 32, for 4 epochs (8 steps)."""
     torch.manual_seed(0)
-    args = parse(GRAFT + ['--graft_pretrained', str(mae_dir / 'checkpoint-last.pth'), '--amp', amp,
-                          '--batch_size', '32', '--output_dir', ''])
-    pretrain.resolve_defaults(args)
+    args = parse(
+        GRAFT
+        + [
+            '--graft_pretrained',
+            str(mae_dir / 'checkpoint-last.pth'),
+            '--amp',
+            amp,
+            '--batch_size',
+            '32',
+            '--output_dir',
+            '',
+        ]
+    )
+    pretrain.resolve_args(args)
     args.distributed, args.lr = False, 1e-3
     model, _ = pretrain.build_model(args)
-    dataset = data.build_dataset(args, True, data.pretrain_transform(args))
+    dataset = data.build_dataset(args, True, transforms.pretrain_transform(args))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(64)), batch_size=32)
     optimizer = pretrain.build_optimizer(args, model)
     scheduler = CosineLRScheduler(optimizer, t_initial=100, t_in_epochs=False)
     scaler = torch.amp.GradScaler('cpu', enabled=amp == 'fp16')  # as main() makes it
     before = [p.detach().clone() for p in model.base_encoder.blocks.parameters()]
-    losses = [train_one_epoch(model, loader, optimizer, scheduler, scaler, torch.device('cpu'), epoch,
-                              args, momentum_schedule=lambda _: 0.99)['loss'] for epoch in range(4)]
+    losses = [
+        train_one_epoch(
+            model,
+            loader,
+            optimizer,
+            scheduler,
+            scaler,
+            torch.device('cpu'),
+            epoch,
+            amp=args.amp,
+            momentum_schedule=lambda _: 0.99,
+        )['loss']
+        for epoch in range(4)
+    ]
     assert losses[-1] < losses[0] - 0.02, losses
-    assert all(not torch.equal(b, p) for b, p in zip(before, model.base_encoder.blocks.parameters()))
+    assert all(
+        not torch.equal(b, p) for b, p in zip(before, model.base_encoder.blocks.parameters())
+    )
     if amp == 'fp16':  # the scaler is on and made steps (the tracker counts unskipped ones)
         assert scaler.is_enabled() and scaler.state_dict()['_growth_tracker'] > 0
 
 
 # --------------------------------------------------------------------------- gradient conflict
 
+
 def test_grad_conflict_prints_one_row_per_block(mae_dir, tmp_path, capsys):
-    args = grad_conflict.get_args_parser().parse_args([
-        '--checkpoint', str(mae_dir / 'checkpoint-last.pth'), '--num_batches', '1', '--batch_size', '64',
-        '--num_workers', '0', '--moco_mlp_dim', '256', '--output', str(tmp_path / 'conflict.png')])
+    args = grad_conflict.get_args_parser().parse_args(
+        [
+            '--checkpoint',
+            str(mae_dir / 'checkpoint-last.pth'),
+            '--num_batches',
+            '1',
+            '--batch_size',
+            '64',
+            '--num_workers',
+            '0',
+            '--moco_mlp_dim',
+            '256',
+            '--output',
+            str(tmp_path / 'conflict.png'),
+        ]
+    )
     cosines = grad_conflict.main(args)
     out = capsys.readouterr().out
-    rows = [m.groups() for m in re.finditer(r'^(?:\[[\d:]+\] )?\s*(\d+)\s+(-?\d+\.\d+)\s', out, re.M)]
+    rows = [
+        m.groups() for m in re.finditer(r'^(?:\[[\d:]+\] )?\s*(\d+)\s+(-?\d+\.\d+)\s', out, re.M)
+    ]
     assert [int(r[0]) for r in rows] == list(range(6))
     assert [float(r[1]) for r in rows] == pytest.approx(cosines, abs=1e-4)
     assert all(-1 <= c <= 1 and c != 0 for c in cosines)

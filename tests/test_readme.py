@@ -1,7 +1,8 @@
 """The README and docs/ stay true: every command they show for our scripts parses with that script's own
-argument parser, docs/flags.md is what tools/flags_table.py prints now (a new flag fails until it is
+argument parser, docs/flags.md is what `python -m tools.flags_table` prints now (a new flag fails until it is
 regenerated), every relative link reaches a file (and a heading, for links with #anchor), the README
 stays the front door (at most 200 lines), and its test command is the one CI runs."""
+
 import argparse
 import glob
 import importlib
@@ -14,8 +15,17 @@ import pytest
 from tests.conftest import ROOT
 from tools.flags_table import COMMAND, flags_page
 
-PAGES = ['README.md'] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'docs', '*.md')))
-SHELL_ENDS = {'>', '>>', '|', '&&', ';', '2>&1'}  # the command stops at a redirection or the next command
+PAGES = ['README.md'] + sorted(
+    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'docs', '*.md'))
+)
+SHELL_ENDS = {
+    '>',
+    '>>',
+    '|',
+    '&&',
+    ';',
+    '2>&1',
+}  # the command stops at a redirection or the next command
 
 
 def read(page: str) -> str:
@@ -23,18 +33,28 @@ def read(page: str) -> str:
         return f.read()
 
 
+def module_name(command: str) -> str:
+    """The module a command runs: main_x.py -> main_x; -m tools.x -> tools.x."""
+    if command.startswith('-m '):
+        return command[3:]
+    return command[: -len('.py')]
+
+
 def page_commands(page: str):
-    """(script, argv) for each `python X.py ...` / `torchrun ... X.py ...` line in a ```bash block."""
+    """(module, argv) for each `python main_x.py ...`, `torchrun ... main_x.py ...` and
+    `python -m tools.x ...` / `-m benchmarks.x` line in a ```bash block."""
     commands = []
     for block in re.findall(r'```bash\n(.*?)```', read(page), flags=re.S):
         joined = re.sub(r'\\\n\s*', ' ', block)
         for line in joined.splitlines():
             line = line.split('#')[0].strip()
-            found = re.search(r'(?:^|\s)((?:main_\w+|tools/\w+|benchmarks/\w+)\.py)(\s.*)?$', line)
+            found = re.search(r'(?:^|\s)(main_\w+\.py|-m (?:tools|benchmarks)\.\w+)(\s.*)?$', line)
             if found and ('python' in line or 'torchrun' in line):
                 argv = shlex.split(found.group(2) or '')
                 ends = [i for i, a in enumerate(argv) if a in SHELL_ENDS]
-                commands.append((found.group(1), argv[:ends[0]] if ends else argv))
+                if ends:
+                    argv = argv[: ends[0]]
+                commands.append((module_name(found.group(1)), argv))
     return commands
 
 
@@ -60,7 +80,7 @@ def links(page: str):
 
 @pytest.mark.parametrize('script,argv', [c for page in PAGES for c in page_commands(page)])
 def test_command_parses(script, argv):
-    module = importlib.import_module(script[:-3].replace('/', '.'))
+    module = importlib.import_module(script)
     parser = argparse.ArgumentParser(parents=[module.get_args_parser()], exit_on_error=False)
     argv = [os.path.expandvars(a) for a in argv]
     parser.parse_args(argv)
@@ -68,8 +88,14 @@ def test_command_parses(script, argv):
 
 def test_every_page_has_commands_checked():
     """The pages that show our scripts' commands keep showing them in ```bash blocks (the check above)."""
-    for page in ['README.md', 'docs/methods.md', 'docs/evaluation.md', 'docs/checkpoints.md',
-                 'docs/performance.md', 'docs/pictures.md']:
+    for page in [
+        'README.md',
+        'docs/methods.md',
+        'docs/evaluation.md',
+        'docs/checkpoints.md',
+        'docs/performance.md',
+        'docs/pictures.md',
+    ]:
         assert page_commands(page), f'{page} shows no command of our scripts in a ```bash block'
 
 
@@ -81,11 +107,17 @@ def test_flags_page_is_generated():
 @pytest.mark.parametrize('page', PAGES)
 def test_links_resolve(page):
     for path, anchor in links(page):
-        target = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), path)) if path else os.path.join(ROOT, page)
+        target = (
+            os.path.normpath(os.path.join(ROOT, os.path.dirname(page), path))
+            if path
+            else os.path.join(ROOT, page)
+        )
         assert os.path.exists(target), f'{page} links to {path}, which does not exist'
         if anchor and target.endswith('.md'):
             with open(target) as f:
-                assert anchor in anchors(f.read()), f'{page} links to {path}#{anchor}: no such heading'
+                assert anchor in anchors(f.read()), (
+                    f'{page} links to {path}#{anchor}: no such heading'
+                )
 
 
 def test_readme_is_the_front_door():
@@ -110,4 +142,6 @@ def test_pictures_are_small_and_shown():
     text = ''.join(open(os.path.join(ROOT, page)).read() for page in PAGES)
     for path in pictures:
         assert os.path.getsize(path) <= 150_000, path
-        assert f'docs/{os.path.basename(path)}' in text or f']({os.path.basename(path)})' in text, path
+        assert f'docs/{os.path.basename(path)}' in text or f']({os.path.basename(path)})' in text, (
+            path
+        )

@@ -1,4 +1,5 @@
 """tools/visualize.py, tools/export.py, util/figures.py and the full-scale scripts' command lines."""
+
 import argparse
 import glob
 import os
@@ -16,14 +17,18 @@ import main_linprobe
 import main_pretrain
 import models_vit
 from tools import export, visualize
-from util import backbones, figures
+from util import backbones
 from util.errors import InputError
 
-SCRIPTS = {'main_pretrain.py': main_pretrain, 'main_finetune.py': main_finetune,
-           'main_linprobe.py': main_linprobe}
+SCRIPTS = {
+    'main_pretrain.py': main_pretrain,
+    'main_finetune.py': main_finetune,
+    'main_linprobe.py': main_linprobe,
+}
 
 
 # --------------------------------------------------------------------------- full-scale scripts
+
 
 def script_commands(path: str) -> list:
     """(script, argv) of every python command in a bash script, its variables set to their defaults."""
@@ -43,12 +48,19 @@ def script_commands(path: str) -> list:
     return commands
 
 
-FULL_SCALE = sorted(p for p in glob.glob(os.path.join(ROOT, 'scripts', '*.sh')) if not p.endswith('demo.sh'))
+FULL_SCALE = sorted(
+    p for p in glob.glob(os.path.join(ROOT, 'scripts', '*.sh')) if not p.endswith('demo.sh')
+)
 
 
 def test_there_are_full_scale_scripts():
     names = {os.path.basename(p) for p in FULL_SCALE}
-    assert {'mimco_vits_100ep.sh', 'mocov3_vits_300ep.sh', 'mae_vitb_1600ep.sh', 'grafted_vitb_300ep.sh'} <= names
+    assert {
+        'mimco_vits_100ep.sh',
+        'mocov3_vits_300ep.sh',
+        'mae_vitb_1600ep.sh',
+        'grafted_vitb_300ep.sh',
+    } <= names
 
 
 @pytest.mark.parametrize('path', FULL_SCALE, ids=os.path.basename)
@@ -59,7 +71,9 @@ def test_full_scale_script_parses(path):
     assert commands, f'{path} holds no python command'
     for script, argv, line in commands:
         assert 'torchrun --nproc_per_node 8' in line, line
-        parser = argparse.ArgumentParser(script, parents=[SCRIPTS[script].get_args_parser()], exit_on_error=False)
+        parser = argparse.ArgumentParser(
+            script, parents=[SCRIPTS[script].get_args_parser()], exit_on_error=False
+        )
         try:
             args = parser.parse_args(argv)
         except (argparse.ArgumentError, SystemExit) as e:
@@ -69,13 +83,14 @@ def test_full_scale_script_parses(path):
 
 # --------------------------------------------------------------------------- attention and pictures
 
+
 def test_cls_attention_is_the_blocks_own_attention():
     """Weights from the qkv projection, times v and through proj, give what the last block's fused
     attention computes: the maps are the ones the model uses."""
     torch.manual_seed(0)
     vit = timm.create_model('vit_digits_patch4_16', num_classes=0).eval()
     images = torch.randn(3, 3, 16, 16)
-    maps = figures.cls_attention(vit, images)  # (B, heads, 4, 4)
+    maps = models_vit.cls_attention(vit, images)  # (B, heads, 4, 4)
     assert maps.shape == (3, 4, 4, 4)
     with torch.no_grad():
         x = vit.blocks[:-1](vit.norm_pre(vit._pos_embed(vit.patch_embed(images))))
@@ -102,35 +117,79 @@ def png_size(path: str) -> tuple:
 def mae_path(tmp_path_factory):
     """One epoch of MAE."""
     out = str(tmp_path_factory.mktemp('mae'))
-    main_pretrain.main(parse(['--method', 'mae', '--epochs', '1', '--warmup_epochs', '0', '--decoder_embed_dim',
-                              '32', '--decoder_depth', '1', '--decoder_num_heads', '4',
-                              '--output_dir', out] + FAST))
+    main_pretrain.main(
+        parse(
+            [
+                '--method',
+                'mae',
+                '--epochs',
+                '1',
+                '--warmup_epochs',
+                '0',
+                '--decoder_embed_dim',
+                '32',
+                '--decoder_depth',
+                '1',
+                '--decoder_num_heads',
+                '4',
+                '--output_dir',
+                out,
+            ]
+            + FAST
+        )
+    )
     return out
 
 
 def test_visualize(teacher_path, mae_path, tmp_path, capsys):
     out = str(tmp_path / 'pictures')
-    checkpoints = ['random', os.path.join(teacher_path, 'checkpoint-last.pth'),
-                   os.path.join(mae_path, 'checkpoint-last.pth')]
+    checkpoints = [
+        'random',
+        os.path.join(teacher_path, 'checkpoint-last.pth'),
+        os.path.join(mae_path, 'checkpoint-last.pth'),
+    ]
     args = visualize.get_args_parser().parse_args(
-        ['--checkpoints', *checkpoints, '--names', 'random', 'mocov3', 'mae', '--output_dir', out,
-         '--num_images', '4', '--tsne_iters', '250', '--logreg_iters', '100'])
+        [
+            '--checkpoints',
+            *checkpoints,
+            '--names',
+            'random',
+            'mocov3',
+            'mae',
+            '--output_dir',
+            out,
+            '--num_images',
+            '4',
+            '--tsne_iters',
+            '250',
+            '--logreg_iters',
+            '100',
+        ]
+    )
     written = visualize.main(args)
-    expected = {'tsne.png': (3 * 400, 400), 'attention.png': (4 * 150, 4 * 150),
-                'mae_reconstruction_mae.png': (4 * 150, 3 * 150)}
+    expected = {
+        'tsne.png': (3 * 400, 400),
+        'attention.png': (4 * 150, 4 * 150),
+        'mae_reconstruction_mae.png': (4 * 150, 3 * 150),
+    }
     assert sorted(os.path.basename(p) for p in written) == sorted(expected)
     for name, size in expected.items():
         path = os.path.join(out, name)
         assert os.path.getsize(path) > 5000 and png_size(path) == size, name
-    printed = re.findall(r'separability \| (\S+) \| logreg val top-1 ([\d.]+) % \| Fisher ratio ([\d.]+)',
-                         capsys.readouterr().out)
+    printed = re.findall(
+        r'separability \| (\S+) \| logreg val top-1 ([\d.]+) % \| Fisher ratio ([\d.]+)',
+        capsys.readouterr().out,
+    )
     scores = {name: (float(acc), float(fisher)) for name, acc, fisher in printed}
     assert set(scores) == {'random', 'mocov3', 'mae'}
     # A few epochs of MoCo v3 already separate the classes better than random weights do.
-    assert scores['mocov3'][0] > scores['random'][0] and scores['mocov3'][1] > scores['random'][1], scores
+    assert (
+        scores['mocov3'][0] > scores['random'][0] and scores['mocov3'][1] > scores['random'][1]
+    ), scores
 
 
 # --------------------------------------------------------------------------- export
+
 
 @torch.no_grad()
 def features(model, size=16):
@@ -140,19 +199,36 @@ def features(model, size=16):
 
 def export_then_load(source: str, name: str, out: str):
     """tools/export.py of `source` as timm's `name`, loaded back the way the README shows."""
-    export.main(export.get_args_parser().parse_args(['--checkpoint', source, '--model', name, '--output', out]))
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=out), num_classes=0)
+    export.main(
+        export.get_args_parser().parse_args(
+            ['--checkpoint', source, '--model', name, '--output', out]
+        )
+    )
+    return timm.create_model(
+        name, pretrained=True, pretrained_cfg_overlay=dict(file=out), num_classes=0
+    )
 
 
 def test_export_loads_into_timm(teacher_path, tmp_path):
     source = os.path.join(teacher_path, 'checkpoint-last.pth')
     out = str(tmp_path / 'teacher_timm.pth')
-    name = export.main(export.get_args_parser().parse_args(['--checkpoint', source, '--output', out]))
+    name = export.main(
+        export.get_args_parser().parse_args(['--checkpoint', source, '--output', out])
+    )
     assert name == 'vit_digits_patch4_16'
-    assert all(not k.startswith(('head', 'base_encoder', 'momentum')) for k in torch.load(out, weights_only=True))
-    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=out), num_classes=0)
-    torch.testing.assert_close(features(model), features(backbones.load_backbone(source)), atol=1e-5, rtol=0)
-    assert not torch.allclose(features(model), features(timm.create_model(name, num_classes=0)), atol=1e-3)
+    assert all(
+        not k.startswith(('head', 'base_encoder', 'momentum'))
+        for k in torch.load(out, weights_only=True)
+    )
+    model = timm.create_model(
+        name, pretrained=True, pretrained_cfg_overlay=dict(file=out), num_classes=0
+    )
+    torch.testing.assert_close(
+        features(model), features(backbones.load_backbone(source)), atol=1e-5, rtol=0
+    )
+    assert not torch.allclose(
+        features(model), features(timm.create_model(name, num_classes=0)), atol=1e-3
+    )
 
 
 def test_export_checks_the_architecture(tmp_path):
@@ -161,11 +237,27 @@ def test_export_checks_the_architecture(tmp_path):
     torch.manual_seed(0)
     vit = timm.create_model('mocov3_vit_small', num_classes=0)
     source = str(tmp_path / 'vit-s-300ep.pth.tar')
-    torch.save({'state_dict': {f'module.base_encoder.{k}': v for k, v in vit.state_dict().items()},
-                'arch': 'vit_small', 'epoch': 300}, source)
+    torch.save(
+        {
+            'state_dict': {f'module.base_encoder.{k}': v for k, v in vit.state_dict().items()},
+            'arch': 'vit_small',
+            'epoch': 300,
+        },
+        source,
+    )
     with pytest.raises(InputError, match='mocov3_vit_small'):
-        export.main(export.get_args_parser().parse_args(
-            ['--checkpoint', source, '--model', 'vit_small_patch16_224', '--output', str(tmp_path / 'bad.pth')]))
+        export.main(
+            export.get_args_parser().parse_args(
+                [
+                    '--checkpoint',
+                    source,
+                    '--model',
+                    'vit_small_patch16_224',
+                    '--output',
+                    str(tmp_path / 'bad.pth'),
+                ]
+            )
+        )
     assert sorted(os.listdir(tmp_path)) == ['vit-s-300ep.pth.tar']  # nothing written
     model = export_then_load(source, 'mocov3_vit_small', str(tmp_path / 'mocov3_vits_timm.pth'))
     torch.testing.assert_close(features(model, 224), features(vit, 224), atol=1e-5, rtol=0)

@@ -2,51 +2,79 @@
 the real script's parser and main(): kNN, linear probe, 1 % and 10 % logistic regression (main_linprobe.py)
 and a fine-tune (main_finetune.py). Each prints its command line, then writes its JSON summary to
 <output_dir>/<protocol>/log.txt for tools/demo_table.py. Used by scripts/demo.sh:
-python tools/eval_all.py --checkpoint output/demo/mimco/checkpoint-last.pth --output_dir output/demo/eval/mimco"""
+python -m tools.eval_all --checkpoint output/demo/mimco/checkpoint-last.pth --output_dir output/demo/eval/mimco"""
+
 import argparse
 import os
 import shlex
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import main_finetune  # noqa: E402
-import main_linprobe  # noqa: E402
-from util.errors import run_main  # noqa: E402
+import main_finetune
+import main_linprobe
+from util.errors import run_main
 
 PROTOCOLS = ['knn', 'linear', 'logreg1', 'logreg10', 'finetune']
 
 
 def get_args_parser():
     p = argparse.ArgumentParser('all evaluations of one backbone', add_help=False)
-    p.add_argument('--checkpoint', default='random', type=str, help='backbone (any format util/backbones reads), '
-                   'or `random` for the random-init baseline (fine-tuned from scratch)')
+    p.add_argument(
+        '--checkpoint',
+        default='random',
+        type=str,
+        help='backbone (any format util/backbones reads), '
+        'or `random` for the random-init baseline (fine-tuned from scratch)',
+    )
     p.add_argument('--output_dir', default='output_dir/eval', help='one sub-folder per evaluation')
-    p.add_argument('--protocols', nargs='+', default=PROTOCOLS, choices=PROTOCOLS, help='evaluations to run')
+    p.add_argument(
+        '--protocols', nargs='+', default=PROTOCOLS, choices=PROTOCOLS, help='evaluations to run'
+    )
     p.add_argument('--linear_epochs', default=90, type=int, help='linear probe epochs (MAE: 90)')
     p.add_argument('--finetune_epochs', default=8, type=int, help='fine-tuning epochs')
     p.add_argument('--finetune_warmup', default=1, type=int, help='fine-tuning warm-up epochs')
-    p.add_argument('--finetune_blr', default=5e-4, type=float, help='fine-tuning base lr (total batch 256)')
+    p.add_argument(
+        '--finetune_blr', default=5e-4, type=float, help='fine-tuning base lr (total batch 256)'
+    )
     p.add_argument('--num_workers', default=0, type=int, help='data loader workers of every run')
-    p.add_argument('--seed', default=0, type=int, help='seed of every run (subsets, heads, random init)')
+    p.add_argument(
+        '--seed', default=0, type=int, help='seed of every run (subsets, heads, random init)'
+    )
     return p
 
 
 def main(args):
     common = ['--num_workers', str(args.num_workers), '--seed', str(args.seed)]
     probe = ['--checkpoint', args.checkpoint] + common
-    argv = {'knn': ['--protocol', 'knn'] + probe,
-            'linear': ['--protocol', 'linear', '--epochs', str(args.linear_epochs),
-                       '--warmup_epochs', str(min(10, args.linear_epochs // 9))] + probe,  # MAE's 10 of 90
-            'logreg1': ['--protocol', 'logreg', '--train_fraction', '0.01'] + probe,
-            'logreg10': ['--protocol', 'logreg', '--train_fraction', '0.1'] + probe,
-            'finetune': ['--finetune', args.checkpoint] * (args.checkpoint != 'random')
-                        + ['--epochs', str(args.finetune_epochs), '--warmup_epochs', str(args.finetune_warmup),
-                           '--blr', str(args.finetune_blr)] + common}
+    argv = {
+        'knn': ['--protocol', 'knn'] + probe,
+        'linear': [
+            '--protocol',
+            'linear',
+            '--epochs',
+            str(args.linear_epochs),
+            '--warmup_epochs',
+            str(min(10, args.linear_epochs // 9)),
+        ]
+        + probe,  # MAE's 10 of 90
+        'logreg1': ['--protocol', 'logreg', '--train_fraction', '0.01'] + probe,
+        'logreg10': ['--protocol', 'logreg', '--train_fraction', '0.1'] + probe,
+        'finetune': ['--finetune', args.checkpoint] * (args.checkpoint != 'random')
+        + [
+            '--epochs',
+            str(args.finetune_epochs),
+            '--warmup_epochs',
+            str(args.finetune_warmup),
+            '--blr',
+            str(args.finetune_blr),
+        ]
+        + common,
+    }
     results = {}
     for name in [name for name in PROTOCOLS if name in args.protocols]:
         module = main_finetune if name == 'finetune' else main_linprobe
-        script, run_argv = f'{module.__name__}.py', argv[name] + ['--output_dir', os.path.join(args.output_dir, name)]
+        script, run_argv = (
+            f'{module.__name__}.py',
+            argv[name] + ['--output_dir', os.path.join(args.output_dir, name)],
+        )
         print(f'[eval_all] {name}: python {script} {shlex.join(run_argv)}', flush=True)
         results[name] = module.main(module.get_args_parser().parse_args(run_argv))
     shown = ', '.join(f'{name} {metrics["acc1"]:.1f}' for name, metrics in results.items())
@@ -55,4 +83,9 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_main(main, argparse.ArgumentParser('all evaluations of one backbone', parents=[get_args_parser()]).parse_args())
+    run_main(
+        main,
+        argparse.ArgumentParser(
+            'all evaluations of one backbone', parents=[get_args_parser()]
+        ).parse_args(),
+    )

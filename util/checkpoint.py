@@ -2,6 +2,7 @@
 
 ViT backbones of any origin are read by util/backbones.py.
 """
+
 import argparse
 import os
 import pickle
@@ -11,6 +12,7 @@ import re
 import numpy as np
 import torch
 from timm.models.vision_transformer import VisionTransformer
+
 from util.dist import all_gather_objects, get_rank, get_world_size, is_main_process
 from util.errors import InputError
 
@@ -26,21 +28,30 @@ def load_file(path: str) -> dict:
     except pickle.UnpicklingError as e:
         found = re.search(r'GLOBAL (\S+)', str(e))
         if found:
-            raise InputError(f'{path} is refused: loading it would call {found.group(1)}, which a '
-                             f'checkpoint of tensors and plain data never needs (it could run code). '
-                             f'Re-save it as a plain state dict from a source you trust') from None
-        raise InputError(f'{path} is not a readable PyTorch checkpoint (corrupt, truncated, or '
-                         f'another kind of file): re-download or re-save it') from None
+            raise InputError(
+                f'{path} is refused: loading it would call {found.group(1)}, which a '
+                f'checkpoint of tensors and plain data never needs (it could run code). '
+                f'Re-save it as a plain state dict from a source you trust'
+            ) from None
+        raise InputError(
+            f'{path} is not a readable PyTorch checkpoint (corrupt, truncated, or '
+            f'another kind of file): re-download or re-save it'
+        ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise InputError(f'{path} is not a readable PyTorch checkpoint (corrupt or truncated?): '
-                         f'{str(e).splitlines()[0][:160]}') from None
+        raise InputError(
+            f'{path} is not a readable PyTorch checkpoint (corrupt or truncated?): '
+            f'{str(e).splitlines()[0][:160]}'
+        ) from None
 
 
 def rng_state() -> dict:
     """torch, Python, NumPy (its key array as a tensor, for weights_only) and CUDA RNG states."""
     name, keys, *rest = np.random.get_state()
-    state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
-             'numpy': [name, torch.from_numpy(keys.astype(np.int64)), *rest]}
+    state = {
+        'torch': torch.get_rng_state(),
+        'python': random.getstate(),
+        'numpy': [name, torch.from_numpy(keys.astype(np.int64)), *rest],
+    }
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
@@ -48,7 +59,7 @@ def rng_state() -> dict:
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     random.seed(seed)
 
 
@@ -60,7 +71,7 @@ def save_checkpoint(state: dict, path: str) -> None:
         os.replace(tmp, path)
 
 
-def restore_rng(saved, args) -> None:
+def restore_rng(saved, seed: int, start_epoch: int) -> None:
     """Each rank continues its own RNG stream (`saved`: one state per rank of the run that saved it;
     a lone dict in older files). Under another number of processes there is no stream to continue:
     each rank gets a fresh one of its own, seeded from (--seed, rank, epoch)."""
@@ -74,9 +85,11 @@ def restore_rng(saved, args) -> None:
         if 'cuda' in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state['cuda'])
         return
-    seed_everything(args.seed + get_rank() + 1000 * args.start_epoch)
-    print(f'the checkpoint holds the RNG streams of {len(states)} process(es), this run has {get_world_size()}: '
-          f'fresh streams seeded per rank (the run goes on, but not bit for bit as it would have)')
+    seed_everything(seed + get_rank() + 1000 * start_epoch)
+    print(
+        f'the checkpoint holds the RNG streams of {len(states)} process(es), this run has {get_world_size()}: '
+        f'fresh streams seeded per rank (the run goes on, but not bit for bit as it would have)'
+    )
 
 
 def training_state(args, epoch: int, model, optimizer, scaler, **extra) -> dict:
@@ -84,10 +97,15 @@ def training_state(args, epoch: int, model, optimizer, scaler, **extra) -> dict:
     weights_only=True); the head count of the (first) ViT in `model`, which no shape tells; 'rng' one state
     per rank (each draws its own drop path, masks and augmentations), so every rank must call this."""
     vit = next((m for m in model.modules() if isinstance(m, VisionTransformer)), None)
-    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-             'scaler': scaler.state_dict(), 'epoch': epoch, 'args': dict(vars(args)),
-             'num_heads': vit.blocks[0].attn.num_heads if vit is not None else None,
-             'rng': all_gather_objects(rng_state())}
+    state = {
+        'model': model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'scaler': scaler.state_dict(),
+        'epoch': epoch,
+        'args': dict(vars(args)),
+        'num_heads': vit.blocks[0].attn.num_heads if vit is not None else None,
+        'rng': all_gather_objects(rng_state()),
+    }
     state.update({k: v.state_dict() if hasattr(v, 'state_dict') else v for k, v in extra.items()})
     return state
 
@@ -102,44 +120,98 @@ def prepare_output_dir(path: str) -> None:
         open(probe, 'w').close()
         os.remove(probe)
     except OSError as e:
-        raise InputError(f'--output_dir {path} is not writable ({e.strerror}): pick another folder') from None
+        raise InputError(
+            f'--output_dir {path} is not writable ({e.strerror}): pick another folder'
+        ) from None
 
 
 # What defines a run in every script (each adds its own: --method, --teacher, --finetune ...): an implicit
 # resume of another run would carry it on in place of this one. Not --epochs: raising it extends a run.
-SAME_RUN = ('data_path', 'dataset', 'model', 'input_size', 'subset_file', 'train_fraction',
-            'shots_per_class', 'blr', 'lr', 'warmup_epochs')
+SAME_RUN = (
+    'data_path',
+    'dataset',
+    'model',
+    'input_size',
+    'subset_file',
+    'train_fraction',
+    'shots_per_class',
+    'blr',
+    'lr',
+    'warmup_epochs',
+)
+
+
+def same_setting(there, here) -> bool:
+    """Whether a flag's saved value and its value now are one setting: equal, both unset, or two
+    spellings of one file."""
+    if there == here:
+        return True
+    if not there and not here:
+        return True
+    both_paths = isinstance(there, str) and isinstance(here, str) and there and here
+    if both_paths:
+        return os.path.realpath(there) == os.path.realpath(here)
+    return False
+
+
+def shown(value) -> str:
+    """A flag's value as an error message shows it."""
+    if value is None or value == '':
+        return 'none'
+    return str(value)
 
 
 def check_same_run(path: str, checkpoint: dict, args, flags: tuple = ()) -> None:
     """Refuse to auto-resume output_dir/checkpoint-last.pth of a run with other SAME_RUN or `flags`."""
     saved = checkpoint.get('args') or {}
-    for flag in tuple(flags) + SAME_RUN:  # the script's own first: --finetune says more than --model
+    # The script's own flags first: --finetune says more than --model.
+    for flag in tuple(flags) + SAME_RUN:
         if flag not in saved or not hasattr(args, flag):
             continue
-        there, here = saved[flag], getattr(args, flag)
-        files = there and here and isinstance(there, str) and isinstance(here, str)
-        if there == here or not (there or here) or files and os.path.realpath(there) == os.path.realpath(here):
-            continue  # equal, both unset, or two spellings of one file
-        there, here = ('none' if v is None or v == '' else v for v in (there, here))
-        hint = ' (the lr is --blr x batch size x processes x --accum_iter / 256)' if flag == 'lr' else ''
-        raise InputError(f'{path} is the checkpoint of another run (--{flag} {there} there, {here} here{hint}), '
-                         f'which would be resumed in place of this one: use a fresh --output_dir, delete '
-                         f'that file, or --resume {path} to continue it')
+        there = saved[flag]
+        here = getattr(args, flag)
+        if same_setting(there, here):
+            continue
+        hint = ''
+        if flag == 'lr':
+            hint = ' (the lr is --blr x batch size x processes x --accum_iter / 256)'
+        raise InputError(
+            f'{path} is the checkpoint of another run (--{flag} {shown(there)} there, '
+            f'{shown(here)} here{hint}), which would be resumed in place of this one: use a fresh '
+            f'--output_dir, delete that file, or --resume {path} to continue it'
+        )
 
 
-def resume(args, model, optimizer=None, scaler=None, validate=None, same_run: tuple = (), **extra) -> dict:
-    """Restore model, optimizer, scaler, RNG and any `extra` modules; set args.start_epoch. `validate(path,
-    checkpoint)` may refuse the file before anything is restored; an implicit resume (no --resume) also
-    refuses a run whose SAME_RUN or `same_run` flags differ. Returns the checkpoint read, or None."""
-    last = os.path.join(args.output_dir, 'checkpoint-last.pth') if args.output_dir else ''
-    path = args.resume or (last if last and os.path.isfile(last) else '')
+def checkpoint_to_resume(args) -> str:
+    """--resume, else output_dir/checkpoint-last.pth if it exists, else '' (a fresh start)."""
+    if args.resume:
+        return args.resume
+    if not args.output_dir:
+        return ''
+    last = os.path.join(args.output_dir, 'checkpoint-last.pth')
+    if os.path.isfile(last):
+        return last
+    return ''
+
+
+def resume(
+    args, model, optimizer=None, scaler=None, validate=None, same_run: tuple = (), **extra
+) -> dict:
+    """Restore model, optimizer, scaler, RNG and any `extra` modules from the checkpoint to resume.
+
+    `validate(path, checkpoint)` may refuse the file before anything is restored; an implicit
+    resume (no --resume) also refuses a run whose SAME_RUN or `same_run` flags differ. Returns the
+    checkpoint read (the run goes on at its 'epoch' + 1), or None for a fresh start.
+    """
+    path = checkpoint_to_resume(args)
     if not path:
         return None
     checkpoint = load_file(path)
     if 'model' not in checkpoint or 'epoch' not in checkpoint:
-        raise InputError(f'{path} is not a training checkpoint of this repository: use --resume '
-                         f'with a checkpoint-*.pth written by these scripts')
+        raise InputError(
+            f'{path} is not a training checkpoint of this repository: use --resume '
+            f'with a checkpoint-*.pth written by these scripts'
+        )
     if validate is not None:
         validate(path, checkpoint)
     if not args.resume:
@@ -147,16 +219,25 @@ def resume(args, model, optimizer=None, scaler=None, validate=None, same_run: tu
     try:
         model.load_state_dict(checkpoint['model'])
     except RuntimeError as e:
-        raise InputError(f'{path} does not fit this model ({str(e).splitlines()[0]}): resume with '
-                         f'the flags of the run that wrote it (its args are saved in the file)') from None
+        raise InputError(
+            f'{path} does not fit this model ({str(e).splitlines()[0]}): resume with '
+            f'the flags of the run that wrote it (its args are saved in the file)'
+        ) from None
     if optimizer is not None:
         optimizer.load_state_dict(checkpoint['optimizer'])
     if scaler is not None and 'scaler' in checkpoint:
         scaler.load_state_dict(checkpoint['scaler'])
     for name, module in extra.items():
         module.load_state_dict(checkpoint[name])
-    args.start_epoch = checkpoint['epoch'] + 1
+    start_epoch = checkpoint['epoch'] + 1
     if 'rng' in checkpoint:
-        restore_rng(checkpoint['rng'], args)
-    print(f'resumed from {path} (epoch {checkpoint["epoch"]}); continuing at epoch {args.start_epoch}')
+        restore_rng(checkpoint['rng'], args.seed, start_epoch)
+    print(f'resumed from {path} (epoch {checkpoint["epoch"]}); continuing at epoch {start_epoch}')
     return checkpoint
+
+
+def start_epoch(resumed: dict, first_epoch: int) -> int:
+    """The first epoch to train: the one after a resumed checkpoint's, else --start_epoch."""
+    if resumed is None:
+        return first_epoch
+    return resumed['epoch'] + 1

@@ -1,16 +1,15 @@
 """Data sets, augmentations and loaders (the built-in digits: util/digits.py)."""
+
 import os
 import random
 
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 from torchvision import datasets
-from torchvision.transforms import v2 as T
 
-from util.digits import Digits, DigitsJitter
+from util.digits import Digits
 from util.dist import all_gather, get_rank, get_world_size
 from util.errors import InputError
 
@@ -23,14 +22,18 @@ def load_image(path: str) -> Image.Image:
             image = Image.open(f)
             image.load()
     except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-        raise InputError(f'{path} is not a readable image ({e}): remove or replace the file') from None
+        raise InputError(
+            f'{path} is not a readable image ({e}): remove or replace the file'
+        ) from None
     if not (image.mode.startswith('I') or image.mode == 'F'):
         return image.convert('RGB')
     pixels = np.asarray(image)
     if image.mode == 'F' or pixels.min() < 0 or pixels.max() > 65535:
-        raise InputError(f'{path} has {image.mode} pixels that are not 16-bit integers (range '
-                         f'{pixels.min():g}..{pixels.max():g}), which have no one 8-bit scale: '
-                         f'convert it to an 8- or 16-bit PNG')
+        raise InputError(
+            f'{path} has {image.mode} pixels that are not 16-bit integers (range '
+            f'{pixels.min():g}..{pixels.max():g}), which have no one 8-bit scale: '
+            f'convert it to an 8- or 16-bit PNG'
+        )
     return Image.fromarray((pixels.astype(np.int64) >> 8).astype(np.uint8)).convert('RGB')
 
 
@@ -53,17 +56,29 @@ def build_dataset(args, is_train: bool, transform) -> Dataset:
     if name in ('cifar10', 'cifar100'):
         cifar = datasets.CIFAR10 if name == 'cifar10' else datasets.CIFAR100
         try:
-            return cifar(args.data_path, train=is_train, transform=transform, download=getattr(args, 'download', False))
+            return cifar(
+                args.data_path,
+                train=is_train,
+                transform=transform,
+                download=getattr(args, 'download', False),
+            )
         except RuntimeError as e:
-            raise InputError(f'{name} not found in {args.data_path} ({e}); add --download') from None
+            raise InputError(
+                f'{name} not found in {args.data_path} ({e}); add --download'
+            ) from None
     root = os.path.join(args.data_path, 'train' if is_train else 'val')
     if not os.path.isdir(root):
         raise InputError(f'data folder {root} does not exist: {LAYOUT}')
     try:
         if is_train:
             return datasets.ImageFolder(root, transform=transform, loader=load_image)
-        dataset = ValImageFolder(root, os.path.join(args.data_path, 'train'), transform=transform,
-                                 loader=load_image, allow_empty=True)
+        dataset = ValImageFolder(
+            root,
+            os.path.join(args.data_path, 'train'),
+            transform=transform,
+            loader=load_image,
+            allow_empty=True,
+        )
     except (FileNotFoundError, RuntimeError) as e:
         raise InputError(f'no images in {root}: {e}') from None
     if not dataset.samples:
@@ -85,76 +100,18 @@ class ValImageFolder(datasets.ImageFolder):
         val_classes = datasets.folder.find_classes(directory)[0]
         unknown = sorted(set(val_classes) - set(classes))
         if unknown:
-            raise InputError(f'{directory} has class folders that {self.train_root} has not '
-                             f'({", ".join(unknown[:5])}{" ..." * (len(unknown) > 5)}): its images have no '
-                             f'label to be scored against; remove them or add them to train/')
+            raise InputError(
+                f'{directory} has class folders that {self.train_root} has not '
+                f'({", ".join(unknown[:5])}{" ..." * (len(unknown) > 5)}): its images have no '
+                f'label to be scored against; remove them or add them to train/'
+            )
         missing = len(classes) - len(val_classes)
         if missing:
-            print(f'{directory} lacks {missing} of the {len(classes)} classes of train/: scored over the '
-                  f'{len(val_classes)} it has, with train/\'s labels')
+            print(
+                f'{directory} lacks {missing} of the {len(classes)} classes of train/: scored over the '
+                f"{len(val_classes)} it has, with train/'s labels"
+            )
         return classes, class_to_idx
-
-
-BICUBIC = T.InterpolationMode.BICUBIC
-
-
-NORMALIZE = T.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)  # stateless: one for every view
-
-
-TO_TENSOR = [T.ToImage(), T.ToDtype(torch.float32, scale=True)]  # PIL or uint8 (C, H, W) to float32 in [0, 1]
-
-
-def digits_view(args) -> T.Compose:
-    """Digits are centred strokes: a small affine jitter and pixel noise, no crops or flips (a flipped
-    2 is no digit)."""
-    return T.Compose([T.Resize(args.input_size, interpolation=BICUBIC), *TO_TENSOR, DigitsJitter(),
-                      T.GaussianNoise(sigma=0.05, clip=False), NORMALIZE])
-
-
-def byol_view(args, blur_p: float, solarize_p: float) -> T.Compose:
-    """One of MoCo v3's two asymmetric BYOL views (Chen et al., 2021, Sec. 4)."""
-    return T.Compose([
-        T.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=BICUBIC),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(23, sigma=(0.1, 2.0))], p=blur_p), T.RandomHorizontalFlip(),
-        *TO_TENSOR, T.RandomSolarize(0.5, p=solarize_p), NORMALIZE])
-
-
-def crop_flip_view(args) -> T.Compose:
-    """MimCo/MAE: RandomResizedCrop + flip only."""
-    return T.Compose([T.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=BICUBIC),
-                      T.RandomHorizontalFlip(), *TO_TENSOR, NORMALIZE])
-
-
-def eval_transform(args) -> T.Compose:
-    """Resize 256 / centre crop 224 (scaled to --input_size); digits are only upsampled."""
-    if dataset_name(args) == 'digits':
-        resize = [T.Resize(args.input_size, interpolation=BICUBIC)]
-    else:
-        resize = [T.Resize(int(args.input_size * 256 / 224), interpolation=BICUBIC), T.CenterCrop(args.input_size)]
-    return T.Compose(resize + TO_TENSOR + [NORMALIZE])
-
-
-class Views:
-    """The tuple of tensors one pre-training step takes from an image: each view of it (MoCo v3's two,
-    MimCo's and MAE's one), then, for MimCo, its patch mask, made here in the loader's workers."""
-
-    def __init__(self, *views, mask_generator=None):
-        self.views, self.mask_generator = views, mask_generator
-
-    def __call__(self, image) -> tuple:
-        views = tuple(view(image) for view in self.views)
-        return views + (self.mask_generator(),) if self.mask_generator is not None else views
-
-
-def pretrain_transform(args, mask_generator=None) -> Views:
-    """The tuple of tensors one pre-training step takes for `args.method`."""
-    digits = dataset_name(args) == 'digits'
-    if args.method == 'mocov3':
-        if digits:
-            return Views(digits_view(args), digits_view(args))
-        return Views(byol_view(args, blur_p=1.0, solarize_p=0.0), byol_view(args, blur_p=0.1, solarize_p=0.2))
-    return Views(digits_view(args) if digits else crop_flip_view(args), mask_generator=mask_generator)
 
 
 class EpochSampler(DistributedSampler):
@@ -177,14 +134,18 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2 ** 63
+        seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63
         # torch.manual_seed would also visit every accelerator (~0.2 ms); the CPU generator is what
         # transforms draw from. A loader worker's own streams need no restoring.
         main_process = get_worker_info() is None
-        saved = torch.default_generator.get_state(), random.getstate(), main_process and np.random.get_state()
+        saved = (
+            torch.default_generator.get_state(),
+            random.getstate(),
+            main_process and np.random.get_state(),
+        )
         torch.default_generator.manual_seed(seed)
         random.seed(seed)
-        np.random.seed(seed % 2 ** 32)
+        np.random.seed(seed % 2**32)
         try:
             return self.dataset[index]
         finally:
@@ -194,27 +155,43 @@ class SeededSamples(Dataset):
                 np.random.set_state(saved[2])
 
 
-def build_loader(dataset, args, is_train: bool, batch_size: int = None, random_samples: bool = True) -> DataLoader:
+def build_loader(
+    dataset, args, is_train: bool, batch_size: int = None, random_samples: bool = True
+) -> DataLoader:
     """Training: a DistributedSampler (one replica without torchrun) shuffled by (--seed, epoch) alone;
     samples seeded one by one (SeededSamples), so resumed runs are exact and workers can persist;
     `random_samples=False` (fixed tensors, e.g. cached features) skips that seeding, which would cost more
     than the sample. Evaluation: rank r takes images r, r + W, ... (gather_shards restores the order)."""
     batch_size, world_size = batch_size or args.batch_size, get_world_size()
     if is_train and batch_size * world_size > len(dataset):
-        raise InputError(f'--batch_size {batch_size} x {world_size} process(es) is larger than the '
-                         f'{len(dataset)} training images: lower --batch_size')
+        raise InputError(
+            f'--batch_size {batch_size} x {world_size} process(es) is larger than the '
+            f'{len(dataset)} training images: lower --batch_size'
+        )
     if is_train:
         sampler = (EpochSampler if random_samples else DistributedSampler)(
-            dataset, num_replicas=world_size, rank=get_rank(), shuffle=True, seed=args.seed, drop_last=True)
+            dataset,
+            num_replicas=world_size,
+            rank=get_rank(),
+            shuffle=True,
+            seed=args.seed,
+            drop_last=True,
+        )
         dataset = SeededSamples(dataset, args.seed) if random_samples else dataset
     else:  # each image once: DistributedSampler would pad the last ranks with repeats
         sampler = range(get_rank(), len(dataset), world_size)
     # Workers' base seeds come from `generator`: from the global stream, that draw would move in a resumed
     # run (persistent workers start once per run) and shift the drop path drawn after it.
-    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=is_train,
-                      persistent_workers=is_train and args.num_workers > 0,
-                      generator=torch.Generator().manual_seed(args.seed + get_rank()))
+    return DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=batch_size,
+        num_workers=args.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=is_train,
+        persistent_workers=is_train and args.num_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed + get_rank()),
+    )
 
 
 def gather_shards(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -232,48 +209,80 @@ def gather_shards(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def add_data_args(p, subsets: bool = True) -> None:
     """The data flags of every script, and (`subsets`) the labelled-subset flags of the evaluations."""
-    p.add_argument('--data_path', default=None, type=str,
-                   help='ImageFolder root with train/ (and val/ to evaluate; default: none, the built-in digits)')
-    p.add_argument('--dataset', default='auto', choices=['auto', 'digits', 'imagefolder', 'cifar10', 'cifar100'],
-                   help='auto: imagefolder with --data_path, digits without')
+    p.add_argument(
+        '--data_path',
+        default=None,
+        type=str,
+        help='ImageFolder root with train/ (and val/ to evaluate; default: none, the built-in digits)',
+    )
+    p.add_argument(
+        '--dataset',
+        default='auto',
+        choices=['auto', 'digits', 'imagefolder', 'cifar10', 'cifar100'],
+        help='auto: imagefolder with --data_path, digits without',
+    )
     p.add_argument('--download', action='store_true', help='download CIFAR into --data_path')
     if not subsets:
         return
-    p.add_argument('--subset_file', default=None, type=str,
-                   help="labelled subset as SimCLR's 1percent.txt / 10percent.txt: one training file name a "
-                        'line (<wnid>_<id>.JPEG); digits and CIFAR samples are named <dataset>_<index>')
-    p.add_argument('--train_fraction', default=None, type=float,
-                   help='keep this fraction of each class of the training set (e.g. 0.01, 0.1), seeded by --seed')
-    p.add_argument('--shots_per_class', default=None, type=int,
-                   help='keep this many training images per class, seeded by --seed')
+    p.add_argument(
+        '--subset_file',
+        default=None,
+        type=str,
+        help="labelled subset as SimCLR's 1percent.txt / 10percent.txt: one training file name a "
+        'line (<wnid>_<id>.JPEG); digits and CIFAR samples are named <dataset>_<index>',
+    )
+    p.add_argument(
+        '--train_fraction',
+        default=None,
+        type=float,
+        help='keep this fraction of each class of the training set (e.g. 0.01, 0.1), seeded by --seed',
+    )
+    p.add_argument(
+        '--shots_per_class',
+        default=None,
+        type=int,
+        help='keep this many training images per class, seeded by --seed',
+    )
 
 
 def read_subset_file(path: str, names: list) -> list:
     """Sorted indices of the samples named in `path` (one name a line, blank lines skipped)."""
     if not os.path.isfile(path):
-        raise InputError(f'--subset_file {path} does not exist: give a SimCLR-style list of file names')
+        raise InputError(
+            f'--subset_file {path} does not exist: give a SimCLR-style list of file names'
+        )
     with open(path) as f:
         wanted = [line.strip() for line in f if line.strip()]
     index = {name: i for i, name in enumerate(names)}
     if len(index) < len(names):
-        raise InputError(f'--subset_file needs unique training file names, but {len(names) - len(index)} '
-                         f'names repeat across class folders: use --train_fraction instead')
+        raise InputError(
+            f'--subset_file needs unique training file names, but {len(names) - len(index)} '
+            f'names repeat across class folders: use --train_fraction instead'
+        )
     unknown = [name for name in wanted if name not in index]
     if unknown:
-        raise InputError(f'--subset_file {path}: {len(unknown)} of {len(wanted)} names are not training '
-                         f'images ({", ".join(unknown[:3])} ...); check that --data_path is the set the '
-                         f'list was made for (samples of sets without files are named {names[0]!r} ...)')
+        raise InputError(
+            f'--subset_file {path}: {len(unknown)} of {len(wanted)} names are not training '
+            f'images ({", ".join(unknown[:3])} ...); check that --data_path is the set the '
+            f'list was made for (samples of sets without files are named {names[0]!r} ...)'
+        )
     return sorted({index[name] for name in wanted})
 
 
 def label_subset(dataset, args) -> Dataset:
     """The labelled training subset chosen by --subset_file / --train_fraction / --shots_per_class, or
     the whole set. Its names go to output_dir/subset.txt, which --subset_file reads back."""
-    given = [f for f in ('subset_file', 'train_fraction', 'shots_per_class') if getattr(args, f, None) is not None]
+    given = [
+        f
+        for f in ('subset_file', 'train_fraction', 'shots_per_class')
+        if getattr(args, f, None) is not None
+    ]
     if not given:
         return dataset
     if len(given) > 1:
-        raise InputError(f'--{" and --".join(given)} both choose the labelled subset: give only one')
+        raise InputError(
+            f'--{" and --".join(given)} both choose the labelled subset: give only one'
+        )
     if args.train_fraction is not None and not 0 < args.train_fraction <= 1:
         raise InputError(f'--train_fraction must be in (0, 1], got {args.train_fraction}')
     if args.shots_per_class is not None and args.shots_per_class < 1:
@@ -297,7 +306,9 @@ def label_subset(dataset, args) -> Dataset:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(listed, 'w') as f:
             f.writelines(f'{names[i]}\n' for i in indices)
-    print(f'labelled subset: {len(indices)} of {len(dataset)} training images (--{given[0]}); names in {listed}')
+    print(
+        f'labelled subset: {len(indices)} of {len(dataset)} training images (--{given[0]}); names in {listed}'
+    )
     subset = torch.utils.data.Subset(dataset, indices)
     subset.targets, subset.classes = [dataset.targets[i] for i in indices], dataset.classes
     return subset

@@ -8,6 +8,7 @@
   GPU, where the crops are resized and flipped. Without CUDA it falls back to `torchvision`.
 Files other than RGB or grey JPEGs (PNG, CMYK JPEG) are decoded by PIL on the CPU in every path.
 """
+
 import io
 
 import torch
@@ -17,7 +18,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from util import data
+from util import data, transforms
 from util.errors import InputError
 
 BACKENDS = ('pil', 'torchvision', 'nvjpeg')
@@ -30,7 +31,9 @@ def read_bytes(path: str) -> tuple:
     try:
         header = Image.open(io.BytesIO(raw))
     except OSError as e:
-        raise InputError(f'{path} is not a readable image ({e}): remove or replace the file') from None
+        raise InputError(
+            f'{path} is not a readable image ({e}): remove or replace the file'
+        ) from None
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8), header
 
 
@@ -46,7 +49,9 @@ def load_tensor(path: str):
     try:
         return tv_tensors.Image(decode_jpeg(encoded, mode=ImageReadMode.RGB))
     except RuntimeError as e:
-        raise InputError(f'{path} is not a readable JPEG ({e}): remove or replace the file') from None
+        raise InputError(
+            f'{path} is not a readable JPEG ({e}): remove or replace the file'
+        ) from None
 
 
 def load_encoded(path: str) -> tuple:
@@ -62,14 +67,16 @@ class CropFlipParams:
     flip), in its order, on the image's size read from its header; no decoding."""
 
     def __init__(self, args):
-        self.crop, flip = data.crop_flip_view(args).transforms[:2]
+        self.crop, flip = transforms.crop_flip_view(args).transforms[:2]
         self.flip_p = flip.p
 
     def __call__(self, sample: tuple) -> tuple:
         encoded, header = sample
         box = self.crop.make_params([header])
         flip = torch.rand(1) < self.flip_p  # RandomHorizontalFlip flips where rand(1) < p
-        return encoded, torch.tensor([box['top'], box['left'], box['height'], box['width'], int(flip)])
+        return encoded, torch.tensor(
+            [box['top'], box['left'], box['height'], box['width'], int(flip)]
+        )
 
 
 def collate_encoded(batch: list) -> tuple:
@@ -80,7 +87,9 @@ def collate_encoded(batch: list) -> tuple:
     return ((list(encoded), torch.stack(boxes)), *rest), targets
 
 
-def crop_flip_batch(encoded: list, boxes: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+def crop_flip_batch(
+    encoded: list, boxes: torch.Tensor, size: int, device: torch.device
+) -> torch.Tensor:
     """The crop + flip views (B, 3, size, size), normalised, of a batch of encoded JPEGs (1-D) or decoded
     images (3-D), decoded and cropped on `device` with `crop_flip_view`'s operations."""
     images = list(encoded)
@@ -91,11 +100,19 @@ def crop_flip_batch(encoded: list, boxes: torch.Tensor, size: int, device: torch
             images[i] = image
     views = []
     for image, (top, left, height, width, flip) in zip(images, boxes.tolist()):
-        view = TF.resized_crop(image.to(device, non_blocking=True), top, left, height, width, [size, size],
-                               interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        view = TF.resized_crop(
+            image.to(device, non_blocking=True),
+            top,
+            left,
+            height,
+            width,
+            [size, size],
+            interpolation=TF.InterpolationMode.BICUBIC,
+            antialias=True,
+        )
         views.append(TF.horizontal_flip(view) if flip else view)
     views = TF.to_dtype(torch.stack(views), torch.float32, scale=True)  # (B, 3, size, size)
-    return data.NORMALIZE(views)
+    return transforms.NORMALIZE(views)
 
 
 class DecodeOnDevice:
@@ -121,14 +138,20 @@ def resolve_backend(args, device: torch.device) -> str:
     if backend == 'pil':
         return backend
     if data.dataset_name(args) != 'imagefolder':
-        print(f'--data_backend {backend} decodes image files: {data.dataset_name(args)} is decoded '
-              f'already, using pil')
+        print(
+            f'--data_backend {backend} decodes image files: {data.dataset_name(args)} is decoded '
+            f'already, using pil'
+        )
         return 'pil'
     if backend == 'nvjpeg' and args.method == 'mocov3':
-        raise InputError("--data_backend nvjpeg makes MimCo's and MAE's crop + flip views; MoCo v3's BYOL "
-                         'views need --data_backend pil or torchvision')
+        raise InputError(
+            "--data_backend nvjpeg makes MimCo's and MAE's crop + flip views; MoCo v3's BYOL "
+            'views need --data_backend pil or torchvision'
+        )
     if backend == 'nvjpeg' and (device.type != 'cuda' or not torch.cuda.is_available()):
-        print('--data_backend nvjpeg needs a CUDA device: decoding on the CPU with torchvision instead')
+        print(
+            '--data_backend nvjpeg needs a CUDA device: decoding on the CPU with torchvision instead'
+        )
         return 'torchvision'
     return backend
 
@@ -137,8 +160,11 @@ def build_pretrain_loader(args, dataset, mask_generator, device: torch.device) -
     """(dataset, loader) of the pre-training batches of `dataset` (built without a transform), decoded as
     --data_backend says."""
     backend = resolve_backend(args, device)
-    dataset.transform = (data.Views(CropFlipParams(args), mask_generator=mask_generator) if backend == 'nvjpeg'
-                         else data.pretrain_transform(args, mask_generator))
+    dataset.transform = (
+        transforms.Views(CropFlipParams(args), mask_generator=mask_generator)
+        if backend == 'nvjpeg'
+        else transforms.pretrain_transform(args, mask_generator)
+    )
     if backend != 'pil':  # ImageFolder reads each file through its `loader`
         dataset.loader = load_encoded if backend == 'nvjpeg' else load_tensor
     loader = data.build_loader(dataset, args, is_train=True)

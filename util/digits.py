@@ -2,6 +2,7 @@
 8x8 handwritten digits (10 classes), split train/val with a fixed seed and upsampled to `--input_size`
 (util/data.py: digits_view, eval_transform), so that everything runs on a fresh machine with no download.
 """
+
 import math
 
 import numpy as np
@@ -20,9 +21,14 @@ class Digits(Dataset):
     def __init__(self, train: bool, transform=None):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
+
         digits = load_digits()
-        train_idx, val_idx = train_test_split(np.arange(len(digits.target)), test_size=DIGITS_VAL_FRACTION,
-                                              random_state=DIGITS_SPLIT_SEED, stratify=digits.target)
+        train_idx, val_idx = train_test_split(
+            np.arange(len(digits.target)),
+            test_size=DIGITS_VAL_FRACTION,
+            random_state=DIGITS_SPLIT_SEED,
+            stratify=digits.target,
+        )
         keep = np.sort(train_idx if train else val_idx)
         self.images = (digits.images[keep] * (255.0 / 16.0)).round().astype(np.uint8)  # (n, 8, 8)
         self.targets = digits.target[keep].tolist()
@@ -54,9 +60,17 @@ class DigitsJitter(torch.nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         angle = math.radians(torch.empty(()).uniform_(-self.degrees, self.degrees).item())
         scale = torch.empty(()).uniform_(*self.scale).item()
-        shift = torch.empty(2).uniform_(-2 * self.translate, 2 * self.translate)  # grid units: side = 2
-        theta = torch.tensor([[scale * math.cos(angle), -scale * math.sin(angle), shift[0]],
-                              [scale * math.sin(angle), scale * math.cos(angle), shift[1]]])
+        shift = torch.empty(2).uniform_(
+            -2 * self.translate, 2 * self.translate
+        )  # grid units: side = 2
+        theta = torch.tensor(
+            [
+                [scale * math.cos(angle), -scale * math.sin(angle), shift[0]],
+                [scale * math.sin(angle), scale * math.cos(angle), shift[1]],
+            ]
+        )
         batch = image.reshape(-1, *image.shape[-3:])  # (B, C, H, W)
         grid = F.affine_grid(theta.expand(len(batch), 2, 3), list(batch.shape), align_corners=False)
-        return F.grid_sample(batch, grid, padding_mode='border', align_corners=False).reshape(image.shape)
+        return F.grid_sample(batch, grid, padding_mode='border', align_corners=False).reshape(
+            image.shape
+        )

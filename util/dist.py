@@ -1,4 +1,5 @@
 """Distributed set-up for torchrun (one process per GPU) that also runs as one plain process."""
+
 import builtins
 import datetime
 import os
@@ -29,6 +30,7 @@ _builtin_print = builtins.print
 def setup_for_distributed(is_master: bool) -> None:
     """Silence print() on every rank but 0; `print(..., force=True)` still prints. Wraps the
     original print each time, so calling main() twice in one process does not stack wrappers."""
+
     def print(*args, force: bool = False, **kwargs):
         if is_master or force:
             _builtin_print(f'[{datetime.datetime.now():%H:%M:%S}]', *args, **kwargs)
@@ -49,7 +51,9 @@ def init_distributed_mode(args) -> None:
         torch.cuda.set_device(args.gpu)
         args.device = f'cuda:{args.gpu}'
     backend = 'nccl' if use_cuda else 'gloo'
-    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank)
+    dist.init_process_group(
+        backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank
+    )
     dist.barrier()
     setup_for_distributed(args.rank == 0)
     print(f'distributed: rank {args.rank} of {args.world_size}, backend {backend}', force=True)
@@ -77,3 +81,11 @@ def all_gather(x: torch.Tensor, keep_local_grad: bool = True) -> torch.Tensor:
     if keep_local_grad:
         gathered[get_rank()] = x
     return torch.cat(gathered, dim=0)
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, gpu: int, **kwargs):
+    """`model` in DistributedDataParallel, on this process's GPU (device_ids) or on the CPU."""
+    device_ids = None
+    if device.type == 'cuda':
+        device_ids = [gpu]
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **kwargs)

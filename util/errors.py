@@ -1,4 +1,5 @@
 """Bad input from the user: one line that names the problem and the fix, no traceback."""
+
 import sys
 
 import torch
@@ -14,7 +15,7 @@ def one_line(error: Exception) -> str:
     """The message itself, also when a DataLoader worker wrapped it in its traceback."""
     text, marker = str(error).strip(), f'{type(error).__name__}: '
     if 'Original Traceback' in text and marker in text:
-        text = text[text.rindex(marker) + len(marker):]
+        text = text[text.rindex(marker) + len(marker) :]
     return ' '.join(text.split())
 
 

@@ -2,34 +2,45 @@
 DINO's weighted kNN and Layer Grafted's logistic regression on those features. Used by
 main_linprobe.py, the kNN monitor of main_pretrain.py (engine.knn_evaluate) and tools/visualize.py.
 """
+
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models_vit import DIGITS_MODEL
 from util import backbones
 
 
-def frozen_backbone(args) -> nn.Module:
-    """The frozen backbone in eval(), whose forward gives one feature vector per image (B, D)."""
-    path = None if args.checkpoint == 'random' else args.checkpoint
-    # The same random init on every rank from --seed (setup_run seeds each rank differently, and the
-    # frozen backbone is not in DDP, which would otherwise broadcast rank 0's weights).
-    model = backbones.build_backbone(path, args.model, args.input_size, seed=args.seed)
-    args.model = args.model or (None if path else DIGITS_MODEL)
-    args.input_size = model.patch_embed.img_size[0]
-    if not args.global_pool and not model.has_class_token:
-        print('the backbone has no class token: features = the average of its patch tokens (--global_pool)')
-        args.global_pool = True
-    model.reset_classifier(0, 'avg' if args.global_pool else 'token')
+def frozen_backbone(
+    checkpoint: str, model_name: str, input_size: int, global_pool: bool, seed: int
+) -> nn.Module:
+    """The frozen backbone in eval(), whose forward gives one feature vector per image (B, D).
+
+    `checkpoint` is a file of any format util/backbones.py reads, or `random` for a random-init
+    `model_name` drawn from `seed` alone: the same on every process (the frozen backbone is not
+    in DDP, which would otherwise broadcast rank 0's weights). The features are the mean of the
+    normed patch tokens with `global_pool` (always for a ViT without a class token), else the
+    final-norm CLS token.
+    """
+    path = None
+    if checkpoint != 'random':
+        path = checkpoint
+    model = backbones.build_backbone(path, model_name, input_size, seed=seed)
+    if not global_pool and not model.has_class_token:
+        print('the backbone has no class token: features = the average of its patch tokens')
+        global_pool = True
+    if global_pool:
+        model.reset_classifier(0, 'avg')
+    else:
+        model.reset_classifier(0, 'token')
     return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def knn_scores(train_x, train_y, test_x, num_classes: int, k: int = 20, t: float = 0.07,
-               chunk: int = 256) -> torch.Tensor:
+def knn_scores(
+    train_x, train_y, test_x, num_classes: int, k: int = 20, t: float = 0.07, chunk: int = 256
+) -> torch.Tensor:
     """DINO's weighted kNN: each of the k most cosine-similar training features votes for its class
     with weight exp(sim / t). Blocks of `chunk` test features keep memory at chunk x N_train.
     Returns the votes (N_test, C); a class no neighbour voted for scores -inf (no prediction)."""
@@ -61,15 +72,23 @@ def center_normalize(*features) -> tuple:
     return tuple(F.normalize(x - x.mean(dim=1, keepdim=True), dim=1) for x in features)
 
 
-def logistic_regression(train_x, train_y, num_classes: int, weight_decay: float,
-                        max_iter: int = 1000) -> nn.Linear:
+def logistic_regression(
+    train_x, train_y, num_classes: int, weight_decay: float, max_iter: int = 1000
+) -> nn.Linear:
     """argmin_W mean_i CE(W x_i, y_i) + weight_decay / 2 |W|^2 by full-batch L-BFGS in float64; no
     bias, as the Layer Grafted code fits it (`fit_intercept=False`)."""
     x, y = train_x.double(), train_y
     linear = nn.Linear(x.shape[1], num_classes, bias=False, dtype=torch.float64, device=x.device)
     nn.init.zeros_(linear.weight)
-    optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
-                                  tolerance_change=1e-12, line_search_fn='strong_wolfe')
+    optimizer = torch.optim.LBFGS(
+        linear.parameters(),
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        line_search_fn='strong_wolfe',
+    )
 
     def closure():
         optimizer.zero_grad()

@@ -2,6 +2,7 @@
 MimCo masks and t-SNE panels, which `tools/visualize.py` saves as PNG. Figure sizes are fixed (inches x DPI): a
 PNG's pixel size is known in advance.
 """
+
 import contextlib
 import io
 import random
@@ -13,19 +14,24 @@ from matplotlib.figure import Figure  # no pyplot: files only, never a window
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from util import data
+from util import data, transforms
 
 DPI = 100
 PANEL = 1.5  # inches per image in the image grids
 TSNE_PANEL = 4.0  # inches per t-SNE panel
-MASKING_NAMES = {'mae': 'mae_reconstruction', 'mimco': 'mimco_masks'}  # the masking figure of each method
+MASKING_NAMES = {
+    'mae': 'mae_reconstruction',
+    'mimco': 'mimco_masks',
+}  # the masking figure of each method
 
 
 @contextlib.contextmanager
 def seeded(seed: int = 0):
     """Fixed masks and samples for pictures, the caller's RNG streams (torch, CUDA, Python's `random`) untouched."""
     state = random.getstate()
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+    with torch.random.fork_rng(
+        devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []
+    ):
         torch.manual_seed(seed)
         random.seed(seed)
         try:
@@ -36,29 +42,19 @@ def seeded(seed: int = 0):
 
 def sample_images(args, num_images: int) -> torch.Tensor:
     """`num_images` val images spread evenly over the val set, eval transform: (B, C, H, W)."""
-    dataset = data.build_dataset(args, is_train=False, transform=data.eval_transform(args))
-    return torch.stack([dataset[int(i)][0] for i in np.linspace(0, len(dataset) - 1, num_images).round()])
+    dataset = data.build_dataset(args, is_train=False, transform=transforms.eval_transform(args))
+    return torch.stack(
+        [dataset[int(i)][0] for i in np.linspace(0, len(dataset) - 1, num_images).round()]
+    )
 
 
 def to_display(images: torch.Tensor) -> np.ndarray:
     """Undo the normalisation: (B, C, H, W) -> (B, H, W, C) in [0, 1]."""
-    mean, std = (torch.tensor(v, device=images.device).view(1, -1, 1, 1)
-                 for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    mean, std = (
+        torch.tensor(v, device=images.device).view(1, -1, 1, 1)
+        for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    )
     return (images.float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-
-
-@torch.no_grad()
-def cls_attention(vit, images: torch.Tensor) -> torch.Tensor:
-    """The last block's attention from the CLS token to each patch, per head: (B, heads, h, w). timm's
-    fused attention (SDPA) never forms the weights, so they are recomputed here from the last block's
-    own qkv projection on its normed input: softmax(q k^T * scale) of the CLS query."""
-    x = vit.blocks[:-1](vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images)))))  # (B, 1+N, D)
-    attn = vit.blocks[-1].attn
-    qkv = attn.qkv(vit.blocks[-1].norm1(x)).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # (B, heads, 1+N, head_dim)
-    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, 1+N, 1+N)
-    cls_to_patches = weights[:, :, 0, vit.num_prefix_tokens:]  # (B, heads, N)
-    return cls_to_patches.unflatten(-1, vit.patch_embed.grid_size)  # (B, heads, h, w)
 
 
 def image_rows_figure(rows: dict, maps: dict = None):
@@ -84,13 +80,20 @@ def attention_figure(images: torch.Tensor, maps: dict):
     """First row the images; then one row per backbone (`maps`: name -> (B, heads, h, w)) with the
     head-averaged CLS attention over the image."""
     shown = to_display(images)
-    overlays = {f'{name}: CLS attention': F.interpolate(attention.float().mean(1, keepdim=True), images.shape[-2:],
-                                                        mode='nearest')[:, 0].cpu().numpy()  # on each patch's pixels
-                for name, attention in maps.items()}
+    overlays = {
+        f'{name}: CLS attention': F.interpolate(
+            attention.float().mean(1, keepdim=True), images.shape[-2:], mode='nearest'
+        )[:, 0]
+        .cpu()
+        .numpy()  # on each patch's pixels
+        for name, attention in maps.items()
+    }
     return image_rows_figure({'image': shown, **dict.fromkeys(overlays, shown)}, overlays)
 
 
-def masking_figure(images: torch.Tensor, patch_size: int, seed: int = 0, mae=None, mask_generator=None):
+def masking_figure(
+    images: torch.Tensor, patch_size: int, seed: int = 0, mae=None, mask_generator=None
+):
     """The images and the same with the masked patches in grey: an `mae`'s random masks and its
     reconstruction with the visible patches pasted back (MAE, He et al., 2022, Fig. 2 style), or the
     masks of MimCo's `mask_generator` (the student's input)."""
@@ -100,15 +103,24 @@ def masking_figure(images: torch.Tensor, patch_size: int, seed: int = 0, mae=Non
         else:
             mask = torch.stack([mask_generator() for _ in range(len(images))])  # (B, N)
     B, _, H, W = images.shape
-    pixel_mask = F.interpolate(mask.float().reshape(B, 1, H // patch_size, W // patch_size), (H, W))  # (B, 1, H, W)
+    pixel_mask = F.interpolate(
+        mask.float().reshape(B, 1, H // patch_size, W // patch_size), (H, W)
+    )  # (B, 1, H, W)
     masked = to_display(images)
     masked[pixel_mask[:, 0].bool().cpu().numpy()] = 0.5
     if mae is None:
         ratio = mask_generator.num_masked / mask.shape[1]
-        return image_rows_figure({'original': to_display(images), f'MimCo mask ({ratio:.0%})': masked})
+        return image_rows_figure(
+            {'original': to_display(images), f'MimCo mask ({ratio:.0%})': masked}
+        )
     pasted = images * (1 - pixel_mask) + prediction.to(images.dtype) * pixel_mask
-    return image_rows_figure({'original': to_display(images), f'masked {mae.mask_ratio:.0%}': masked,
-                              'reconstruction + visible': to_display(pasted)})
+    return image_rows_figure(
+        {
+            'original': to_display(images),
+            f'masked {mae.mask_ratio:.0%}': masked,
+            'reconstruction + visible': to_display(pasted),
+        }
+    )
 
 
 def tsne_figure(panels: list):
@@ -116,7 +128,9 @@ def tsne_figure(panels: list):
     fig = Figure(figsize=(TSNE_PANEL * len(panels), TSNE_PANEL), dpi=DPI)
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, embedding, labels) in zip(axes[0], panels):
-        points = ax.scatter(embedding[:, 0], embedding[:, 1], c=labels, cmap='tab10', s=6, vmin=-0.5, vmax=9.5)
+        points = ax.scatter(
+            embedding[:, 0], embedding[:, 1], c=labels, cmap='tab10', s=6, vmin=-0.5, vmax=9.5
+        )
         ax.set_title(title, fontsize=8)
         ax.set(xticks=[], yticks=[])
     fig.colorbar(points, ax=list(axes[0]), ticks=range(10), fraction=0.02, label='class')
@@ -127,4 +141,6 @@ def save(fig, path: str) -> None:
     """A PNG of 256 colours (a third of the size of matplotlib's RGBA; the figures have few colours)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=DPI)
-    Image.open(buffer).convert('RGB').quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    Image.open(buffer).convert('RGB').quantize(256, method=Image.Quantize.MEDIANCUT).save(
+        path, optimize=True
+    )

@@ -1,5 +1,6 @@
 """Layer Grafted Pre-training's stage 2 (Jiang et al., ICLR 2023): the MoCo v3 encoder starts from the
 stage-1 MIM encoder, and three contiguous groups of blocks train at their own learning rates."""
+
 import re
 
 from timm.optim import param_groups_weight_decay
@@ -11,22 +12,27 @@ BLOCK_INDEX = re.compile(r'(?:^|\.)blocks\.(\d+)\.')
 EMBEDDINGS = re.compile(r'(?:^|\.)(cls_token|reg_token|pos_embed|patch_embed|norm_pre)(?:\.|$)')
 
 
-def graft_encoder(args, encoder) -> None:
+def graft_encoder(path: str, encoder, freeze_blocks: int = 0) -> None:
     """Layer Grafted stage 2 (Jiang et al., 2023, Sec. 3): the encoder starts from the stage-1 (MIM)
-    encoder, its patch and position embeddings frozen. load_backbone raises on any missing block."""
-    backbones.load_backbone(args.graft_pretrained, encoder, flag='--model')
+    encoder in `path`, its patch and position embeddings frozen, and with `freeze_blocks` N also
+    the CLS token and the first N blocks (the official --fixTo). load_backbone raises on any
+    missing block."""
+    backbones.load_backbone(path, encoder, flag='--model')
     encoder.train()
     depth = len(encoder.blocks)
-    if not 0 <= args.graft_freeze_blocks <= depth:
-        raise InputError(f'--graft_freeze_blocks {args.graft_freeze_blocks}: the encoder has {depth} '
-                         f'blocks, pick 0..{depth}')
+    if not 0 <= freeze_blocks <= depth:
+        raise InputError(
+            f'--graft_freeze_blocks {freeze_blocks}: the encoder has {depth} '
+            f'blocks, pick 0..{depth}'
+        )
     frozen = [encoder.patch_embed, encoder.pos_embed]
-    if args.graft_freeze_blocks:  # the CLS token with them, as the official --fixTo
-        frozen += [encoder.cls_token, encoder.blocks[:args.graft_freeze_blocks]]
+    frozen_names = 'patch_embed, pos_embed'
+    if freeze_blocks:
+        frozen += [encoder.cls_token, encoder.blocks[:freeze_blocks]]
+        frozen_names += f', cls_token, blocks 0..{freeze_blocks - 1}'
     for part in frozen:
         part.requires_grad_(False)
-    frozen = f', cls_token, blocks 0..{args.graft_freeze_blocks - 1}' if args.graft_freeze_blocks else ''
-    print(f'grafted {depth} blocks from {args.graft_pretrained}; frozen: patch_embed, pos_embed{frozen}')
+    print(f'grafted {depth} blocks from {path}; frozen: {frozen_names}')
 
 
 def parse_lr_layer_wise(text: str) -> list:
@@ -35,8 +41,10 @@ def parse_lr_layer_wise(text: str) -> list:
     except ValueError:
         multipliers = []
     if len(multipliers) != 3 or any(m < 0 for m in multipliers):
-        raise InputError(f'--lr_layer_wise {text!r}: give three non-negative lr multipliers, one per '
-                         f'third of the blocks from the bottom, e.g. 0.1,0.1,1 (the paper\'s ViT-B setting)')
+        raise InputError(
+            f'--lr_layer_wise {text!r}: give three non-negative lr multipliers, one per '
+            f"third of the blocks from the bottom, e.g. 0.1,0.1,1 (the paper's ViT-B setting)"
+        )
     return multipliers
 
 
@@ -50,25 +58,44 @@ def graft_group(name: str, depth: int, num_groups: int) -> int:
     """The group of contiguous blocks a parameter trains with: a block's own; the embeddings with
     the first; everything else (final norm, projector, predictor) with the last."""
     block = block_index(name)
-    return block // (depth // num_groups) if block >= 0 else 0 if EMBEDDINGS.search(name) else num_groups - 1
+    return (
+        block // (depth // num_groups)
+        if block >= 0
+        else 0
+        if EMBEDDINGS.search(name)
+        else num_groups - 1
+    )
 
 
-def graft_param_groups(model, multipliers: list, weight_decay: float,
-                       no_weight_decay_list=()) -> list:
+def graft_param_groups(
+    model, multipliers: list, weight_decay: float, no_weight_decay_list=()
+) -> list:
     """timm's weight-decay groups, each split by `graft_group`, with `lr_scale` = the group's
     multiplier (timm's schedulers multiply each group's lr by its `lr_scale`)."""
     names = {id(p): n for n, p in model.named_parameters()}
     depth = 1 + max(block_index(n) for n in names.values())
     if depth == 0 or depth % len(multipliers):
-        raise InputError(f'--lr_layer_wise splits the blocks into {len(multipliers)} equal groups, but '
-                         f'the encoder has {depth} blocks: pick a --model whose depth is divisible by '
-                         f'{len(multipliers)} (e.g. 6, 12, 24)')
+        raise InputError(
+            f'--lr_layer_wise splits the blocks into {len(multipliers)} equal groups, but '
+            f'the encoder has {depth} blocks: pick a --model whose depth is divisible by '
+            f'{len(multipliers)} (e.g. 6, 12, 24)'
+        )
     groups = []
-    for decay_group in param_groups_weight_decay(model, weight_decay,
-                                                 no_weight_decay_list=no_weight_decay_list):
+    for decay_group in param_groups_weight_decay(
+        model, weight_decay, no_weight_decay_list=no_weight_decay_list
+    ):
         split = {}
         for param in decay_group['params']:
-            split.setdefault(graft_group(names[id(param)], depth, len(multipliers)), []).append(param)
-        groups += [{'params': params, 'weight_decay': decay_group['weight_decay'],
-                    'lr_scale': multipliers[g], 'graft_group': g} for g, params in sorted(split.items())]
+            split.setdefault(graft_group(names[id(param)], depth, len(multipliers)), []).append(
+                param
+            )
+        groups += [
+            {
+                'params': params,
+                'weight_decay': decay_group['weight_decay'],
+                'lr_scale': multipliers[g],
+                'graft_group': g,
+            }
+            for g, params in sorted(split.items())
+        ]
     return groups

@@ -1,5 +1,6 @@
 """What a run prints and logs: its header (versions, device, commit, batch, lr, data), console lines
 with ETA and images/s, one JSON line per epoch in log.txt, TensorBoard, and its summary line."""
+
 import datetime
 import json
 import math
@@ -15,7 +16,12 @@ import torch.distributed as dist
 import torchvision
 
 from util import checkpoint, data
-from util.dist import get_world_size, init_distributed_mode, is_dist_avail_and_initialized, is_main_process
+from util.dist import (
+    get_world_size,
+    init_distributed_mode,
+    is_dist_avail_and_initialized,
+    is_main_process,
+)
 from util.errors import InputError
 
 
@@ -24,7 +30,13 @@ class SmoothedValue:
     as they come (no host sync) and turned into floats, all in one sync, only when read."""
 
     def __init__(self, window_size: int = 20, fmt: str = '{median:.4f} ({global_avg:.4f})'):
-        self.window, self.pending, self.total, self.count, self.fmt = deque(maxlen=window_size), [], 0.0, 0, fmt
+        self.window, self.pending, self.total, self.count, self.fmt = (
+            deque(maxlen=window_size),
+            [],
+            0.0,
+            0,
+            fmt,
+        )
 
     def update(self, value, n: int = 1) -> None:
         if isinstance(value, torch.Tensor):
@@ -46,8 +58,11 @@ class SmoothedValue:
         """The global average over every rank (the window stays this rank's)."""
         self.flush()
         if is_dist_avail_and_initialized():
-            t = torch.tensor([self.count, self.total], dtype=torch.float64,
-                             device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+            t = torch.tensor(
+                [self.count, self.total],
+                dtype=torch.float64,
+                device='cuda' if dist.get_backend() == 'nccl' else 'cpu',
+            )
             dist.all_reduce(t)
             self.count, self.total = int(t[0].item()), t[1].item()
 
@@ -111,10 +126,23 @@ class MetricLogger:
                     parts.append(f'img/s: {batch_size * get_world_size() / seconds:.0f}')
                 parts.append(f'time: {seconds:.4f}  data: {sum(data_times) / len(data_times):.4f}')
                 if torch.cuda.is_available():
-                    parts.append(f'max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB')
+                    parts.append(f'max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f} MB')
                 print(self.delimiter.join(parts))
         elapsed = time.time() - start
-        print(f'{header} total time: {datetime.timedelta(seconds=int(elapsed))} ({elapsed / max(total, 1):.4f} s / it)')
+        print(
+            f'{header} total time: {datetime.timedelta(seconds=int(elapsed))} ({elapsed / max(total, 1):.4f} s / it)'
+        )
+
+
+def epoch_stats(logger: MetricLogger, epoch: int, log_writer=None) -> dict:
+    """An epoch's averages over every process, printed and written to TensorBoard (train/)."""
+    logger.synchronize_between_processes()
+    print(f'Averaged stats: {logger}')
+    stats = logger.averages()
+    if log_writer is not None:
+        for name, value in stats.items():
+            log_writer.add_scalar(f'train/{name}', value, epoch)
+    return stats
 
 
 def log_json(output_dir: str, stats: dict) -> None:
@@ -128,24 +156,40 @@ def tensorboard_writer(log_dir: str):
     """A SummaryWriter on rank 0, None elsewhere or without a log dir."""
     if log_dir and is_main_process():
         from torch.utils.tensorboard import SummaryWriter
+
         return SummaryWriter(log_dir=log_dir)  # creates the folder
 
 
 def add_run_args(p, train: bool = True) -> None:
     """The flags of a run that every main_*.py has (`train`: also --compile)."""
     p.add_argument('--num_workers', default=4, type=int, help='data loader workers per process')
-    p.add_argument('--output_dir', default='./output_dir', help='log.txt, checkpoints (and subset.txt) go here')
+    p.add_argument(
+        '--output_dir', default='./output_dir', help='log.txt, checkpoints (and subset.txt) go here'
+    )
     p.add_argument('--log_dir', default=None, help='TensorBoard folder (default: output_dir)')
     p.add_argument('--print_freq', default=20, type=int, help='log every N steps')
-    p.add_argument('--resume', default='', help='checkpoint to resume (default: output_dir/checkpoint-last.pth)')
+    p.add_argument(
+        '--resume',
+        default='',
+        help='checkpoint to resume (default: output_dir/checkpoint-last.pth)',
+    )
     p.add_argument('--start_epoch', default=0, type=int, help='first epoch (set by --resume)')
-    p.add_argument('--seed', default=0, type=int, help='random seed (weights, augmentations, subsets)')
-    p.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'none'],
-                   help='mixed precision (default: bf16 on CUDA, none on CPU)')
+    p.add_argument(
+        '--seed', default=0, type=int, help='random seed (weights, augmentations, subsets)'
+    )
+    p.add_argument(
+        '--amp',
+        default=None,
+        choices=['bf16', 'fp16', 'none'],
+        help='mixed precision (default: bf16 on CUDA, none on CPU)',
+    )
     if train:
         p.add_argument('--compile', action='store_true', help='torch.compile the model')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                   help='cuda or cpu (default: cuda when available)')
+    p.add_argument(
+        '--device',
+        default='cuda' if torch.cuda.is_available() else 'cpu',
+        help='cuda or cpu (default: cuda when available)',
+    )
     p.add_argument('--dist_url', default='env://', help='url of the torch.distributed rendezvous')
 
 
@@ -166,8 +210,15 @@ def git_commit() -> str:
     """This checkout's commit, `+dirty` when tracked files changed since; None outside a git checkout."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        git = [subprocess.run(['git', *argv], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout
-               for argv in (['rev-parse', '--show-toplevel', '--short', 'HEAD'], ['status', '--porcelain', '-uno'])]
+        git = [
+            subprocess.run(
+                ['git', *argv], cwd=root, capture_output=True, text=True, timeout=10, check=True
+            ).stdout
+            for argv in (
+                ['rev-parse', '--show-toplevel', '--short', 'HEAD'],
+                ['status', '--porcelain', '-uno'],
+            )
+        ]
         top, commit = git[0].split()
     except (OSError, ValueError, subprocess.SubprocessError):
         return None
@@ -176,26 +227,44 @@ def git_commit() -> str:
     return commit + '+dirty' * bool(git[1].strip())
 
 
-def run_header(args, script: str, train_images: int, val_images: int = None, total_batch: int = None) -> dict:
+def run_header(
+    args, script: str, train_images: int, val_images: int = None, total_batch: int = None
+) -> dict:
     """The first console lines and the first JSON line of log.txt (key `run`) of every run: versions,
     device, commit, processes, total batch and lr (where the script trains with one), the data set's
     size; then the arguments (on the console, and in the same JSON line)."""
     device = torch.device(args.device)
-    header = {'run': script, 'torch': torch.__version__, 'torchvision': torchvision.__version__,
-              'timm': timm.__version__, 'commit': git_commit(), 'world_size': get_world_size(),
-              'device': (f'{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}' if device.type == 'cuda'
-                         else f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'),
-              'data': data.dataset_name(args), 'train_images': train_images, 'val_images': val_images}
+    header = {
+        'run': script,
+        'torch': torch.__version__,
+        'torchvision': torchvision.__version__,
+        'timm': timm.__version__,
+        'commit': git_commit(),
+        'world_size': get_world_size(),
+        'device': (
+            f'{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}'
+            if device.type == 'cuda'
+            else f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+        ),
+        'data': data.dataset_name(args),
+        'train_images': train_images,
+        'val_images': val_images,
+    }
     run = f'{header["world_size"]} process(es)'
     if total_batch:
         header.update(total_batch=total_batch, blr=args.blr, lr=args.lr)
         derived = math.isclose(args.lr, args.blr * total_batch / 256)
         run += f', total batch {total_batch}, lr {args.lr:.3g}' + (
-            f' (blr {args.blr:.3g} x {total_batch} / 256)' if derived else ' (--lr)')
-    print(f'{script} | torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__} | '
-          f'{header["device"]} | commit {header["commit"] or "none (not a git checkout)"}')
-    print(f'{run} | {header["data"]}: {train_images} train / '
-          f'{"no" if val_images is None else val_images} val images')
+            f' (blr {args.blr:.3g} x {total_batch} / 256)' if derived else ' (--lr)'
+        )
+    print(
+        f'{script} | torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__} | '
+        f'{header["device"]} | commit {header["commit"] or "none (not a git checkout)"}'
+    )
+    print(
+        f'{run} | {header["data"]}: {train_images} train / '
+        f'{"no" if val_images is None else val_images} val images'
+    )
     print(json.dumps(vars(args), default=str))
     log_json(args.output_dir, {**header, 'args': vars(args)})
     return header
@@ -203,7 +272,9 @@ def run_header(args, script: str, train_images: int, val_images: int = None, tot
 
 def summarize(args, protocol: str, backbone: str, metrics: dict) -> dict:
     """The run's one summary line, and its metrics with its arguments as a JSON line in log.txt."""
-    shown = ', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in metrics.items())
+    shown = ', '.join(
+        f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in metrics.items()
+    )
     print(f'{protocol} | {backbone} ({args.model or "model of the file"}) | {shown}')
     log_json(args.output_dir, {'summary': protocol, **metrics, 'args': vars(args)})
     return metrics

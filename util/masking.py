@@ -4,6 +4,7 @@ Every mask here masks *exactly* `round(mask_ratio * N)` patches of each image (M
 `int(N * (1 - mask_ratio))`, as its random_masking), so a batch of masked tokens reshapes to (B, K, D)
 without padding.
 """
+
 import math
 import random
 
@@ -14,8 +15,10 @@ from util.errors import InputError
 
 def check_mask_ratio(mask_ratio: float) -> None:
     if not 0.0 < mask_ratio < 1.0:
-        raise InputError(f'--mask_ratio must lie in (0, 1), got {mask_ratio}: '
-                         f'use e.g. 0.4 (MimCo, block) or 0.75 (MAE, random)')
+        raise InputError(
+            f'--mask_ratio must lie in (0, 1), got {mask_ratio}: '
+            f'use e.g. 0.4 (MimCo, block) or 0.75 (MAE, random)'
+        )
 
 
 def num_masked(num_patches: int, mask_ratio: float) -> int:
@@ -31,8 +34,9 @@ class BlockMaskGenerator:
     Uses Python's `random`, which DataLoader seeds per worker and the checkpoint restores.
     """
 
-    def __init__(self, grid_size: tuple, mask_ratio: float, min_patches: int = 4,
-                 min_aspect: float = 0.3):
+    def __init__(
+        self, grid_size: tuple, mask_ratio: float, min_patches: int = 4, min_aspect: float = 0.3
+    ):
         self.height, self.width = grid_size
         self.num_masked = num_masked(self.height * self.width, mask_ratio)
         self.min_patches = min_patches
@@ -46,7 +50,7 @@ class BlockMaskGenerator:
             h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
             if 0 < h <= self.height and 0 < w <= self.width:
                 top, left = random.randint(0, self.height - h), random.randint(0, self.width - w)
-                block = mask[top:top + h, left:left + w]
+                block = mask[top : top + h, left : left + w]
                 added = h * w - int(block.sum())
                 if 0 < added <= budget:
                     block.fill_(True)
@@ -81,7 +85,9 @@ class RandomMaskGenerator:
 
 def build_mask_generator(mask_type: str, grid_size: tuple, mask_ratio: float):
     """--mask_type block or random (argparse allows nothing else)."""
-    return (BlockMaskGenerator if mask_type == 'block' else RandomMaskGenerator)(grid_size, mask_ratio)
+    return (BlockMaskGenerator if mask_type == 'block' else RandomMaskGenerator)(
+        grid_size, mask_ratio
+    )
 
 
 class MaskNoiseGenerator:
@@ -95,8 +101,9 @@ class MaskNoiseGenerator:
         return torch.rand(self.num_patches)  # (N,)
 
 
-def random_masking_indices(batch_size: int, num_patches: int, mask_ratio: float,
-                           device=None, noise: torch.Tensor = None) -> tuple:
+def random_masking_indices(
+    batch_size: int, num_patches: int, mask_ratio: float, device=None, noise: torch.Tensor = None
+) -> tuple:
     """MAE's per-sample random masking by sorting noise (He et al., 2022, Sec. 3).
 
     `noise` (B, N), uniform in [0, 1), may come from the data loader. Returns ids_keep (B, N_keep),
@@ -104,7 +111,9 @@ def random_masking_indices(batch_size: int, num_patches: int, mask_ratio: float,
     `gather(cat(kept, masked), ids_restore)` undoes the shuffle.
     """
     check_mask_ratio(mask_ratio)
-    num_keep = max(1, int(num_patches * (1 - mask_ratio)))  # MAE's count: 19 of 196 at 0.9 (round: 20)
+    num_keep = max(
+        1, int(num_patches * (1 - mask_ratio))
+    )  # MAE's count: 19 of 196 at 0.9 (round: 20)
     if noise is None:
         noise = torch.rand(batch_size, num_patches, device=device)  # (B, N)
     ids_shuffle = torch.argsort(noise, dim=1)

@@ -1,0 +1,191 @@
+"""Supervised training and evaluation: fine-tuning and linear probing, top-1/top-5, feature
+extraction and DINO's weighted kNN (main_linprobe.py, and main_pretrain.py's kNN monitor)."""
+
+import copy
+
+import torch
+from timm.utils import accuracy
+from torch.utils.data import TensorDataset, default_collate
+
+from util import data, transforms
+from util.features import center_normalize, knn_scores, logistic_regression, topk_accuracy
+from util.logging import MetricLogger, SmoothedValue, epoch_stats
+from util.lr_sched import updates_per_epoch
+from util.misc import autocast, check_losses, gradient_sync, to_device
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    criterion,
+    data_loader,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    epoch: int,
+    *,
+    amp: str = 'none',
+    accum_iter: int = 1,
+    clip_grad: float = None,
+    print_freq: int = 20,
+    mixup_fn=None,
+    model_ema=None,
+    log_writer=None,
+) -> dict:
+    """One epoch of a classifier trained through `criterion`; returns the average loss and lr.
+
+    `mixup_fn` (timm's Mixup) mixes each batch and its targets; `model_ema` (timm's ModelEmaV3)
+    follows the weights after each update. `accum_iter` and `lr_scheduler` as in
+    engine_pretrain.train_one_epoch.
+    """
+    model.train(True)
+    logger = MetricLogger()
+    logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.2e}'))
+    batches = len(data_loader)
+    updates = updates_per_epoch(batches, accum_iter)
+    header = f'Epoch: [{epoch}]'
+    optimizer.zero_grad(set_to_none=True)
+    # For images/s; the benchmarks pass a list of batches, which has no batch size.
+    batch_size = getattr(data_loader, 'batch_size', None)
+    steps = logger.log_every(data_loader, print_freq, header, batch_size)
+    for step, (inputs, targets) in enumerate(steps):
+        update_index, batch_in_update = divmod(step, accum_iter)
+        if batch_in_update == 0:
+            lr_scheduler.step_update(epoch * updates + update_index)
+        need_update = (step + 1) % accum_iter == 0 or step == batches - 1
+        # The batches this update adds up: accum_iter, or fewer in the epoch's last update.
+        batches_in_update = min(accum_iter, batches - update_index * accum_iter)
+        inputs = to_device(inputs, device)
+        targets = targets.to(device, non_blocking=True)
+
+        # The backward too runs under the sync context: DDP reduces the gradients in it.
+        with gradient_sync(model, need_update):
+            with autocast(device, amp):
+                if mixup_fn is not None:
+                    inputs, targets = mixup_fn(inputs, targets)
+                loss = criterion(model(inputs), targets)
+            scaler.scale(loss / batches_in_update).backward()
+
+        if need_update:
+            if clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if model_ema is not None:
+                model_ema.update(model)
+
+        lr = max(group['lr'] for group in optimizer.param_groups)
+        logger.update(loss=loss.detach(), lr=lr)
+        check_losses(logger, step, batches, print_freq, epoch, {}, lr)
+
+    return epoch_stats(logger, epoch, log_writer)
+
+
+@torch.no_grad()
+def evaluate(model, data_loader, device, amp: str = 'none', print_freq: int = 20) -> dict:
+    """Top-1/top-5 accuracy (%) and cross-entropy of a classifier on a labelled loader."""
+    model.eval()
+    logger = MetricLogger()
+    # Created up front, so that a process whose shard holds no image still reports them.
+    for name in ('loss', 'acc1', 'acc5'):
+        logger.meters[name] = SmoothedValue()
+    for images, targets in logger.log_every(data_loader, print_freq, 'Test:'):
+        images = to_device(images, device)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device, amp):
+            output = model(images)
+            loss = torch.nn.functional.cross_entropy(output, targets)
+        top5 = min(5, output.shape[1])
+        acc1, acc5 = accuracy(output, targets, topk=(1, top5))
+        batch_size = images.shape[0]
+        logger.meters['loss'].update(loss.item(), batch_size)
+        logger.meters['acc1'].update(acc1.item(), batch_size)
+        logger.meters['acc5'].update(acc5.item(), batch_size)
+    logger.synchronize_between_processes()
+    stats = logger.averages()
+    print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f}')
+    return stats
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, device, loader_args) -> tuple:
+    """(features (N, D) float32, labels (N,)) of a whole data set in its order, on every process.
+
+    `loader_args` holds the loader's settings (batch_size, num_workers, seed), --amp and
+    --print_freq. The features are the backbone's pooled output before any classifier.
+    """
+    loader = data.build_loader(dataset, loader_args, is_train=False)
+    # An empty start: a process may get no image.
+    features = [torch.empty(0, backbone.num_features, device=device)]
+    labels = [torch.empty(0, dtype=torch.long, device=device)]
+    for images, targets in MetricLogger().log_every(loader, loader_args.print_freq, 'Features:'):
+        images = images.to(device, non_blocking=True)
+        with autocast(device, loader_args.amp):
+            tokens = backbone.forward_features(images)
+            pooled = backbone.forward_head(tokens, pre_logits=True)  # (B, D)
+        features.append(pooled.float())
+        labels.append(targets.to(device))
+    features = data.gather_shards(torch.cat(features), len(dataset))
+    labels = data.gather_shards(torch.cat(labels), len(dataset))
+    return features, labels
+
+
+def knn_evaluate(
+    backbone,
+    train_set,
+    val_set,
+    device,
+    loader_args,
+    k: int = 20,
+    t: float = 0.07,
+    chunk: int = 256,
+) -> dict:
+    """Top-1/top-5 (%) of DINO's weighted kNN on the val set, `train_set` the bank.
+
+    The backbone runs in eval() (no drop path: no RNG drawn, so an exact resume stays exact) and
+    returns to its mode after.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    train_x, train_y = extract_features(backbone, train_set, device, loader_args)
+    val_x, val_y = extract_features(backbone, val_set, device, loader_args)
+    backbone.train(was_training)
+    num_classes = len(val_set.classes)
+    scores = knn_scores(train_x, train_y, val_x, num_classes, k, t, chunk)
+    top1, top5 = topk_accuracy(scores, val_y, topk=(1, min(5, num_classes)))
+    return {'acc1': top1, 'acc5': top5}
+
+
+def knn_datasets(args, dataset) -> tuple:
+    """main_pretrain.py's kNN monitor's bank (the training images) and queries (val), both with the eval transform."""
+    bank = copy.copy(dataset)  # the same images (no second scan of a folder), another transform
+    bank.transform = transforms.eval_transform(args)
+    val = data.build_dataset(args, is_train=False, transform=transforms.eval_transform(args))
+    if data.dataset_name(args) != 'digits':
+        return bank, val
+    # Digits: transformed once here, not at each evaluation (a third of its time; no random draw).
+    return as_tensors(bank), as_tensors(val)
+
+
+def as_tensors(images) -> TensorDataset:
+    """A data set whose samples are fixed, as one TensorDataset: (N, C, H, W) images, (N,) labels."""
+    samples = [images[i] for i in range(len(images))]
+    cached = TensorDataset(*default_collate(samples))
+    cached.classes = images.classes
+    return cached
+
+
+def logistic_regression_accuracy(backbone, train_set, val_set, num_classes, device, args) -> dict:
+    """Layer Grafted's few-shot protocol: L-BFGS logistic regression on centred, normalised features."""
+    train_x, train_y = extract_features(backbone, train_set, device, args)
+    val_x, val_y = extract_features(backbone, val_set, device, args)
+    train_x, val_x = center_normalize(train_x, val_x)
+    weight_decay = args.logreg_wd
+    if weight_decay is None:
+        weight_decay = 2.5e-4 / len(train_set)
+    classifier = logistic_regression(train_x, train_y, num_classes, weight_decay, args.logreg_iters)
+    scores = classifier(val_x.double())
+    top1, top5 = topk_accuracy(scores, val_y, topk=(1, min(5, num_classes)))
+    return {'acc1': top1, 'acc5': top5}

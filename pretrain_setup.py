@@ -1,0 +1,292 @@
+"""What a pre-training run is built from its flags: the per-method defaults, the model (with its
+frozen teacher and mask generator) and the optimizer. main_pretrain.py trains with them; the
+benchmarks and tools/visualize.py build the same models.
+"""
+
+import timm
+import torch
+from timm.optim import param_groups_weight_decay
+
+import models_mae
+import models_mimco
+import models_mocov3
+from util import backbones, data
+from util.dist import get_world_size
+from util.errors import InputError
+from util.graft import (
+    EMBEDDINGS,
+    block_index,
+    graft_encoder,
+    graft_param_groups,
+    parse_lr_layer_wise,
+)
+from util.lars import lars
+from util.lr_sched import absolute_lr, total_batch_size
+from util.masking import MaskNoiseGenerator, build_mask_generator, check_mask_ratio
+
+# Per-method defaults where the papers differ; a flag given on the command line always wins.
+METHOD_DEFAULTS = {
+    'mimco': dict(
+        mask_type='block',
+        mask_ratio=0.4,
+        weight_decay=0.05,
+        opt_betas=(0.9, 0.98),
+        warmup_epochs=10,
+        crop_min=0.2,
+        drop_path=0.1,
+    ),
+    'mocov3': dict(
+        weight_decay=0.1, opt_betas=(0.9, 0.999), warmup_epochs=40, crop_min=0.08, drop_path=0.0
+    ),
+    'mae': dict(
+        mask_type='random',
+        mask_ratio=0.75,
+        weight_decay=0.05,
+        opt_betas=(0.9, 0.95),
+        warmup_epochs=40,
+        crop_min=0.2,
+        drop_path=0.0,
+    ),
+}
+BACKBONE = {
+    'mimco': 'student',
+    'mae': 'encoder',
+    'mocov3': 'base_encoder',
+}  # the ViT each method trains
+# The kNN monitor on digits, every 5 epochs and at the last: cost measured in docs/demo.md.
+DIGITS_KNN_FREQ = 5
+
+
+def resolve_args(args) -> None:
+    """Every default that depends on other flags, once, at the start of main_pretrain.py: the
+    method's defaults, the kNN monitor, the input size, --amp, --lr_layer_wise and the lr. Then
+    the flags that contradict each other are refused."""
+    set_method_defaults(args)
+    if args.knn_freq is None:
+        args.knn_freq = default_knn_freq(args)
+    if args.input_size is None:
+        args.input_size = timm.get_pretrained_cfg(args.model).input_size[-1]
+    if args.amp is None:
+        args.amp = default_amp(args.device)
+    args.opt_betas = list(args.opt_betas)
+    if args.graft_pretrained and args.lr_layer_wise is None:
+        args.lr_layer_wise = '0.1,0.1,1'  # the paper's ViT-B setting
+    total_batch = total_batch_size(args.batch_size, args.accum_iter, get_world_size())
+    args.lr = absolute_lr(args.lr, args.blr, total_batch)
+    check_args(args)
+
+
+def set_method_defaults(args) -> None:
+    """The defaults of --method where the papers differ; a flag given always wins."""
+    for name, value in METHOD_DEFAULTS[args.method].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
+def default_knn_freq(args) -> int:
+    """The kNN monitor runs on digits by default (every DIGITS_KNN_FREQ epochs), else not."""
+    if data.dataset_name(args) == 'digits':
+        return DIGITS_KNN_FREQ
+    return 0
+
+
+def default_amp(device: str) -> str:
+    """bf16 autocast on CUDA, full precision on the CPU."""
+    if device.startswith('cuda'):
+        return 'bf16'
+    return 'none'
+
+
+def check_args(args) -> None:
+    """Refuse flags that contradict each other or the method, each with one line that says why."""
+    if getattr(args, 'mask_ratio', None) is not None:
+        check_mask_ratio(args.mask_ratio)
+    if args.method == 'mae' and args.mask_type != 'random':
+        raise InputError(
+            f'--method mae masks uniformly at random (MAE, Sec. 3): drop --mask_type {args.mask_type}'
+        )
+    if args.method == 'mae' and args.decoder_embed_dim % args.decoder_num_heads:
+        raise InputError(
+            f'--decoder_embed_dim {args.decoder_embed_dim} is not divisible by '
+            f'--decoder_num_heads {args.decoder_num_heads}: pick e.g. 512 and 16, or 64 and 4'
+        )
+    graft_flags = ('graft_pretrained', 'lr_layer_wise', 'graft_freeze_blocks', 'graft_l1_weight')
+    grafting = [flag for flag in graft_flags if getattr(args, flag)]
+    if grafting and args.method != 'mocov3':
+        raise InputError(
+            f'--{grafting[0]} is for Layer Grafted stage 2: use it with --method mocov3'
+        )
+    if not args.graft_pretrained and (args.graft_freeze_blocks or args.graft_l1_weight):
+        raise InputError(
+            '--graft_freeze_blocks and --graft_l1_weight act on grafted weights: add '
+            '--graft_pretrained (an MAE checkpoint)'
+        )
+    if args.lr_layer_wise is not None:
+        parse_lr_layer_wise(args.lr_layer_wise)
+
+
+def batch_contrast(args) -> str:
+    """What in this run compares the images of a batch (negatives, BatchNorm), or '' if nothing."""
+    if args.method == 'mocov3':
+        return "MoCo v3's InfoNCE negatives and its projector's BatchNorm"
+    if args.method != 'mimco':
+        return ''
+    parts = []
+    if args.img_loss == 'infonce':
+        parts.append("MimCo's image-level InfoNCE negatives")
+    if args.head_norm == 'bn':
+        parts.append("its heads' BatchNorm")
+    return ' and '.join(parts)
+
+
+def warn_accumulated_contrast(args) -> None:
+    """--accum_iter adds up gradients; a contrastive loss's negatives (and BatchNorm) are not added
+    up: say so, with the setting that is the paper's."""
+    seen = batch_contrast(args)
+    if args.accum_iter == 1 or not seen:
+        return
+    momentum = ''
+    if args.method == 'mocov3':
+        momentum = (
+            f', and the momentum encoder moves at every micro-batch ({args.accum_iter} times per '
+            f'optimizer step)'
+        )
+    total_batch = total_batch_size(args.batch_size, args.accum_iter, get_world_size())
+    print(
+        f'warning: --accum_iter {args.accum_iter} adds up gradients, not negatives: {seen} see one '
+        f'micro-batch ({args.batch_size} images per process), not the total batch of '
+        f"{total_batch}{momentum}; for the paper's setting raise --batch_size instead (--grad_ckpt "
+        f'saves memory)'
+    )
+
+
+def create_vit(args, **kwargs):
+    """The random-init --model at --input_size: the student, encoder or base encoder."""
+    return backbones.build_backbone(
+        None, args.model, args.input_size, drop_path_rate=args.drop_path, **kwargs
+    )
+
+
+def build_teacher(args, student) -> models_mimco.Teacher:
+    """Load the teacher at the resolution that gives it the student's patch grid."""
+    if not args.teacher:
+        raise InputError(
+            '--method mimco needs --teacher: a frozen contrastive ViT whose tokens are the '
+            'targets (a MoCo v3 or DINO checkpoint, e.g. mocov3_vits.pth). Train one here '
+            'with `python main_pretrain.py --method mocov3 --output_dir teacher` and pass '
+            '--teacher teacher/checkpoint-last.pth'
+        )
+    state_dict, projector_state, info = backbones.read_backbone(args.teacher)
+    found, grid = backbones.vit_kwargs(state_dict, info), student.patch_embed.grid_size
+    img_size = grid[0] * found['patch_size']
+    if 'cls_token' not in state_dict or found['in_chans'] != student.patch_embed.proj.in_channels:
+        raise InputError(
+            f'the teacher {args.teacher} cannot give targets for this student: it needs a '
+            f'CLS token (the image-level target) and {student.patch_embed.proj.in_channels} '
+            f'input channels (it has {found["in_chans"]}); use a ViT teacher of RGB images'
+        )
+    if grid[0] != grid[1]:
+        raise InputError(
+            f"the student's patch grid {tuple(grid)} is not square, so no teacher input "
+            f'size gives the teacher the same grid: use a square --input_size'
+        )
+    backbone = backbones.build_backbone(
+        args.teacher, args.teacher_model, img_size, flag='--teacher_model'
+    )
+    use_projector = args.teacher_target == 'head'
+    if args.teacher_target == 'auto' and projector_state:
+        use_projector = True
+    if use_projector and not projector_state:
+        raise InputError(
+            f'--teacher_target head: {args.teacher} has no projector (base_encoder.head); '
+            f'use --teacher_target backbone'
+        )
+    projector = None
+    if use_projector:
+        projector = backbones.load_projector(args.teacher)
+    teacher = models_mimco.Teacher(backbone, projector)
+    print(
+        f'teacher: {info["format"]} ViT, width {backbone.embed_dim}, depth {len(backbone.blocks)}, '
+        f'patch {found["patch_size"]}, at {img_size} px (grid {tuple(grid)}); image-level target: '
+        f'{"its projector on the CLS token" if projector else "its raw CLS token"} ({teacher.target_dim}-d)'
+    )
+    return teacher
+
+
+def build_model(args) -> tuple:
+    """(model to train, frozen teacher or None)."""
+    if args.method == 'mocov3':
+        encoder = create_vit(args)
+        models_mocov3.mocov3_init(encoder, args.stop_grad_conv1)
+        if args.graft_pretrained:
+            graft_encoder(args.graft_pretrained, encoder, args.graft_freeze_blocks)
+        # The momentum encoder is a copy of the (grafted) encoder: both start from stage 1.
+        model = models_mocov3.MoCoV3(encoder, args.moco_dim, args.moco_mlp_dim, args.moco_t)
+        if args.graft_l1_weight:  # official ViT-L runs: the embeddings and the first blocks
+            pulled = [
+                p
+                for n, p in encoder.named_parameters()
+                if p.requires_grad
+                and (0 <= block_index(n) < args.graft_l1_blocks or EMBEDDINGS.search(n))
+            ]
+            model.l1_pull = models_mocov3.L1Pull(pulled, args.graft_l1_weight)
+        return model, None
+    if args.method == 'mae':
+        model = models_mae.MAE(
+            create_vit(args),
+            args.decoder_embed_dim,
+            args.decoder_depth,
+            args.decoder_num_heads,
+            args.mask_ratio,
+            args.norm_pix_loss,
+        )
+        model.mask_generator = MaskNoiseGenerator(model.encoder.patch_embed.grid_size)
+        return model, None
+    student = create_vit(args)
+    teacher = build_teacher(args, student)
+    mask_generator = build_mask_generator(
+        args.mask_type, student.patch_embed.grid_size, args.mask_ratio
+    )
+    model = models_mimco.MimCo(
+        student,
+        teacher_dim=teacher.backbone.embed_dim,
+        target_dim=teacher.target_dim,
+        num_masked=mask_generator.num_masked,
+        head_dim=args.head_dim,
+        head_layers=args.head_layers,
+        head_norm=args.head_norm,
+        patch_loss=args.patch_loss,
+        img_loss=args.img_loss,
+        patch_temp=args.patch_temp,
+        img_temp=args.img_temp,
+        img_loss_weight=args.img_loss_weight,
+    )
+    model.mask_generator = mask_generator
+    return model, teacher
+
+
+def build_optimizer(args, model):
+    no_weight_decay = getattr(model, 'no_weight_decay', set)()
+    if args.lr_layer_wise:
+        multipliers = parse_lr_layer_wise(args.lr_layer_wise)
+        groups = graft_param_groups(model, multipliers, args.weight_decay, no_weight_decay)
+        print(
+            'lr multipliers per group of blocks (Layer Grafted): '
+            + ', '.join(f'group {g} x{m:g}' for g, m in enumerate(multipliers))
+        )
+    elif args.method == 'mocov3':
+        # MoCo v3 decays every parameter (AdamW(model.parameters())); lars() exempts the 1-D ones, as its LARS.
+        groups = [
+            {
+                'params': [p for p in model.parameters() if p.requires_grad],
+                'weight_decay': args.weight_decay,
+            }
+        ]
+    else:  # MAE (no exemption list: its CLS and mask tokens are decayed) and MimCo
+        groups = param_groups_weight_decay(
+            model, args.weight_decay, no_weight_decay_list=no_weight_decay
+        )
+    if args.optimizer == 'lars':
+        return lars(groups, args.lr)
+    fused = args.device.startswith('cuda')
+    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.opt_betas), fused=fused)

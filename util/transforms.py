@@ -1,0 +1,141 @@
+"""The views of the images: each method's training views (digits' jitter, MoCo v3's BYOL views,
+MimCo's and MAE's crop + flip) and the eval transform."""
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from torchvision.transforms import v2 as T
+
+from util.data import dataset_name
+from util.digits import DigitsJitter
+from util.errors import InputError
+
+BICUBIC = T.InterpolationMode.BICUBIC
+
+
+NORMALIZE = T.Normalize(
+    mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
+)  # stateless: one for every view
+
+
+TO_TENSOR = [
+    T.ToImage(),
+    T.ToDtype(torch.float32, scale=True),
+]  # PIL or uint8 (C, H, W) to float32 in [0, 1]
+
+
+def digits_view(args) -> T.Compose:
+    """Digits are centred strokes: a small affine jitter and pixel noise, no crops or flips (a flipped
+    2 is no digit)."""
+    return T.Compose(
+        [
+            T.Resize(args.input_size, interpolation=BICUBIC),
+            *TO_TENSOR,
+            DigitsJitter(),
+            T.GaussianNoise(sigma=0.05, clip=False),
+            NORMALIZE,
+        ]
+    )
+
+
+def byol_view(args, blur_p: float, solarize_p: float) -> T.Compose:
+    """One of MoCo v3's two asymmetric BYOL views (Chen et al., 2021, Sec. 4)."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=BICUBIC),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([T.GaussianBlur(23, sigma=(0.1, 2.0))], p=blur_p),
+            T.RandomHorizontalFlip(),
+            *TO_TENSOR,
+            T.RandomSolarize(0.5, p=solarize_p),
+            NORMALIZE,
+        ]
+    )
+
+
+def crop_flip_view(args) -> T.Compose:
+    """MimCo/MAE: RandomResizedCrop + flip only."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=BICUBIC),
+            T.RandomHorizontalFlip(),
+            *TO_TENSOR,
+            NORMALIZE,
+        ]
+    )
+
+
+def eval_transform(args) -> T.Compose:
+    """Resize 256 / centre crop 224 (scaled to --input_size); digits are only upsampled."""
+    if dataset_name(args) == 'digits':
+        resize = [T.Resize(args.input_size, interpolation=BICUBIC)]
+    else:
+        resize = [
+            T.Resize(int(args.input_size * 256 / 224), interpolation=BICUBIC),
+            T.CenterCrop(args.input_size),
+        ]
+    return T.Compose(resize + TO_TENSOR + [NORMALIZE])
+
+
+class Views:
+    """The tuple of tensors one pre-training step takes from an image: each view of it (MoCo v3's two,
+    MimCo's and MAE's one), then, for MimCo, its patch mask, made here in the loader's workers."""
+
+    def __init__(self, *views, mask_generator=None):
+        self.views, self.mask_generator = views, mask_generator
+
+    def __call__(self, image) -> tuple:
+        views = tuple(view(image) for view in self.views)
+        return views + (self.mask_generator(),) if self.mask_generator is not None else views
+
+
+def pretrain_transform(args, mask_generator=None) -> Views:
+    """The tuple of tensors one pre-training step takes for `args.method`."""
+    digits = dataset_name(args) == 'digits'
+    if args.method == 'mocov3':
+        if digits:
+            return Views(digits_view(args), digits_view(args))
+        return Views(
+            byol_view(args, blur_p=1.0, solarize_p=0.0), byol_view(args, blur_p=0.1, solarize_p=0.2)
+        )
+    return Views(
+        digits_view(args) if digits else crop_flip_view(args), mask_generator=mask_generator
+    )
+
+
+def finetune_view(args):
+    """main_finetune.py's training view at --input_size: timm's RandAugment recipe (BEiT, MAE), or
+    digits' light jitter."""
+    if dataset_name(args) == 'digits':
+        return digits_view(args)
+    return create_transform(
+        args.input_size,
+        is_training=True,
+        color_jitter=args.color_jitter,
+        auto_augment=args.aa,
+        interpolation='bicubic',
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        re_count=args.recount,
+    )
+
+
+def build_mixup(args, num_classes: int):
+    """timm's Mixup/CutMix when either is on (it smooths the labels itself), else None."""
+    if args.mixup <= 0 and args.cutmix <= 0 and not args.cutmix_minmax:
+        return None
+    if args.batch_size % 2:
+        raise InputError(
+            f'Mixup/CutMix pair images within a batch: --batch_size {args.batch_size} must '
+            f'be even (or turn them off with --mixup 0 --cutmix 0)'
+        )
+    return Mixup(
+        mixup_alpha=args.mixup,
+        cutmix_alpha=args.cutmix,
+        cutmix_minmax=args.cutmix_minmax,
+        prob=args.mixup_prob,
+        switch_prob=args.mixup_switch_prob,
+        mode=args.mixup_mode,
+        label_smoothing=args.smoothing,
+        num_classes=num_classes,
+    )
