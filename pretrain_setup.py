@@ -23,6 +23,7 @@ from util.graft import (
 from util.lars import lars
 from util.lr_sched import absolute_lr, total_batch_size
 from util.masking import MaskNoiseGenerator, build_mask_generator, check_mask_ratio
+from util.misc import default_amp
 
 # Per-method defaults where the papers differ; a flag given on the command line always wins.
 METHOD_DEFAULTS = {
@@ -88,13 +89,6 @@ def default_knn_freq(args) -> int:
     if data.dataset_name(args) == 'digits':
         return DIGITS_KNN_FREQ
     return 0
-
-
-def default_amp(device: str) -> str:
-    """bf16 autocast on CUDA, full precision on the CPU."""
-    if device.startswith('cuda'):
-        return 'bf16'
-    return 'none'
 
 
 def check_args(args) -> None:

@@ -34,7 +34,7 @@ from util.lr_sched import cosine_lr_scheduler
 from util.misc import autocast
 
 METHODS = ('mimco', 'mae', 'mocov3')
-# DESIGN.md, "Speed and memory", as issue 17 restates them: time ratio ours / reference, memory ratio,
+# The speed and memory goals (docs/performance.md, as issue 17 states them): time ratio ours / reference, memory ratio,
 # MAE / a full-sequence ViT step (ViT-L/16; ViT-B's floor is 0.55), teacher share of a MimCo step.
 TIME_TARGET = {'mimco': 1.10, 'mae': 1.05, 'mocov3': 1.05}
 MEMORY_TARGET, MAE_VS_FULL_VIT, TEACHER_SHARE = 1.15, 0.40, 0.35

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The papers in miniature (DESIGN.md, "The miniature pipeline"), on the built-in digits, on CPU:
+# The papers in miniature (docs/demo.md), on the built-in digits, on CPU:
 #   MoCo v3 teacher -> MimCo student;  MAE -> grafted MoCo v3 (--lr_layer_wise 0.1,0.1,1);
 #   a random-init baseline; each evaluated by kNN, linear probe, 1 % / 10 % logistic regression and
 #   a short fine-tune (tools/eval_all.py); one Markdown table at the end (tools/demo_table.py), also
@@ -8,7 +8,7 @@
 #   scripts/demo.sh                        # about 16 min on 2 idle CPU cores (15 min 33 s, 2026-11-30)
 #   scripts/demo.sh --quick                # 1 epoch a stage: an end-to-end check (about 4 min on 2 cores)
 #   scripts/demo.sh --output_dir DIR       # default output/demo; the demo's sub-folders are replaced
-#   MIMCO_EPOCHS=60 MAE_EPOCHS=100 GRAFT_EPOCHS=40 scripts/demo.sh   # DESIGN.md's prototype sizes
+#   MIMCO_EPOCHS=60 MAE_EPOCHS=100 GRAFT_EPOCHS=40 scripts/demo.sh   # the design prototype's sizes (docs/demo.md)
 #
 # One MoCo v3 run is both MimCo's teacher and the MoCo v3 row, trained for as many epochs as the grafted
 # stage 2 (GRAFT_EPOCHS), so that the Layer Grafted comparison is at an equal stage-2 budget.
@@ -38,7 +38,7 @@ WORKERS=${WORKERS:-0}  # 1 worker saved only ~10 % of a MoCo v3 epoch on 2 cores
 if [ "$QUICK" = 1 ]; then
   MIMCO_EPOCHS=1 MAE_EPOCHS=1 GRAFT_EPOCHS=1 FT_EPOCHS=1 LINEAR_EPOCHS=2 WARMUP=0
 fi
-GRAFT_EPOCHS=${GRAFT_EPOCHS:-20}  # ~9 s/epoch on 2 cores (DESIGN.md prototype: 40)
+GRAFT_EPOCHS=${GRAFT_EPOCHS:-20}  # ~9 s/epoch on 2 cores (the design prototype: 40)
 MOCO_EPOCHS=$GRAFT_EPOCHS         # MimCo's teacher and the MoCo v3 row: the grafted stage 2's epochs
 MIMCO_EPOCHS=${MIMCO_EPOCHS:-30}  # ~5 s/epoch (prototype: 60)
 MAE_EPOCHS=${MAE_EPOCHS:-60}      # ~2.8 s/epoch (prototype: 100)

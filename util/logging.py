@@ -23,6 +23,7 @@ from util.dist import (
     is_main_process,
 )
 from util.errors import InputError
+from util.misc import default_amp
 
 
 class SmoothedValue:
@@ -197,7 +198,7 @@ def setup_run(args) -> torch.device:
     """torchrun, AMP default, output folder, seed: the start of main_finetune.py and main_linprobe.py."""
     init_distributed_mode(args)
     if args.amp is None:
-        args.amp = 'bf16' if args.device.startswith('cuda') else 'none'
+        args.amp = default_amp(args.device)
     if getattr(args, 'accum_iter', 1) < 1:
         raise InputError(f'--accum_iter must be at least 1, got {args.accum_iter}')
     args.log_dir = args.log_dir or args.output_dir

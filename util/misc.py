@@ -6,6 +6,13 @@ import math
 import torch
 
 
+def default_amp(device: str) -> str:
+    """--amp's default: bf16 autocast on CUDA, full precision on the CPU."""
+    if device.startswith('cuda'):
+        return 'bf16'
+    return 'none'
+
+
 def autocast(device: torch.device, amp: str):
     """torch.autocast in bf16 or fp16 (--amp), or nothing with --amp none."""
     dtypes = {'bf16': torch.bfloat16, 'fp16': torch.float16}
