@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import main_finetune
 import main_linprobe
-from util import data, features, transforms
+from util import backbones, data, features, transforms
 from util.architectures import build_mlp
 from util.digits import Digits
 from util.errors import InputError
@@ -230,6 +230,7 @@ def test_linear_probe_leaves_backbone_identical(tmp_path):
     backbone = features.frozen_backbone(
         args.checkpoint, args.model, args.input_size, args.global_pool, args.seed
     )
+    args.input_size = backbone.patch_embed.img_size[0]  # as main_linprobe.main records it
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     train_set = data.label_subset(
         data.build_dataset(args, True, transforms.eval_transform(args)), args
@@ -314,12 +315,19 @@ def official_mocov3(tmp_path, with_projector: bool = True):
     return vit, path, plain
 
 
+def finetune_backbone(args):
+    """main_finetune.main's backbone: --finetune's weights (any format) or random, no classifier."""
+    return backbones.build_backbone(
+        args.finetune, args.model, args.input_size, drop_path_rate=args.drop_path
+    )
+
+
 def test_finetune_reads_official_mocov3_format(tmp_path):
     vit, path, plain = official_mocov3(tmp_path)
     args = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()]).parse_args(
         ['--finetune', str(path), '--init_from_projector', '--output_dir', str(tmp_path / 'out')]
     )
-    model = main_finetune.add_classifier(main_finetune.build_backbone(args), args, 10)
+    model = main_finetune.add_classifier(finetune_backbone(args), args, 10)
     assert torch.equal(model.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
     assert model.blocks[0].attn.num_heads == 12 and torch.equal(
         model.fc_norm.weight, vit.norm.weight
@@ -330,7 +338,7 @@ def test_finetune_reads_official_mocov3_format(tmp_path):
     args = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()]).parse_args(
         ['--finetune', str(path), '--input_size', '32', '--output_dir', str(tmp_path / 'out32')]
     )
-    model = main_finetune.build_backbone(args)
+    model = finetune_backbone(args)
     assert args.input_size == 32 and model.pos_embed.shape == (1, 1 + 64, 96)
     assert torch.equal(model.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 96)
@@ -367,10 +375,9 @@ def test_imagefolder_paths_run_the_full_recipe(tmp_path):
     args = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()]).parse_args(
         ['--data_path', str(root), '--input_size', '16']
     )
-    main_finetune.resolve_defaults(args)
-    train_set = main_finetune.add_transforms(
-        args, *(data.build_dataset(args, t, None) for t in (True, False))
-    )
+    main_finetune.set_dataset_defaults(args)
+    train_set = data.build_dataset(args, True, None)
+    train_set.transform = transforms.finetune_view(args)
     shown = repr(train_set.transform)
     assert (
         'RandAugment' in shown

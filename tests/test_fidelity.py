@@ -240,7 +240,10 @@ def test_mae_sincos_tables_in_mae_layout_mocov3_in_its_own():
 @pytest.mark.parametrize('pool', ['--cls_token', '--global_pool'])
 def test_finetune_final_norm_takes_layer_decay_scale_one(pool):
     args = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()]).parse_args([pool])
-    model = main_finetune.add_classifier(main_finetune.build_backbone(args), args, 10)
+    backbone = backbones.build_backbone(
+        args.finetune, args.model, args.input_size, drop_path_rate=args.drop_path
+    )
+    model = main_finetune.add_classifier(backbone, args, 10)
     final_norm = model.fc_norm if isinstance(model.norm, torch.nn.Identity) else model.norm
     scale = {
         id(p): g['lr_scale']
