@@ -24,7 +24,10 @@ import bench_step  # noqa: E402
 GPU_ALL = os.path.join(ROOT, 'benchmarks', 'gpu_all.sh')
 
 # Heads and decoder as scripts/demo.sh sizes them for digits, so that a step takes milliseconds.
-SMALL = '--moco_mlp_dim 256 --head_dim 256 --decoder_embed_dim 64 --decoder_depth 2 --decoder_num_heads 4'
+SMALL = (
+    '--moco_mlp_dim 256 --head_dim 256 '
+    '--decoder_embed_dim 64 --decoder_depth 2 --decoder_num_heads 4'
+)
 TINY_BENCH = [
     '--steps',
     '2',
@@ -49,8 +52,8 @@ def one_thread():
 
 @pytest.fixture
 def aot_eager_compile(monkeypatch):
-    """torch.compile without Inductor's C++ build (minutes per model on 2 CPU cores): Dynamo traces the
-    real graphs and AOTAutograd their forward and backward, where the errors that only --compile
+    """torch.compile without Inductor's C++ build (minutes per model on 2 CPU cores): Dynamo traces
+    the real graphs and AOTAutograd their forward and backward, where the errors that only --compile
     meets show up (graph breaks, wiring, the frozen teacher's no-grad region: a MimCo teacher under
     inference_mode failed there in bf16, on CUDA and on CPU alike)."""
     monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='aot_eager'))
@@ -120,10 +123,10 @@ def test_bench_step_bf16_compile_on_cpu(one_thread, aot_eager_compile, capsys):
 
 
 def test_compiled_mocov3_compiles_once(one_thread, aot_eager_compile, monkeypatch, capsys):
-    """MoCo v3's momentum changes every step: passed to the compiled model as a float, it made Dynamo
-    recompile the whole model with a symbolic float (179 s of warm-up instead of 8 here, and the likely
-    reason the compiled GPU benchmark did not finish in 250 s). The loop now updates the momentum
-    encoder outside the model's graph."""
+    """MoCo v3's momentum changes every step: passed to the compiled model as a float, it made
+    Dynamo recompile the whole model with a symbolic float (179 s of warm-up instead of 8 here, and
+    the likely reason the compiled GPU benchmark did not finish in 250 s). The loop now updates the
+    momentum encoder outside the model's graph."""
     torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, 'error_on_recompile', True)
     out = run_bench(
@@ -187,15 +190,15 @@ def test_bench_data_decoder_table_on_its_own_jpegs(one_thread, capsys):
         torchvision
     )  # torch's bicubic, not PIL's
     assert number(rows['nvjpeg path, worker part: read + header + crop box'][1]) > 0
-    for name, cells in rows.items():  # measured, or skipped with a reason
+    for _name, cells in rows.items():  # measured, or skipped with a reason
         assert cells[1] or cells[4].startswith('skipped: '), cells
     if not torch.cuda.is_available():
         assert rows['nvjpeg (GPU)'][4] == 'skipped: no CUDA device'
 
 
 def test_bench_data_loader_table_runs_the_real_loader(one_thread, capsys):
-    """--table loader: util.decode's training loader over the written JPEGs; nvjpeg falls back to the
-    CPU (torchvision) where there is no CUDA, and the row says so."""
+    """--table loader: util.decode's training loader over the written JPEGs; nvjpeg falls back to
+    the CPU (torchvision) where there is no CUDA, and the row says so."""
     backend = 'nvjpeg'
     out = run_bench(
         bench_data,
@@ -231,7 +234,8 @@ def test_bench_data_loader_table_runs_the_real_loader(one_thread, capsys):
 
 
 def gpu_all(**env) -> tuple:
-    """benchmarks/gpu_all.sh's completed process, and (title, flags, printed text, closing line) of each block."""
+    """benchmarks/gpu_all.sh's completed process,
+    and (title, flags, printed text, closing line) of each block."""
     run = subprocess.run(
         ['bash', GPU_ALL],
         capture_output=True,
@@ -260,7 +264,8 @@ def fake_python(tmp_path, body: str) -> str:
 
 @pytest.mark.slow
 def test_gpu_all_runs_every_block_tiny_on_cpu():
-    """The GPU session's one command, every block on the CPU with a tiny ViT (TINY=1): each prints its rows."""
+    """The GPU session's one command,
+    every block on the CPU with a tiny ViT (TINY=1): each prints its rows."""
     run, blocks = gpu_all(TINY='1')
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert [title for title, *_ in blocks] == script_titles() and len(blocks) == 8, blocks

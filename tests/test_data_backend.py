@@ -61,10 +61,10 @@ def first_batch(argv) -> tuple:
 
 
 def test_torchvision_and_nvjpeg_paths_give_the_pil_views(jpeg_folder, monkeypatch):
-    """Same seeds, same crop boxes, flips and masks; libjpeg-turbo decodes alike in PIL and torchvision,
-    and torch's antialiased bicubic is within a few levels of Pillow's (a shifted crop or a missed flip
-    would be tens of levels off). The nvjpeg path's batch code, run on the CPU, gives the torchvision
-    path's views exactly."""
+    """Same seeds, same crop boxes, flips and masks; libjpeg-turbo decodes alike in PIL and
+    torchvision, and torch's antialiased bicubic is within a few levels of Pillow's (a shifted crop
+    or a missed flip would be tens of levels off). The nvjpeg path's batch code, run on the CPU,
+    gives the torchvision path's views exactly."""
     (pil_views, pil_masks), pil_targets = first_batch(['--data_path', jpeg_folder])
     (tv_views, tv_masks), tv_targets = first_batch(
         ['--data_path', jpeg_folder, '--data_backend', 'torchvision']
@@ -81,8 +81,8 @@ def test_torchvision_and_nvjpeg_paths_give_the_pil_views(jpeg_folder, monkeypatc
 
 
 def test_nvjpeg_without_cuda_falls_back_to_torchvision(jpeg_folder, tmp_path, capsys):
-    """On a machine without CUDA (or with --device cpu) a run with --data_backend nvjpeg prints one line
-    and trains as --data_backend torchvision does, loss for loss."""
+    """On a machine without CUDA (or with --device cpu) a run with --data_backend nvjpeg prints one
+    line and trains as --data_backend torchvision does, loss for loss."""
     losses = {}
     for backend in ('torchvision', 'nvjpeg'):
         out = str(tmp_path / backend)
@@ -145,9 +145,10 @@ def test_nvjpeg_refuses_mocov3_views(jpeg_folder, tmp_path):
 
 @pytest.mark.parametrize('backend', ['torchvision', 'nvjpeg'])
 def test_resume_is_exact_with_each_backend(backend, jpeg_folder, tmp_path, monkeypatch):
-    """Every path draws its crops and flips from each sample's seed in the loader workers: a run resumed
-    after epoch 0 ends with the bits of one that never stopped. The nvjpeg path runs its batch code on
-    the CPU here (only nvJPEG's decoding itself needs a GPU), its collate function in a worker."""
+    """Every path draws its crops and flips from each sample's seed in the loader workers:
+    a run resumed after epoch 0 ends with the bits of one that never stopped.
+    The nvjpeg path runs its batch code on the CPU here (only nvJPEG's decoding itself needs a GPU),
+    its collate function in a worker."""
     monkeypatch.setattr(decode, 'resolve_backend', lambda args, device: args.data_backend)
     argv = TINY + [
         '--method',

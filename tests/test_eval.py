@@ -1,5 +1,5 @@
-"""Evaluation protocols: kNN and logistic regression against references, label subsets, and real runs
-of main_finetune.py / main_linprobe.py on digits with a tiny ViT."""
+"""Evaluation protocols: kNN and logistic regression against references, label subsets, and real
+runs of main_finetune.py / main_linprobe.py on digits with a tiny ViT."""
 
 import argparse
 import json
@@ -24,7 +24,8 @@ from util.logging import setup_run
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Two shared cores: one thread runs these tiny models several times faster than two fighting."""
+    """Two shared cores:
+    one thread runs these tiny models several times faster than two fighting."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -46,14 +47,15 @@ def clustered(n_train: int, n_test: int, dim: int, classes: int, seed: int) -> t
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
 
 
-# --------------------------------------------------------------------------- references
+# ------------------------------------------------------------ references
 
 
 def test_knn_matches_brute_force():
     train_x, train_y, test_x, test_y = clustered(300, 70, 16, 5, seed=0)
     k, t = 20, 0.07
     scores = features.knn_scores(train_x, train_y, test_x, 5, k, t, chunk=16)  # 5 blocks
-    # Naive reference: one test image at a time, full sort of cosine similarities, votes summed in a loop.
+    # Naive reference: one test image at a time, full sort of cosine similarities,
+    # votes summed in a loop.
     a = train_x.numpy() / np.linalg.norm(train_x.numpy(), axis=1, keepdims=True)
     expected = np.zeros((70, 5))
     for i, q in enumerate(test_x.numpy()):
@@ -86,7 +88,7 @@ def test_logreg_matches_sklearn():
     assert 40 < (pred == test_y.numpy()).mean() * 100 < 100
 
 
-# --------------------------------------------------------------------------- label subsets
+# ------------------------------------------------------------ label subsets
 
 
 def subset_args(tmp_path, **kwargs):
@@ -157,7 +159,7 @@ def test_subset_file_reads_simclr_list(tmp_path):
         data.label_subset(data.build_dataset(args, True, None), args)
 
 
-# --------------------------------------------------------------------------- real runs on digits
+# ------------------------------------------------------------ real runs on digits
 
 
 @pytest.fixture(scope='session')

@@ -1,5 +1,6 @@
-"""The official recipes' values and the files the official code writes (issue 15). Each expected value
-is computed here from the official formula, or read from a file written here in the official layout."""
+"""The official recipes' values and the files the official code writes (issue 15).
+Each expected value is computed here from the official formula, or read from a file written here
+in the official layout."""
 
 import argparse
 
@@ -43,8 +44,8 @@ MAE = [
 
 def sincos_table(grid: int, dim: int, column_first: bool) -> torch.Tensor:
     """The 2-D sin-cos table from its definition: for the patch at (row r, column c), sin and cos of
-    one coordinate times w_k = 10000^(-k / (dim / 4)), then of the other; a zero row for the CLS token.
-    MAE takes the column first, MoCo v3 the row."""
+    one coordinate times w_k = 10000^(-k / (dim / 4)), then of the other; a zero row for the CLS
+    token. MAE takes the column first, MoCo v3 the row."""
     omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
     rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing='ij')
 
@@ -58,7 +59,7 @@ def sincos_table(grid: int, dim: int, column_first: bool) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([np.zeros((1, dim)), table])).float().unsqueeze(0)
 
 
-# --------------------------------------------------------------------------- 1: args Namespace
+# ------------------------------------------------------------ 1: args Namespace
 
 
 def official_training_files(tmp_path, vit) -> dict:
@@ -146,7 +147,7 @@ def test_official_training_checkpoints_with_args_namespace_load(tmp_path):
     assert not victim.exists()
 
 
-# --------------------------------------------------------------------------- 2, 4: weight decay
+# ------------------------------------------------------------ 2, 4: weight decay
 
 
 def decay_of(argv: list, **settings) -> tuple:
@@ -177,7 +178,7 @@ def test_mae_decays_cls_and_mask_tokens():
     assert 'encoder.pos_embed' not in decay
 
 
-# --------------------------------------------------------------------------- 3: LARS
+# ------------------------------------------------------------ 3: LARS
 
 
 def test_lars_step_is_the_official_formula_at_weight_decay():
@@ -188,14 +189,14 @@ def test_lars_step_is_the_official_formula_at_weight_decay():
     w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
     optimizer = lars([{'params': list(layer.parameters()), 'weight_decay': 0.1}], lr=0.5)
     buffers = [torch.zeros_like(w0), torch.zeros_like(b0)]
-    for step in range(2):
+    for _step in range(2):
         w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
         layer.zero_grad()
         layer(torch.randn(32, 16, dtype=torch.float64)).square().mean().backward()
         g_w, g_b = layer.weight.grad.clone(), layer.bias.grad.clone()
         optimizer.step()
-        # MAE util/lars.py, MoCo v3 moco/optimizer.py: d = g + wd w, scaled by 0.001 |w| / |d| (ndim > 1);
-        # biases: d = g; momentum 0.9.
+        # MAE util/lars.py, MoCo v3 moco/optimizer.py:
+        # weights (ndim > 1): d = g + wd w, scaled by 0.001 |w| / |d|; biases: d = g; momentum 0.9.
         d = g_w + 0.1 * w
         buffers[0] = 0.9 * buffers[0] + 0.001 * w.norm() / d.norm() * d
         buffers[1] = 0.9 * buffers[1] + g_b
@@ -209,7 +210,7 @@ def test_lars_step_is_the_official_formula_at_weight_decay():
     assert not torch.equal(layer.weight, w0) and not torch.equal(layer.bias, b0)
 
 
-# --------------------------------------------------------------------------- 5, 6: MAE masking and positions
+# ------------------------------------------------------------ 5, 6: MAE masking and positions
 
 
 def test_mae_keeps_int_of_the_visible_fraction():
@@ -234,7 +235,7 @@ def test_mae_sincos_tables_in_mae_layout_mocov3_in_its_own():
     )
 
 
-# --------------------------------------------------------------------------- 7: layer decay of the final norm
+# ------------------------------------------------------------ 7: layer decay of the final norm
 
 
 @pytest.mark.parametrize('pool', ['--cls_token', '--global_pool'])
@@ -250,7 +251,8 @@ def test_finetune_final_norm_takes_layer_decay_scale_one(pool):
         for g in main_finetune.layer_decay_groups(model, args)
         for p in g['params']
     }
-    # MAE's get_layer_id_for_vit: blocks.i -> i + 1, everything after the blocks -> depth + 1 (scale 1).
+    # MAE's get_layer_id_for_vit: blocks.i -> i + 1,
+    # everything after the blocks -> depth + 1 (scale 1).
     assert scale[id(final_norm.weight)] == scale[id(model.head.weight)] == 1.0
     assert scale[id(model.blocks[5].mlp.fc1.weight)] == pytest.approx(0.75)
     assert scale[id(model.blocks[0].mlp.fc1.weight)] == pytest.approx(0.75**6)
@@ -262,7 +264,7 @@ def test_finetune_final_norm_takes_layer_decay_scale_one(pool):
             torch.testing.assert_close(model(x), model.head(final_norm(tokens)[:, 0]))
 
 
-# --------------------------------------------------------------------------- 8: resampling
+# ------------------------------------------------------------ 8: resampling
 
 
 @pytest.mark.parametrize('img_size', [8, 32])
@@ -270,7 +272,8 @@ def test_position_embeddings_resampled_as_mae_interpolate_pos_embed(tmp_path, im
     vit = tiny_vit(num_heads=1, embed_dim=64)
     torch.save(vit.state_dict(), tmp_path / 'timm.pth')
     loaded = backbones.load_backbone(str(tmp_path / 'timm.pth'), img_size=img_size)
-    # MAE/DeiT interpolate_pos_embed: plain bicubic (align_corners=False) on the patch grid; CLS kept.
+    # MAE/DeiT interpolate_pos_embed: plain bicubic (align_corners=False) on the patch grid;
+    # CLS kept.
     grid = vit.pos_embed[:, 1:].detach().reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
     side = img_size // 4
     resampled = F.interpolate(grid, size=(side, side), mode='bicubic', align_corners=False)
@@ -280,7 +283,7 @@ def test_position_embeddings_resampled_as_mae_interpolate_pos_embed(tmp_path, im
     torch.testing.assert_close(loaded.pos_embed.detach(), expected, atol=1e-6, rtol=0)
 
 
-# --------------------------------------------------------------------------- 9, 10: MoCo v3's other files
+# ------------------------------------------------------------ 9, 10: MoCo v3's other files
 
 
 def test_mocov3_convert_to_deit_file_is_12_heads(tmp_path):
@@ -327,7 +330,7 @@ def test_mocov3_main_lincls_file_loads(tmp_path):
     torch.testing.assert_close(features(loaded), features(vit), atol=1e-5, rtol=0)
 
 
-# --------------------------------------------------------------------------- files of our own scripts
+# ------------------------------------------------------------ files of our own scripts
 
 
 def test_finetune_output_loads_back_everywhere(tmp_path):

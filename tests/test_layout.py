@@ -1,6 +1,6 @@
 """The layout, checked: a script never imports another script's building blocks (what two of them
-share lives in util/ or a top-level module); util/ is a leaf that imports nothing from the top level;
-no file grows past 400 lines; ruff holds the style (ruff.toml)."""
+share lives in util/ or a top-level module); util/ is a leaf that imports nothing from the top
+level; no file grows past 400 lines; ruff holds the style (ruff.toml)."""
 
 import ast
 import os
@@ -65,7 +65,8 @@ def script_uses(path: str) -> list:
 
 
 def test_no_script_imports_another_scripts_building_blocks():
-    """main_*.py import no script; tools/ and benchmarks/ may run one (get_args_parser, main), nothing else."""
+    """main_*.py import no script;
+    tools/ and benchmarks/ may run one (get_args_parser, main), nothing else."""
     assert {'main_pretrain', 'main_finetune', 'main_linprobe'} <= SCRIPTS
     uses = {path: script_uses(path) for path in python_files()}
     assert not {path: found for path, found in uses.items() if found}

@@ -90,7 +90,7 @@ def official_mae_path(mae_dir, tmp_path_factory):
     return path
 
 
-# --------------------------------------------------------------------------- MAE
+# ------------------------------------------------------------ MAE
 
 
 def test_random_masking_is_exact_and_unshuffles():
@@ -167,7 +167,7 @@ def test_mae_bad_flags_are_named():
         main_pretrain.main(parse(MAE + ['--decoder_num_heads', '5']))
 
 
-# --------------------------------------------------------------------------- grafting
+# ------------------------------------------------------------ grafting
 
 
 @pytest.mark.parametrize('depth', [6, 12])
@@ -393,7 +393,7 @@ def test_grafted_training_steps_under_each_precision(mae_dir, amp):
         assert scaler.is_enabled() and scaler.state_dict()['_growth_tracker'] > 0
 
 
-# --------------------------------------------------------------------------- gradient conflict
+# ------------------------------------------------------------ gradient conflict
 
 
 def test_grad_conflict_prints_one_row_per_block(mae_dir, tmp_path, capsys):

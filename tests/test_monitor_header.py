@@ -54,10 +54,10 @@ def knn_of(path, out) -> dict:
 
 
 def test_knn_monitor_is_main_linprobe_knn_and_draws_no_randomness(tmp_path, capsys):
-    """--knn_freq 2 over 3 epochs: kNN after epochs 1 and 2 (the last), each the value main_linprobe.py
-    --protocol knn gives for that epoch's checkpoint. With --knn_freq 1, a run resumed from epoch 0's
-    checkpoint (saved before epoch 0's kNN) logs the losses and kNN of the run that never stopped: the
-    monitor draws nothing from the training's random streams."""
+    """--knn_freq 2 over 3 epochs: kNN after epochs 1 and 2 (the last), each the value
+    main_linprobe.py --protocol knn gives for that epoch's checkpoint. With --knn_freq 1, a run
+    resumed from epoch 0's checkpoint (saved before epoch 0's kNN) logs the losses and kNN of the
+    run that never stopped: the monitor draws nothing from the training's random streams."""
     out = str(tmp_path / 'mae')
     argv = MAE + ['--epochs', '3', '--warmup_epochs', '1', '--save_freq', '1', '--num_workers', '2']
     main_pretrain.main(parse(argv + ['--knn_freq', '2', '--output_dir', out]))

@@ -55,13 +55,14 @@ def test_momentum_update_follows_m():
 
 def test_mocov3_one_pass_over_both_views_equals_separate_passes():
     """MoCoV3 runs its ViTs once on the two views stacked: the loss, every gradient and the heads'
-    BatchNorm statistics must equal those of the official per-view passes (which a BatchNorm over both
-    views at once would not give)."""
+    BatchNorm statistics must equal those of the official per-view passes (which a BatchNorm over
+    both views at once would not give)."""
     torch.manual_seed(0)
     encoder = VisionTransformer(
         img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0
     )
-    # float64: only the order of the sums differs, so the two must agree far below float32's rounding.
+    # float64: only the order of the sums differs,
+    # so the two must agree far below float32's rounding.
     moco = models_mocov3.MoCoV3(encoder, dim=16, mlp_dim=32).double().train()
     official = copy.deepcopy(moco)
     views = torch.randn(2, 8, 3, 16, 16, dtype=torch.float64)
@@ -141,8 +142,8 @@ def test_teacher_frozen_and_gets_no_gradient(teacher_path):
 
 
 def test_mimco_heads():
-    """--head_norm bn: Linear (no bias), BatchNorm over every token of the batch, ReLU, Linear (no bias);
-    none: Linear, GELU, Linear. Both map tokens of any leading shape."""
+    """--head_norm bn: Linear (no bias), BatchNorm over every token of the batch, ReLU, Linear (no
+    bias); none: Linear, GELU, Linear. Both map tokens of any leading shape."""
     torch.manual_seed(0)
     head = models_mimco.build_head(2, 8, 16, 4, 'bn')
     assert [type(m) for m in head] == [
@@ -165,7 +166,8 @@ def test_mimco_heads():
 
 @pytest.mark.parametrize('img_loss', ['infonce', 'none'])
 def test_every_trainable_mimco_parameter_gets_a_gradient(teacher_path, img_loss):
-    """DDP without static_graph (as with --accum_iter > 1) fails on a parameter that no loss reaches."""
+    """DDP without static_graph (as with --accum_iter > 1)
+    fails on a parameter that no loss reaches."""
     args = parse(
         MIMCO
         + [
@@ -220,10 +222,10 @@ def test_mimco_script_trains_logs_and_resumes(teacher_path, tmp_path):
 
 
 def test_mimco_student_learns_from_its_teacher(teacher_path, tmp_path):
-    """A short MimCo run from the suite's MoCo v3 teacher (kNN 67.5): the student's kNN top-1 after 5
-    epochs was 58.3 / 59.2 / 63.1 (seeds 0 / 1 / 2) with the BatchNorm heads and the border-extended
-    digits view, and 44.7 / 49.7 / 45.0 before them (GELU heads, RandomAffine with a black margin); random
-    init gives 36.7."""
+    """A short MimCo run from the suite's MoCo v3 teacher (kNN 67.5): the student's kNN top-1 after
+    5 epochs was 58.3 / 59.2 / 63.1 (seeds 0 / 1 / 2) with the BatchNorm heads and the
+    border-extended digits view, and 44.7 / 49.7 / 45.0 before them (GELU heads, RandomAffine with a
+    black margin); random init gives 36.7."""
     import argparse
 
     import main_linprobe
@@ -297,7 +299,8 @@ def test_torchrun_two_processes_on_cpu(teacher_path, tmp_path):
     with open(os.path.join(out, 'log.txt')) as f:
         header, epoch = [json.loads(line) for line in f][:2]
     assert header['world_size'] == 2 and header['total_batch'] == 128
-    # The kNN monitor on 2 ranks (each val image once): what one process gives for the saved backbone.
+    # The kNN monitor on 2 ranks (each val image once):
+    # what one process gives for the saved backbone.
     import argparse
 
     import main_linprobe

@@ -1,7 +1,8 @@
-"""The README and docs/ stay true: every command they show for our scripts parses with that script's own
-argument parser, docs/flags.md is what `python -m tools.flags_table` prints now (a new flag fails until it is
-regenerated), every relative link reaches a file (and a heading, for links with #anchor), the README
-stays the front door (at most 200 lines), and its test command is the one CI runs."""
+"""The README and docs/ stay true: every command they show for our scripts parses with that
+script's own argument parser, docs/flags.md is what `python -m tools.flags_table` prints now
+(a new flag fails until it is regenerated), every relative link reaches a file (and a heading,
+for links with #anchor), the README stays the front door (at most 200 lines), and its test command
+is the one CI runs."""
 
 import argparse
 import glob
@@ -59,7 +60,8 @@ def page_commands(page: str):
 
 
 def anchors(text: str) -> set:
-    """GitHub's heading anchors: lower case, punctuation dropped, spaces to '-', repeats numbered."""
+    """GitHub's heading anchors:
+    lower case, punctuation dropped, spaces to '-', repeats numbered."""
     seen = {}
     for heading in re.findall(r'^#+ (.*)$', re.sub(r'```.*?```', '', text, flags=re.S), flags=re.M):
         slug = re.sub(r'[^\w\- ]', '', heading.strip().lower()).replace(' ', '-')
@@ -87,7 +89,8 @@ def test_command_parses(script, argv):
 
 
 def test_every_page_has_commands_checked():
-    """The pages that show our scripts' commands keep showing them in ```bash blocks (the check above)."""
+    """The pages that show our scripts' commands keep showing them in ```bash blocks
+    (the check above)."""
     for page in [
         'README.md',
         'docs/methods.md',

@@ -1,4 +1,5 @@
-"""Exact resume, whole checkpoints after SIGKILL, non-finite losses, and one clear line per bad input."""
+"""Exact resume, whole checkpoints after SIGKILL, non-finite losses,
+and one clear line per bad input."""
 
 import argparse
 import json
@@ -148,7 +149,8 @@ def run_linear_probe(out, *extra):
 
 def test_linear_probe_resume_equals_uninterrupted(tmp_path, monkeypatch):
     """The linear probe (a 90-epoch run at full scale) stopped after epoch 1 and resumed from its
-    checkpoint-last.pth: the same head, optimizer state and accuracy as the run that never stopped."""
+    checkpoint-last.pth:
+    the same head, optimizer state and accuracy as the run that never stopped."""
     import main_linprobe
 
     whole_metrics = run_linear_probe(tmp_path / 'whole')
@@ -173,7 +175,8 @@ def test_linear_probe_resume_equals_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_linear_probe_refuses_to_resume_another_run(tmp_path, teacher_path):
-    """An output_dir holding a pre-training checkpoint, or the probe of another backbone: named, not loaded."""
+    """An output_dir holding a pre-training checkpoint, or the probe of another backbone:
+    named, not loaded."""
     pretrained = os.path.join(teacher_path, 'checkpoint-last.pth')
     with pytest.raises(InputError, match='not by a linear probe'):
         run_linear_probe(teacher_path, '--checkpoint', pretrained)
@@ -183,7 +186,8 @@ def test_linear_probe_refuses_to_resume_another_run(tmp_path, teacher_path):
 
 
 def test_rng_streams_resume_per_rank(capsys):
-    """A rank resumes its own saved stream; under another number of processes, a fresh seeded one."""
+    """A rank resumes its own saved stream;
+    under another number of processes, a fresh seeded one."""
     torch.manual_seed(1)
     saved = checkpoint.all_gather_objects(checkpoint.rng_state())  # one process: [its state]
     expected = torch.rand(3)
@@ -197,8 +201,9 @@ def test_rng_streams_resume_per_rank(capsys):
 
 
 def test_finetune_and_pretrain_refuse_to_resume_another_run(tmp_path, teacher_path):
-    """An output_dir holding the checkpoint of another --finetune / --method / --teacher: named, not
-    resumed (the new run would silently carry on the old one); an explicit --resume still continues it."""
+    """An output_dir holding the checkpoint of another --finetune / --method / --teacher:
+    named, not resumed (the new run would silently carry on the old one);
+    an explicit --resume still continues it."""
     import main_finetune
 
     pretrained = os.path.join(teacher_path, 'checkpoint-last.pth')
@@ -306,7 +311,8 @@ def test_non_finite_loss_stops_with_step_terms_and_lr(tmp_path, teacher_path):
     ]
     assert run_script(argv + ['--epochs', '1']).returncode == 0
     good = checkpoint.load_file(os.path.join(out, 'checkpoint-last.pth'))
-    # Another lr: an implicit resume would refuse it (another run's settings); --resume continues it.
+    # Another lr: an implicit resume would refuse it (another run's settings);
+    # --resume continues it.
     result = run_script(
         argv
         + ['--epochs', '2', '--lr', '1e12', '--resume', os.path.join(out, 'checkpoint-last.pth')]
@@ -325,7 +331,8 @@ def test_non_finite_loss_stops_with_step_terms_and_lr(tmp_path, teacher_path):
 
 
 class LossAt(torch.nn.Module):
-    """A pre-training model whose loss at step i is `losses[i]` (the step index rides in the input)."""
+    """A pre-training model whose loss at step i is `losses[i]`
+    (the step index rides in the input)."""
 
     def __init__(self, losses):
         super().__init__()
@@ -375,8 +382,8 @@ def test_every_step_is_checked_for_a_non_finite_loss(bad_step):
 
 
 def test_accumulation_steps_every_lr_of_the_schedule_once():
-    """11 batches an epoch, --accum_iter 2: 6 steps an epoch (the last one on a single batch), each at
-    the next lr of one cosine over all 5 epochs, each on the mean gradient of its batches."""
+    """11 batches an epoch, --accum_iter 2: 6 steps an epoch (the last one on a single batch), each
+    at the next lr of one cosine over all 5 epochs, each on the mean gradient of its batches."""
     from engine_pretrain import train_one_epoch
     from util.lr_sched import cosine_lr_scheduler, updates_per_epoch
 
@@ -540,8 +547,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_mae_two_processes_equal_one_process(tmp_path):
-    """Same global batch (2 x 64 vs 1 x 128): the same loss curve. Augmentations and masks are seeded
-    per sample, the masked-patch counts are equal, and DDP averages the gradients."""
+    """Same global batch (2 x 64 vs 1 x 128): the same loss curve. Augmentations and masks are
+    seeded per sample, the masked-patch counts are equal, and DDP averages the gradients."""
     argv = [
         '--method',
         'mae',

@@ -40,14 +40,14 @@ def image_folder(root, train=('a', 'b', 'c'), val=('a', 'b', 'c'), per_class=(6,
     return str(root)
 
 
-# --------------------------------------------------------------------------- 1. loaders and resume
+# ------------------------------------------------------------ 1. loaders and resume
 
 
 @pytest.mark.parametrize('is_train,workers', [(True, 0), (True, 2), (False, 2)])
 def test_loaders_leave_the_global_rng_alone(is_train, workers):
-    """Starting a loader's iterator drew its workers' base seed from the global torch stream, once per
-    run with persistent workers: a resumed run drew it at another point, and every drop path after
-    it differed (87 tensors of a MimCo run with --num_workers 2)."""
+    """Starting a loader's iterator drew its workers' base seed from the global torch stream, once
+    per run with persistent workers: a resumed run drew it at another point, and every drop path
+    after it differed (87 tensors of a MimCo run with --num_workers 2)."""
     args = argparse.Namespace(batch_size=4, seed=0, num_workers=workers)
     dataset = torch.utils.data.TensorDataset(torch.arange(16.0))
     loader = data.build_loader(dataset, args, is_train=is_train, random_samples=False)
@@ -58,7 +58,7 @@ def test_loaders_leave_the_global_rng_alone(is_train, workers):
     assert torch.equal(torch.rand(3), expected)
 
 
-# --------------------------------------------------------------------------- 2. evaluation shards
+# ------------------------------------------------------------ 2. evaluation shards
 
 
 @pytest.mark.parametrize('world_size', [2, 3, 4, 8])
@@ -67,7 +67,7 @@ def test_evaluation_shards_hold_each_image_once(world_size, monkeypatch):
     args = argparse.Namespace(batch_size=2, seed=0, num_workers=0)
     seen = []
     for rank in range(world_size):
-        monkeypatch.setattr(data, 'get_rank', lambda: rank)
+        monkeypatch.setattr(data, 'get_rank', lambda rank=rank: rank)
         monkeypatch.setattr(data, 'get_world_size', lambda: world_size)
         seen += list(data.build_loader(list(range(7)), args, is_train=False).sampler)
     assert sorted(seen) == list(range(7))
@@ -101,8 +101,8 @@ def torchrun(nproc, script, argv, out):
 
 @pytest.mark.slow
 def test_distributed_evaluation_equals_one_process(tmp_path):
-    """Fine-tune --eval, kNN, and a fine-tuning epoch's val (which picks checkpoint-best.pth) on 7 val
-    images: on 2 and 3 processes, the numbers of one process; every torchrun exits 0."""
+    """Fine-tune --eval, kNN, and a fine-tuning epoch's val (which picks checkpoint-best.pth) on 7
+    val images: on 2 and 3 processes, the numbers of one process; every torchrun exits 0."""
     root = image_folder(tmp_path / 'data', per_class=(6, 3))
     for extra in ('b/b2.png', 'c/c2.png'):
         os.remove(os.path.join(root, 'val', extra))  # 7 val images
@@ -125,7 +125,7 @@ def test_distributed_evaluation_equals_one_process(tmp_path):
     assert correct == pytest.approx(round(correct), abs=1e-6)
 
 
-# --------------------------------------------------------------------------- 3. kNN top-5
+# ------------------------------------------------------------ 3. kNN top-5
 
 
 def test_knn_top5_counts_only_classes_with_a_vote(tmp_path):
@@ -151,7 +151,7 @@ def test_knn_top5_counts_only_classes_with_a_vote(tmp_path):
     assert features.topk_accuracy(votes, torch.tensor([2]), (1, 3)) == [0.0, 0.0]
 
 
-# --------------------------------------------------------------------------- 4. another run's checkpoint
+# ------------------------------------------------------------ 4. another run's checkpoint
 
 
 def test_implicit_resume_refuses_another_runs_settings(tmp_path):
@@ -192,12 +192,12 @@ def test_implicit_resume_refuses_another_runs_settings(tmp_path):
     assert checkpoint.load_file(str(out / 'checkpoint-last.pth'))['epoch'] == 1
 
 
-# --------------------------------------------------------------------------- 5. val classes
+# ------------------------------------------------------------ 5. val classes
 
 
 def test_val_uses_train_class_indices(tmp_path, capsys):
-    """val/ without train's 'b' labelled its 'c' as 1 (and kNN crashed on train's label 2); val/ with
-    a class train/ lacks was scored against another class's label."""
+    """val/ without train's 'b' labelled its 'c' as 1 (and kNN crashed on train's label 2); val/
+    with a class train/ lacks was scored against another class's label."""
     args = argparse.Namespace(
         data_path=image_folder(tmp_path / 'missing', val=('a', 'c')), dataset='auto'
     )
@@ -225,7 +225,7 @@ def test_val_uses_train_class_indices(tmp_path, capsys):
         data.build_dataset(args, False, None)
 
 
-# --------------------------------------------------------------------------- 6. 16-bit images
+# ------------------------------------------------------------ 6. 16-bit images
 
 
 def test_sixteen_bit_grayscale_keeps_its_levels(tmp_path):
@@ -245,7 +245,7 @@ def test_sixteen_bit_grayscale_keeps_its_levels(tmp_path):
         data.load_image(str(tmp_path / 'float.tif'))
 
 
-# --------------------------------------------------------------------------- 7. accumulation
+# ------------------------------------------------------------ 7. accumulation
 
 
 @pytest.mark.parametrize(
@@ -275,7 +275,7 @@ def test_accumulation_with_a_contrastive_loss_says_what_it_does(argv, warned, ca
         assert 'accum_iter' not in printed
 
 
-# --------------------------------------------------------------------------- 8. process groups
+# ------------------------------------------------------------ 8. process groups
 
 
 @pytest.mark.parametrize(
@@ -313,7 +313,7 @@ def test_process_group_is_destroyed_at_the_end(script, argv, tmp_path, monkeypat
             dist.destroy_process_group()
 
 
-# --------------------------------------------------------------------------- 9. NaN message
+# ------------------------------------------------------------ 9. NaN message
 
 
 def test_non_finite_message_without_loss_terms():

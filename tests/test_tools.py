@@ -1,4 +1,5 @@
-"""tools/visualize.py, tools/export.py, util/figures.py and the full-scale scripts' command lines."""
+"""tools/visualize.py, tools/export.py, util/figures.py
+and the full-scale scripts' command lines."""
 
 import argparse
 import glob
@@ -27,11 +28,12 @@ SCRIPTS = {
 }
 
 
-# --------------------------------------------------------------------------- full-scale scripts
+# ------------------------------------------------------------ full-scale scripts
 
 
 def script_commands(path: str) -> list:
-    """(script, argv) of every python command in a bash script, its variables set to their defaults."""
+    """(script, argv) of every python command in a bash script,
+    its variables set to their defaults."""
     with open(path) as f:
         text = f.read().replace('\\\n', ' ')
     values = {}
@@ -81,7 +83,7 @@ def test_full_scale_script_parses(path):
         assert args.data_path == '/imagenet'
 
 
-# --------------------------------------------------------------------------- attention and pictures
+# ------------------------------------------------------------ attention and pictures
 
 
 def test_cls_attention_is_the_blocks_own_attention():
@@ -188,7 +190,7 @@ def test_visualize(teacher_path, mae_path, tmp_path, capsys):
     ), scores
 
 
-# --------------------------------------------------------------------------- export
+# ------------------------------------------------------------ export
 
 
 @torch.no_grad()
@@ -232,8 +234,8 @@ def test_export_loads_into_timm(teacher_path, tmp_path):
 
 
 def test_export_checks_the_architecture(tmp_path):
-    """An official-format MoCo v3 ViT-S (12 heads) exports as mocov3_vit_small, and is refused as timm's
-    6-head vit_small_patch16_224, whose weights have the same shapes but other features."""
+    """An official-format MoCo v3 ViT-S (12 heads) exports as mocov3_vit_small, and is refused as
+    timm's 6-head vit_small_patch16_224, whose weights have the same shapes but other features."""
     torch.manual_seed(0)
     vit = timm.create_model('mocov3_vit_small', num_classes=0)
     source = str(tmp_path / 'vit-s-300ep.pth.tar')
