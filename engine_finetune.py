@@ -159,7 +159,8 @@ def knn_evaluate(
 
 
 def knn_datasets(args, dataset) -> tuple:
-    """main_pretrain.py's kNN monitor's bank (the training images) and queries (val), both with the eval transform."""
+    """main_pretrain.py's kNN monitor's bank (the training images) and queries (val), both with
+    the eval transform."""
     bank = copy.copy(dataset)  # the same images (no second scan of a folder), another transform
     bank.transform = transforms.eval_transform(args)
     val = data.build_dataset(args, is_train=False, transform=transforms.eval_transform(args))
@@ -170,7 +171,7 @@ def knn_datasets(args, dataset) -> tuple:
 
 
 def as_tensors(images) -> TensorDataset:
-    """A data set whose samples are fixed, as one TensorDataset: (N, C, H, W) images, (N,) labels."""
+    """A data set whose samples are fixed, as a TensorDataset: (N, C, H, W) images, (N,) labels."""
     samples = [images[i] for i in range(len(images))]
     cached = TensorDataset(*default_collate(samples))
     cached.classes = images.classes
@@ -178,7 +179,8 @@ def as_tensors(images) -> TensorDataset:
 
 
 def logistic_regression_accuracy(backbone, train_set, val_set, num_classes, device, args) -> dict:
-    """Layer Grafted's few-shot protocol: L-BFGS logistic regression on centred, normalised features."""
+    """Layer Grafted's few-shot protocol: L-BFGS logistic regression on centred, normalised
+    features."""
     train_x, train_y = extract_features(backbone, train_set, device, args)
     val_x, val_y = extract_features(backbone, val_set, device, args)
     train_x, val_x = center_normalize(train_x, val_x)

@@ -20,10 +20,13 @@ def moco_infonce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.
 def patch_infonce(
     pred: torch.Tensor, target: torch.Tensor, positions: torch.Tensor, temperature: float = 0.1
 ) -> torch.Tensor:
-    """MimCo's patch-level contrastive reconstruction (our reading of Sec. 3.2). pred (B, K, D): the student's
-    predictions at the K masked positions of each image; target (B, N, D): the teacher's patch tokens; positions (B, K):
-    where the predictions belong. Positive: the teacher token at its position; negatives: the image's other N - 1."""
-    pred, target = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
+    """MimCo's patch-level contrastive reconstruction (our reading of Sec. 3.2).
+
+    pred (B, K, D): the student's predictions at the K masked positions of each image; target
+    (B, N, D): the teacher's patch tokens; positions (B, K): where the predictions belong.
+    Positive: the teacher token at its position; negatives: the image's other N - 1."""
+    pred = F.normalize(pred, dim=-1)
+    target = F.normalize(target, dim=-1)
     logits = torch.bmm(pred, target.transpose(1, 2)) / temperature  # (B, K, N)
     return F.cross_entropy(logits.flatten(0, 1), positions.flatten())
 
@@ -45,10 +48,13 @@ def patch_cosine(
 def img_infonce(
     student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.2
 ) -> torch.Tensor:
-    """MimCo's image-level contrastive reconstruction (our reading of Sec. 3.2), symmetrised. student
-    (B, D), teacher (B, D): image i's positive is its own teacher target; the negatives are the other
-    images of the global batch (all-gathered; the gradient flows through the local part)."""
-    student, teacher = F.normalize(student, dim=1), F.normalize(teacher, dim=1)
+    """MimCo's image-level contrastive reconstruction (our reading of Sec. 3.2), symmetrised.
+
+    student (B, D), teacher (B, D): image i's positive is its own teacher target; the negatives
+    are the other images of the global batch (all-gathered; the gradient flows through the local
+    part)."""
+    student = F.normalize(student, dim=1)
+    teacher = F.normalize(teacher, dim=1)
     labels = torch.arange(student.shape[0], device=student.device) + student.shape[0] * get_rank()
     student_to_teacher = student @ all_gather(teacher, keep_local_grad=False).t() / temperature
     teacher_to_student = teacher @ all_gather(student, keep_local_grad=True).t() / temperature

@@ -56,7 +56,8 @@ def get_args_parser():
         '--data_backend',
         default='pil',
         choices=decode.BACKENDS,
-        help='pil, torchvision (in the workers) or nvjpeg (mimco, mae: decode, crop, flip on the GPU)',
+        help='pil, torchvision (in the workers) or nvjpeg '
+        '(mimco, mae: decode, crop, flip on the GPU)',
     )
     data.add_data_args(data_args, subsets=False)
     run_args = p.add_argument_group('Run')

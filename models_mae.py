@@ -12,9 +12,10 @@ from util.pos_embed import set_sincos_pos_embed, sincos_pos_embed
 
 
 class MAE(nn.Module):
-    """Masked autoencoder: the encoder sees only the visible patches (Sec. 3, "MAE encoder"); a light decoder adds mask
-    tokens and regresses the masked patches' pixels. The decoder's names (`mask_token`, `decoder_*`) are the official
-    checkpoints', so `util.backbones` tells the backbone (`encoder.*`) from the decoder in both."""
+    """Masked autoencoder: the encoder sees only the visible patches (Sec. 3, "MAE encoder"); a
+    light decoder adds mask tokens and regresses the masked patches' pixels. The decoder's names
+    (`mask_token`, `decoder_*`) are the official checkpoints', so `util.backbones` tells the
+    backbone (`encoder.*`) from the decoder in both."""
 
     def __init__(
         self,
@@ -28,42 +29,39 @@ class MAE(nn.Module):
         super().__init__()
         encoder.reset_classifier(0)
         self.encoder = encoder
-        self.patch_size, self.in_chans = (
-            encoder.patch_embed.patch_size[0],
-            encoder.patch_embed.proj.in_channels,
-        )
-        self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
+        self.patch_size = encoder.patch_embed.patch_size[0]
+        self.in_chans = encoder.patch_embed.proj.in_channels
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         # Fixed, not learned (Sec. 3, "MAE decoder": position embeddings on every token).
-        self.register_buffer(
-            'decoder_pos_embed',
-            sincos_pos_embed(
-                encoder.patch_embed.grid_size,
+        decoder_pos_embed = sincos_pos_embed(
+            encoder.patch_embed.grid_size,
+            decoder_embed_dim,
+            encoder.num_prefix_tokens,
+            mae_layout=True,
+        )
+        self.register_buffer('decoder_pos_embed', decoder_pos_embed)
+        norm_layer = functools.partial(nn.LayerNorm, eps=1e-6)
+        blocks = [
+            Block(
                 decoder_embed_dim,
-                encoder.num_prefix_tokens,
-                mae_layout=True,
-            ),
-        )
-        self.decoder_blocks = nn.Sequential(
-            *[
-                Block(
-                    decoder_embed_dim,
-                    decoder_num_heads,
-                    mlp_ratio=4.0,
-                    qkv_bias=True,
-                    norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
-                )
-                for _ in range(decoder_depth)
-            ]
-        )
+                decoder_num_heads,
+                mlp_ratio=4.0,
+                qkv_bias=True,
+                norm_layer=norm_layer,
+            )
+            for _ in range(decoder_depth)
+        ]
+        self.decoder_blocks = nn.Sequential(*blocks)
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size**2 * self.in_chans)
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """MAE's initialisation (App. A.1): Xavier-uniform linears, the patch projection as one linear
-        map, normal(0.02) CLS and mask tokens, fixed sin-cos positions."""
+        """MAE's initialisation (App. A.1): Xavier-uniform linears, the patch projection as one
+        linear map, normal(0.02) CLS and mask tokens, fixed sin-cos positions."""
         set_sincos_pos_embed(self.encoder, mae_layout=True)
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -81,14 +79,18 @@ class MAE(nn.Module):
         """(B, C, H, W) -> (B, N, p*p*C), patches in the patch embedding's row-major order."""
         p = self.patch_size
         B, C, H, W = images.shape
-        x = images.reshape(B, C, H // p, p, W // p, p)
-        return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+        h = H // p
+        w = W // p
+        x = images.reshape(B, C, h, p, w, p)
+        return x.permute(0, 2, 4, 3, 5, 1).reshape(B, h * w, p * p * C)
 
     def unpatchify(self, patches: torch.Tensor, grid: tuple) -> torch.Tensor:
         """(B, N, p*p*C) -> (B, C, H, W), the inverse of `patchify`."""
-        p, (h, w) = self.patch_size, grid
-        x = patches.reshape(patches.shape[0], h, w, p, p, self.in_chans)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(patches.shape[0], self.in_chans, h * p, w * p)
+        p = self.patch_size
+        h, w = grid
+        B = patches.shape[0]
+        x = patches.reshape(B, h, w, p, p, self.in_chans)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(B, self.in_chans, h * p, w * p)
 
     def forward_encoder(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Final-normed tokens (B, prefix + N_keep, D) of the visible patches only."""
@@ -119,9 +121,11 @@ class MAE(nn.Module):
         return (target - mean) / std, (mean, std)
 
     def predict(self, images: torch.Tensor, noise: torch.Tensor = None) -> tuple:
-        """(loss, prediction (B, N, p*p*C) in the target's space, mask (B, N) with 1 = masked). `noise` (B, N),
-        drawn here when not given, picks the masked patches (the lowest 1 - mask_ratio are kept)."""
-        B, N = images.shape[0], self.encoder.patch_embed.num_patches
+        """(loss, prediction (B, N, p*p*C) in the target's space, mask (B, N) with 1 = masked).
+        `noise` (B, N), drawn here when not given, picks the masked patches (the lowest
+        1 - mask_ratio are kept)."""
+        B = images.shape[0]
+        N = self.encoder.patch_embed.num_patches
         ids_keep, ids_restore, mask = random_masking_indices(
             B, N, self.mask_ratio, images.device, noise
         )
@@ -136,8 +140,10 @@ class MAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> tuple:
-        """For figures: (prediction (B, C, H, W) in the input's pixel space, mask (B, N), 1 = masked).
-        With `norm_pix_loss` each predicted patch is mapped back with its true patch's mean and std."""
+        """For figures: (prediction (B, C, H, W) in the input's pixel space, mask (B, N),
+        1 = masked). With `norm_pix_loss` each predicted patch is mapped back with its true patch's
+        mean and std."""
         _, pred, mask = self.predict(images)
         _, (mean, std) = self.target(images)
-        return self.unpatchify(pred.float() * std + mean, self.encoder.patch_embed.grid_size), mask
+        pixels = pred.float() * std + mean  # (B, N, p*p*C)
+        return self.unpatchify(pixels, self.encoder.patch_embed.grid_size), mask

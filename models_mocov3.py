@@ -1,5 +1,6 @@
-"""MoCo v3 (Chen et al., 2021): base encoder + projector + predictor and a momentum encoder, MoCo v3's
-ViT initialisation, and the optional `L1Pull` towards grafted weights (Layer Grafted, Jiang et al., 2023)."""
+"""MoCo v3 (Chen et al., 2021): base encoder + projector + predictor and a momentum encoder,
+MoCo v3's ViT initialisation, and the optional `L1Pull` towards grafted weights (Layer Grafted,
+Jiang et al., 2023)."""
 
 import copy
 import math
@@ -14,30 +15,29 @@ from util.pos_embed import set_sincos_pos_embed
 
 
 def moco_momentum(epoch_progress: float, base_m: float, epochs: int, cosine: bool = True) -> float:
-    """MoCo v3's momentum of the key encoder at `epoch_progress` (epochs, fractional): from base_m to 1 by a
-    half cosine (its `adjust_moco_momentum`), or base_m throughout."""
-    return (
-        1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch_progress / epochs)) * (1.0 - base_m)
-        if cosine
-        else base_m
-    )
+    """MoCo v3's momentum of the key encoder at `epoch_progress` (epochs, fractional): from base_m
+    to 1 by a half cosine (its `adjust_moco_momentum`), or base_m throughout."""
+    if not cosine:
+        return base_m
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch_progress / epochs)) * (1.0 - base_m)
 
 
 def mocov3_init(vit: VisionTransformer, stop_grad_conv1: bool) -> None:
-    """MoCo v3's ViT initialisation (Sec. 4 and 5): sin-cos positions, Xavier-uniform linears (q, k, v each as
-    its own matrix), a random patch projection frozen with `stop_grad_conv1` (the paper's fix for instability)."""
+    """MoCo v3's ViT initialisation (Sec. 4 and 5): sin-cos positions, Xavier-uniform linears
+    (q, k, v each as its own matrix), a random patch projection frozen with `stop_grad_conv1` (the
+    paper's fix for instability)."""
     set_sincos_pos_embed(vit)
     for name, module in vit.named_modules():
         if isinstance(module, nn.Linear) and not name.startswith('head'):
             fan_out = module.weight.shape[0] // 3 if 'qkv' in name else module.weight.shape[0]
             bound = math.sqrt(6.0 / float(fan_out + module.weight.shape[1]))
             nn.init.uniform_(module.weight, -bound, bound)
-            nn.init.zeros_(module.bias) if module.bias is not None else None
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
     nn.init.normal_(vit.cls_token, std=1e-6)
     proj = vit.patch_embed.proj
-    bound = math.sqrt(
-        6.0 / float(3 * proj.kernel_size[0] * proj.kernel_size[1] + proj.out_channels)
-    )
+    fan_in = 3 * proj.kernel_size[0] * proj.kernel_size[1]
+    bound = math.sqrt(6.0 / float(fan_in + proj.out_channels))
     nn.init.uniform_(proj.weight, -bound, bound)
     nn.init.zeros_(proj.bias)
     if stop_grad_conv1:
@@ -45,7 +45,7 @@ def mocov3_init(vit: VisionTransformer, stop_grad_conv1: bool) -> None:
 
 
 class MoCoV3(nn.Module):
-    """Base encoder (ViT + projector as its `head`), predictor, and a momentum copy of the encoder."""
+    """Base encoder (ViT + projector as its `head`), predictor, momentum copy of the encoder."""
 
     def __init__(
         self,
@@ -74,26 +74,27 @@ class MoCoV3(nn.Module):
     def project_views(
         encoder: VisionTransformer, view1: torch.Tensor, view2: torch.Tensor
     ) -> tuple:
-        """`encoder(view1), encoder(view2)` in one ViT pass over both views: LayerNorm and attention act on each image
-        alone, so stacking the views changes only the number of kernels. The projector runs on each view alone, so that
-        its BatchNorm normalises over one view's batch, as in the official code's separate passes (MoCo v3, Alg. 1)."""
+        """`encoder(view1), encoder(view2)` in one ViT pass over both views: LayerNorm and
+        attention act on each image alone, so stacking the views changes only the number of
+        kernels. The projector runs on each view alone, so that its BatchNorm normalises over one
+        view's batch, as in the official code's separate passes (MoCo v3, Alg. 1)."""
         tokens = encoder.forward_features(torch.cat([view1, view2]))  # (2B, 1 + N, D)
         features = encoder.forward_head(tokens, pre_logits=True)  # (2B, D)
         return tuple(encoder.head(f) for f in features.chunk(2))  # 2 x (B, dim)
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, m: float = None) -> tuple:
-        """With `m`, the momentum update first (engine.train_one_epoch makes it before the forward)."""
+        """With `m`, the momentum update first (engine_pretrain.train_one_epoch makes it before
+        the forward)."""
         if m is not None:
             self.update_momentum_encoder(m)  # the queries do not read the momentum encoder
-        q1, q2 = (
-            self.predictor(z) for z in self.project_views(self.base_encoder, view1, view2)
-        )  # (B, dim)
+        z1, z2 = self.project_views(self.base_encoder, view1, view2)
+        q1 = self.predictor(z1)  # (B, dim)
+        q2 = self.predictor(z2)
         with torch.no_grad():
             k1, k2 = self.project_views(self.momentum_encoder, view1, view2)
         # Symmetrised InfoNCE (MoCo v3, Alg. 1).
-        loss = losses.moco_infonce(q1, k2, self.temperature) + losses.moco_infonce(
-            q2, k1, self.temperature
-        )
+        t = self.temperature
+        loss = losses.moco_infonce(q1, k2, t) + losses.moco_infonce(q2, k1, t)
         if self.l1_pull is None:
             return loss, {}
         pull = self.l1_pull()
@@ -101,12 +102,14 @@ class MoCoV3(nn.Module):
 
 
 class L1Pull:
-    """weight * sum |p - p_0| over some parameters: the official Layer Grafted code's pull of the lower blocks towards
-    the stage-1 (MAE) weights in its ViT-L runs (`--l1_dist_w`). Not an nn.Module: the anchors must not be trained,
-    saved in checkpoints (re-read from --graft_pretrained) or broadcast by DDP each step as buffers would be."""
+    """weight * sum |p - p_0| over some parameters: the official Layer Grafted code's pull of the
+    lower blocks towards the stage-1 (MAE) weights in its ViT-L runs (`--l1_dist_w`). Not an
+    nn.Module: the anchors must not be trained, saved in checkpoints (re-read from
+    --graft_pretrained) or broadcast by DDP each step as buffers would be."""
 
     def __init__(self, params: list, weight: float):
-        self.params, self.weight = list(params), weight
+        self.params = list(params)
+        self.weight = weight
         self.anchors = [p.detach().clone() for p in self.params]
 
     def __call__(self) -> torch.Tensor:

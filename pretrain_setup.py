@@ -95,22 +95,35 @@ def check_args(args) -> None:
     """Refuse flags that contradict each other or the method, each with one line that says why."""
     if getattr(args, 'mask_ratio', None) is not None:
         check_mask_ratio(args.mask_ratio)
-    if args.method == 'mae' and args.mask_type != 'random':
+    if args.method == 'mae':
+        check_mae_args(args)
+    check_graft_args(args)
+
+
+def check_mae_args(args) -> None:
+    """MAE masks uniformly at random, and its decoder's width must split into its heads."""
+    if args.mask_type != 'random':
         raise InputError(
-            f'--method mae masks uniformly at random (MAE, Sec. 3): drop --mask_type {args.mask_type}'
+            '--method mae masks uniformly at random (MAE, Sec. 3): '
+            f'drop --mask_type {args.mask_type}'
         )
-    if args.method == 'mae' and args.decoder_embed_dim % args.decoder_num_heads:
+    if args.decoder_embed_dim % args.decoder_num_heads:
         raise InputError(
             f'--decoder_embed_dim {args.decoder_embed_dim} is not divisible by '
             f'--decoder_num_heads {args.decoder_num_heads}: pick e.g. 512 and 16, or 64 and 4'
         )
+
+
+def check_graft_args(args) -> None:
+    """The Layer Grafted flags belong to --method mocov3, and act on a --graft_pretrained file."""
     graft_flags = ('graft_pretrained', 'lr_layer_wise', 'graft_freeze_blocks', 'graft_l1_weight')
     grafting = [flag for flag in graft_flags if getattr(args, flag)]
     if grafting and args.method != 'mocov3':
         raise InputError(
             f'--{grafting[0]} is for Layer Grafted stage 2: use it with --method mocov3'
         )
-    if not args.graft_pretrained and (args.graft_freeze_blocks or args.graft_l1_weight):
+    acts_on_grafted = args.graft_freeze_blocks or args.graft_l1_weight
+    if acts_on_grafted and not args.graft_pretrained:
         raise InputError(
             '--graft_freeze_blocks and --graft_l1_weight act on grafted weights: add '
             '--graft_pretrained (an MAE checkpoint)'
@@ -143,14 +156,14 @@ def warn_accumulated_contrast(args) -> None:
     if args.method == 'mocov3':
         momentum = (
             f', and the momentum encoder moves at every micro-batch ({args.accum_iter} times per '
-            f'optimizer step)'
+            'optimizer step)'
         )
     total_batch = total_batch_size(args.batch_size, args.accum_iter, get_world_size())
     print(
         f'warning: --accum_iter {args.accum_iter} adds up gradients, not negatives: {seen} see one '
         f'micro-batch ({args.batch_size} images per process), not the total batch of '
         f"{total_batch}{momentum}; for the paper's setting raise --batch_size instead (--grad_ckpt "
-        f'saves memory)'
+        'saves memory)'
     )
 
 
@@ -171,71 +184,99 @@ def build_teacher(args, student) -> models_mimco.Teacher:
             '--teacher teacher/checkpoint-last.pth'
         )
     state_dict, projector_state, info = backbones.read_backbone(args.teacher)
-    found, grid = backbones.vit_kwargs(state_dict, info), student.patch_embed.grid_size
-    img_size = grid[0] * found['patch_size']
-    if 'cls_token' not in state_dict or found['in_chans'] != student.patch_embed.proj.in_channels:
+    found = backbones.vit_kwargs(state_dict, info)
+    grid = student.patch_embed.grid_size
+    in_chans = student.patch_embed.proj.in_channels
+    if 'cls_token' not in state_dict or found['in_chans'] != in_chans:
         raise InputError(
             f'the teacher {args.teacher} cannot give targets for this student: it needs a '
-            f'CLS token (the image-level target) and {student.patch_embed.proj.in_channels} '
-            f'input channels (it has {found["in_chans"]}); use a ViT teacher of RGB images'
+            f'CLS token (the image-level target) and {in_chans} input channels (it has '
+            f'{found["in_chans"]}); use a ViT teacher of RGB images'
         )
     if grid[0] != grid[1]:
         raise InputError(
             f"the student's patch grid {tuple(grid)} is not square, so no teacher input "
-            f'size gives the teacher the same grid: use a square --input_size'
+            'size gives the teacher the same grid: use a square --input_size'
         )
+    img_size = grid[0] * found['patch_size']
     backbone = backbones.build_backbone(
         args.teacher, args.teacher_model, img_size, flag='--teacher_model'
     )
-    use_projector = args.teacher_target == 'head'
-    if args.teacher_target == 'auto' and projector_state:
-        use_projector = True
-    if use_projector and not projector_state:
-        raise InputError(
-            f'--teacher_target head: {args.teacher} has no projector (base_encoder.head); '
-            f'use --teacher_target backbone'
-        )
     projector = None
-    if use_projector:
+    if teacher_uses_projector(args, projector_state):
         projector = backbones.load_projector(args.teacher)
     teacher = models_mimco.Teacher(backbone, projector)
+    target = 'its raw CLS token'
+    if projector is not None:
+        target = 'its projector on the CLS token'
     print(
-        f'teacher: {info["format"]} ViT, width {backbone.embed_dim}, depth {len(backbone.blocks)}, '
-        f'patch {found["patch_size"]}, at {img_size} px (grid {tuple(grid)}); image-level target: '
-        f'{"its projector on the CLS token" if projector else "its raw CLS token"} ({teacher.target_dim}-d)'
+        f'teacher: {info["format"]} ViT, width {backbone.embed_dim}, '
+        f'depth {len(backbone.blocks)}, patch {found["patch_size"]}, at {img_size} px '
+        f'(grid {tuple(grid)}); image-level target: {target} ({teacher.target_dim}-d)'
     )
     return teacher
 
 
-def build_model(args) -> tuple:
-    """(model to train, frozen teacher or None)."""
-    if args.method == 'mocov3':
-        encoder = create_vit(args)
-        models_mocov3.mocov3_init(encoder, args.stop_grad_conv1)
-        if args.graft_pretrained:
-            graft_encoder(args.graft_pretrained, encoder, args.graft_freeze_blocks)
-        # The momentum encoder is a copy of the (grafted) encoder: both start from stage 1.
-        model = models_mocov3.MoCoV3(encoder, args.moco_dim, args.moco_mlp_dim, args.moco_t)
-        if args.graft_l1_weight:  # official ViT-L runs: the embeddings and the first blocks
-            pulled = [
-                p
-                for n, p in encoder.named_parameters()
-                if p.requires_grad
-                and (0 <= block_index(n) < args.graft_l1_blocks or EMBEDDINGS.search(n))
-            ]
-            model.l1_pull = models_mocov3.L1Pull(pulled, args.graft_l1_weight)
-        return model, None
-    if args.method == 'mae':
-        model = models_mae.MAE(
-            create_vit(args),
-            args.decoder_embed_dim,
-            args.decoder_depth,
-            args.decoder_num_heads,
-            args.mask_ratio,
-            args.norm_pix_loss,
+def teacher_uses_projector(args, projector_state) -> bool:
+    """--teacher_target: head needs the teacher's projector, auto takes it when the file has one,
+    backbone never does."""
+    if args.teacher_target == 'backbone':
+        return False
+    if args.teacher_target == 'head' and not projector_state:
+        raise InputError(
+            f'--teacher_target head: {args.teacher} has no projector (base_encoder.head); '
+            'use --teacher_target backbone'
         )
-        model.mask_generator = MaskNoiseGenerator(model.encoder.patch_embed.grid_size)
-        return model, None
+    return bool(projector_state)
+
+
+def build_model(args) -> tuple:
+    """(model to train, frozen teacher or None) of --method."""
+    builders = {'mocov3': build_mocov3, 'mae': build_mae, 'mimco': build_mimco}
+    return builders[args.method](args)
+
+
+def build_mocov3(args) -> tuple:
+    """MoCo v3 with its ViT initialisation; for Layer Grafted stage 2, its encoder grafted from
+    --graft_pretrained, and the optional L1 pull towards the grafted weights. No teacher."""
+    encoder = create_vit(args)
+    models_mocov3.mocov3_init(encoder, args.stop_grad_conv1)
+    if args.graft_pretrained:
+        graft_encoder(args.graft_pretrained, encoder, args.graft_freeze_blocks)
+    # The momentum encoder is a copy of the (grafted) encoder: both start from stage 1.
+    model = models_mocov3.MoCoV3(encoder, args.moco_dim, args.moco_mlp_dim, args.moco_t)
+    if args.graft_l1_weight:  # official ViT-L runs: the embeddings and the first blocks
+        pulled = [
+            param
+            for name, param in encoder.named_parameters()
+            if param.requires_grad and is_l1_pulled(name, args.graft_l1_blocks)
+        ]
+        model.l1_pull = models_mocov3.L1Pull(pulled, args.graft_l1_weight)
+    return model, None
+
+
+def is_l1_pulled(name: str, blocks: int) -> bool:
+    """Whether the L1 pull covers the encoder's parameter `name`: the embeddings and the first
+    `blocks` blocks."""
+    return 0 <= block_index(name) < blocks or bool(EMBEDDINGS.search(name))
+
+
+def build_mae(args) -> tuple:
+    """MAE with its uniform mask noise generator. No teacher."""
+    model = models_mae.MAE(
+        create_vit(args),
+        args.decoder_embed_dim,
+        args.decoder_depth,
+        args.decoder_num_heads,
+        args.mask_ratio,
+        args.norm_pix_loss,
+    )
+    model.mask_generator = MaskNoiseGenerator(model.encoder.patch_embed.grid_size)
+    return model, None
+
+
+def build_mimco(args) -> tuple:
+    """MimCo with its mask generator on the student's patch grid, and its frozen teacher."""
     student = create_vit(args)
     teacher = build_teacher(args, student)
     mask_generator = build_mask_generator(
@@ -260,22 +301,19 @@ def build_model(args) -> tuple:
 
 
 def build_optimizer(args, model):
+    """AdamW (or --optimizer lars) over the model's parameter groups: per group of blocks with
+    --lr_layer_wise (Layer Grafted), else with each method's weight decay exemptions."""
     no_weight_decay = getattr(model, 'no_weight_decay', set)()
     if args.lr_layer_wise:
         multipliers = parse_lr_layer_wise(args.lr_layer_wise)
         groups = graft_param_groups(model, multipliers, args.weight_decay, no_weight_decay)
-        print(
-            'lr multipliers per group of blocks (Layer Grafted): '
-            + ', '.join(f'group {g} x{m:g}' for g, m in enumerate(multipliers))
-        )
+        listed = ', '.join(f'group {g} x{m:g}' for g, m in enumerate(multipliers))
+        print(f'lr multipliers per group of blocks (Layer Grafted): {listed}')
     elif args.method == 'mocov3':
-        # MoCo v3 decays every parameter (AdamW(model.parameters())); lars() exempts the 1-D ones, as its LARS.
-        groups = [
-            {
-                'params': [p for p in model.parameters() if p.requires_grad],
-                'weight_decay': args.weight_decay,
-            }
-        ]
+        # MoCo v3 decays every parameter (AdamW(model.parameters())); lars() exempts the 1-D
+        # ones, as its LARS does.
+        trained = [p for p in model.parameters() if p.requires_grad]
+        groups = [{'params': trained, 'weight_decay': args.weight_decay}]
     else:  # MAE (no exemption list: its CLS and mask tokens are decayed) and MimCo
         groups = param_groups_weight_decay(
             model, args.weight_decay, no_weight_decay_list=no_weight_decay
