@@ -3,7 +3,8 @@ protocol (`--train_fraction 0.1` or `--subset_file 10percent.txt`, with `--init_
 Layer Grafted's version).
 
 One process:  python main_finetune.py --finetune output/mimco/checkpoint-last.pth
-Many GPUs:    torchrun --nproc_per_node 8 main_finetune.py --finetune mimco_vits.pth --data_path /data/imagenet
+Many GPUs:    torchrun --nproc_per_node 8 main_finetune.py --finetune mimco_vits.pth \
+                  --data_path /data/imagenet
 """
 
 import argparse
@@ -71,8 +72,8 @@ def get_args_parser():
     model.add_argument(
         '--init_from_projector',
         action='store_true',
-        help="Layer Grafted's 10 %% protocol: the MoCo v3 projector's first layer before the "
-        'classifier',
+        help="Layer Grafted's 10 %% protocol: the MoCo v3 projector's first layer "
+        'before the classifier',
     )
 
     optimisation = p.add_argument_group('Optimisation')
@@ -157,19 +158,6 @@ def default_model(args) -> str:
     return DIGITS_MODEL
 
 
-def move_norm_after_pooling(model) -> None:
-    """The final norm moves after the pooling (fc_norm).
-
-    With global pool that is MAE's: a LayerNorm on the average of the un-normed patch tokens,
-    here from the pre-trained norm's weights, not from scratch; on the CLS token it is the same
-    function as before. Named fc_norm, it takes the head's layer-decay scale 1, as in MAE's
-    lr_decay (timm's puts `norm` a layer below).
-    """
-    if isinstance(model.fc_norm, torch.nn.Identity):
-        model.fc_norm = model.norm
-        model.norm = torch.nn.Identity()
-
-
 def projector_classifier(path: str, num_classes: int) -> torch.nn.Sequential:
     """Layer Grafted's 10 % protocol: the MoCo v3 projector's first Linear, then the classifier."""
     projector = None
@@ -190,13 +178,19 @@ def projector_classifier(path: str, num_classes: int) -> torch.nn.Sequential:
 
 
 def add_classifier(model, args, num_classes: int) -> torch.nn.Module:
-    """The backbone with its classifier: on the patch-token mean (--global_pool) or the CLS token."""
+    """The backbone with its classifier: on the patch-token mean (--global_pool) or the CLS token.
+
+    The final norm moves after the pooling (fc_norm). With global pool that is MAE's: a LayerNorm
+    on the average of the un-normed patch tokens, here from the pre-trained norm's weights, not
+    from scratch; on the CLS token it is the same function as before. Named fc_norm, it takes the
+    head's layer-decay scale 1, as in MAE's lr_decay (timm's puts `norm` a layer below).
+    """
     if not args.global_pool and not model.has_class_token:
         raise InputError(
             '--cls_token: this backbone has no class token; fine-tune it with the default '
             'global pool (drop --cls_token)'
         )
-    move_norm_after_pooling(model)
+    backbones.move_norm_after_pooling(model)
     if args.global_pool:
         model.reset_classifier(num_classes, 'avg')
     else:
@@ -212,7 +206,8 @@ def add_classifier(model, args, num_classes: int) -> torch.nn.Module:
 
 
 def layer_decay_groups(model, args) -> list:
-    """BEiT/MAE layer-wise lr decay (timm); the final norm, as fc_norm (add_classifier), at scale 1."""
+    """BEiT/MAE layer-wise lr decay (timm); the final norm, as fc_norm (add_classifier), at
+    scale 1."""
     return param_groups_layer_decay(
         model,
         args.weight_decay,
@@ -269,6 +264,8 @@ def main(args):
     total_batch = total_batch_size(args.batch_size, args.accum_iter, get_world_size())
     args.lr = absolute_lr(args.lr, args.blr, total_batch)
     run_header(args, 'main_finetune.py', len(train_set), len(val_set), total_batch)
+
+    # The backbone of --finetune (or a random one), then its classifier.
     model = backbones.build_backbone(
         args.finetune, args.model, args.input_size, drop_path_rate=args.drop_path
     )
@@ -293,6 +290,8 @@ def main(args):
     train_model = model
     if args.compile:
         train_model = torch.compile(model)
+
+    # AdamW with layer-wise lr decay; the lr follows warm-up + cosine per optimizer update (MAE).
     optimizer = torch.optim.AdamW(
         layer_decay_groups(model_without_ddp, args),
         lr=args.lr,
@@ -306,6 +305,7 @@ def main(args):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     mixup_fn = transforms.build_mixup(args, num_classes)
     criterion = build_criterion(args, mixup_fn)
+    # Resume exactly: model, optimizer, scaler, EMA and every rank's RNG stream.
     extra = {}
     if model_ema is not None:
         extra['model_ema'] = model_ema
@@ -323,8 +323,9 @@ def main(args):
         return summarize(args, 'finetune', evaluated, metrics)
 
     print(
-        f'{len(train_set)} training images, {num_classes} classes; layer decay {args.layer_decay}, mixup '
-        f'{args.mixup}, cutmix {args.cutmix}; epochs {start_epoch}..{args.epochs - 1}'
+        f'{len(train_set)} training images, {num_classes} classes; layer decay '
+        f'{args.layer_decay}, mixup {args.mixup}, cutmix {args.cutmix}; '
+        f'epochs {start_epoch}..{args.epochs - 1}'
     )
     log_writer = tensorboard_writer(args.log_dir)
     start = time.time()
@@ -352,6 +353,7 @@ def main(args):
         state = checkpoint.training_state(
             args, epoch, model_without_ddp, optimizer, scaler, acc1=stats['test_acc1'], **extra
         )
+        # checkpoint-last.pth to resume from, checkpoint-best.pth to keep.
         checkpoint.save_checkpoint(state, os.path.join(args.output_dir, 'checkpoint-last.pth'))
         if stats['test_acc1'] > best_acc1:
             best_acc1 = stats['test_acc1']

@@ -28,7 +28,7 @@ from util import checkpoint, data, transforms
 from util.architectures import DIGITS_MODEL
 from util.dist import get_world_size, wrap_ddp
 from util.errors import InputError, run_main
-from util.features import frozen_backbone
+from util.features import backbone_fingerprint, frozen_backbone
 from util.lars import lars
 from util.logging import (
     add_run_args,
@@ -47,7 +47,8 @@ def get_args_parser():
         '--protocol',
         default='linear',
         choices=['linear', 'logreg', 'knn'],
-        help='linear probe (MAE), few-shot logistic regression (Layer Grafted), weighted kNN (DINO)',
+        help='linear probe (MAE), few-shot logistic regression (Layer Grafted), '
+        'weighted kNN (DINO)',
     )
     model = p.add_argument_group('Model')
     model.add_argument(
@@ -55,8 +56,8 @@ def get_args_parser():
         '--finetune',
         default='random',
         dest='checkpoint',
-        help='backbone (MoCo v3, DINO, MAE, timm, ours) or `random`, an untrained --model '
-        '(also --finetune)',
+        help='backbone (MoCo v3, DINO, MAE, timm, ours) or `random`, '
+        'an untrained --model (also --finetune)',
     )
     model.add_argument(
         '--model',
@@ -100,8 +101,8 @@ def get_args_parser():
         '--cache_features',
         default=None,
         action=argparse.BooleanOptionalAction,
-        help='train the head on features extracted once (default on digits; off: crop + flip '
-        'each epoch)',
+        help='train the head on features extracted once '
+        '(default on digits; off: crop + flip each epoch)',
     )
     linear.add_argument(
         '--crop_min', default=0.08, type=float, help='RandomResizedCrop min scale (no cache)'
@@ -114,8 +115,8 @@ def get_args_parser():
         '--logreg_wd',
         default=None,
         type=float,
-        help="L2 lambda in mean CE + lambda/2 |W|^2 (default 2.5e-4 / n_train, as Layer Grafted's "
-        'code)',
+        help='L2 lambda in mean CE + lambda/2 |W|^2 '
+        "(default 2.5e-4 / n_train, as Layer Grafted's code)",
     )
     logreg.add_argument('--logreg_iters', default=1000, type=int, help='L-BFGS iterations at most')
 
@@ -138,7 +139,8 @@ def get_args_parser():
 
 
 class FrozenProbe(nn.Module):
-    """Frozen backbone (always in eval(), no grad) + trainable head, for per-epoch augmented images."""
+    """Frozen backbone (always in eval(), no grad) + trainable head, for images augmented anew
+    each epoch."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -175,30 +177,19 @@ def check_probe_checkpoint(backbone_id: float, args):
                 f'not by a linear probe: give main_linprobe.py its own --output_dir'
             )
         saved_id = saved.get('backbone_fingerprint')
-        # A tolerance, not ==: a GPU's reduction order may differ in the last bits from one card to another.
+        # A tolerance, not ==: a GPU's reduction order may differ in the last bits from one card
+        # to another.
         if saved_id is None or not math.isclose(saved_id, backbone_id, rel_tol=1e-9):
             other = saved_args.get('checkpoint')
-            which = (
-                f'of {other} with other weights (the file or --seed changed)'
-                if other == args.checkpoint
-                else f'of another backbone ({other}), not of {args.checkpoint}'
-            )
+            if other == args.checkpoint:
+                which = f'of {other} with other weights (the file or --seed changed)'
+            else:
+                which = f'of another backbone ({other}), not of {args.checkpoint}'
             raise InputError(
                 f'{path} is a linear probe {which}: use a fresh --output_dir or delete that file'
             )
 
     return validate
-
-
-def backbone_fingerprint(backbone) -> float:
-    """A number that changes with any backbone weight: a resume checks it against its checkpoint's."""
-    total = 0.0
-    for value in backbone.state_dict().values():
-        if not value.is_floating_point():
-            continue
-        value = value.detach().double()
-        total += value.sum().item() + value.square().sum().item()
-    return total
 
 
 def cached_features(backbone, dataset, device, args) -> TensorDataset:
@@ -217,25 +208,35 @@ def probe_optimizer(head, args):
     )
 
 
-def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dict:
-    """Trains the head, saved with optimizer, scaler and RNG each epoch (checkpoint-last.pth), resumed exactly."""
-    backbone_id = backbone_fingerprint(backbone)
-    head = linear_head(backbone.num_features, num_classes).to(device)
+def probe_model(backbone, head, train_set, val_set, device, args) -> tuple:
+    """(model, train loader, val loader): the head alone on cached features (--cache_features),
+    else the head behind the frozen backbone (FrozenProbe) on images."""
     if args.cache_features:
         # Without augmentation the features are the same every epoch: computed once; tensors
         # need no loader workers.
         train_set = cached_features(backbone, train_set, device, args)
         val_set = cached_features(backbone, val_set, device, args)
         model = head
-        loader_args = argparse.Namespace(**{**vars(args), 'num_workers': 0})
+        loader_args = argparse.Namespace(**vars(args))
+        loader_args.num_workers = 0
     else:
         model = FrozenProbe(backbone, head).to(device)
         loader_args = args
     random_samples = not args.cache_features
     loader = data.build_loader(train_set, loader_args, is_train=True, random_samples=random_samples)
     val_loader = data.build_loader(val_set, loader_args, is_train=False)
+    return model, loader, val_loader
+
+
+def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dict:
+    """Trains the head, saved with optimizer, scaler and RNG each epoch (checkpoint-last.pth),
+    resumed exactly. Returns the last epoch's val acc1 and acc5 (%) and the best acc1."""
+    backbone_id = backbone_fingerprint(backbone)
+    head = linear_head(backbone.num_features, num_classes).to(device)
+    model, loader, val_loader = probe_model(backbone, head, train_set, val_set, device, args)
     train_model = model
     if args.distributed:
+        # BatchNorm statistics over the whole batch (SyncBatchNorm runs on CUDA only).
         if device.type == 'cuda':
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_model = wrap_ddp(model, device, args.gpu)
@@ -356,8 +357,7 @@ def main(args):
     run_header(args, 'main_linprobe.py', len(train_set), len(val_set), total_batch)
     backbone = frozen_backbone(
         args.checkpoint, args.model, args.input_size, args.global_pool, args.seed
-    )
-    backbone = backbone.to(device)
+    ).to(device)
     # What the file holds, when --input_size and --global_pool leave it open.
     args.input_size = backbone.patch_embed.img_size[0]
     args.global_pool = backbone.global_pool == 'avg'

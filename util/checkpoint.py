@@ -22,7 +22,8 @@ def load_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise InputError(f'checkpoint {path} does not exist: check the path')
     try:
-        # The training checkpoints of MAE, DINO and DeiT pickle their argparse.Namespace: plain data.
+        # The training checkpoints of MAE, DINO and DeiT pickle their argparse.Namespace: plain
+        # data, safe to read.
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
@@ -58,6 +59,7 @@ def rng_state() -> dict:
 
 
 def seed_everything(seed: int) -> None:
+    """torch, NumPy (which takes 32 bits) and Python RNGs seeded from one number."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -71,42 +73,72 @@ def save_checkpoint(state: dict, path: str) -> None:
         os.replace(tmp, path)
 
 
+def _as_tuples(values) -> tuple:
+    """`values` as a tuple, each list in it a tuple too: random.setstate takes tuples only, and
+    random.getstate()'s inner tuple may come back from the file as a list."""
+    converted = []
+    for value in values:
+        if isinstance(value, list):
+            converted.append(tuple(value))
+        else:
+            converted.append(value)
+    return tuple(converted)
+
+
+def _set_rng_state(state: dict) -> None:
+    """The inverse of rng_state: torch, Python, NumPy and (where saved and available) CUDA."""
+    torch.set_rng_state(state['torch'])
+    random.setstate(_as_tuples(state['python']))
+    name, keys, *rest = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
 def restore_rng(saved, seed: int, start_epoch: int) -> None:
     """Each rank continues its own RNG stream (`saved`: one state per rank of the run that saved it;
     a lone dict in older files). Under another number of processes there is no stream to continue:
     each rank gets a fresh one of its own, seeded from (--seed, rank, epoch)."""
-    states = saved if isinstance(saved, list) else [saved]
+    states = saved
+    if not isinstance(saved, list):
+        states = [saved]
     if len(states) == get_world_size():
-        state = states[get_rank()]
-        torch.set_rng_state(state['torch'])
-        random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state['python']))
-        name, keys, *rest = state['numpy']
-        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-        if 'cuda' in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state['cuda'])
+        _set_rng_state(states[get_rank()])
         return
     seed_everything(seed + get_rank() + 1000 * start_epoch)
     print(
-        f'the checkpoint holds the RNG streams of {len(states)} process(es), this run has {get_world_size()}: '
-        f'fresh streams seeded per rank (the run goes on, but not bit for bit as it would have)'
+        f'the checkpoint holds the RNG streams of {len(states)} process(es), this run has '
+        f'{get_world_size()}: fresh streams seeded per rank (the run goes on, but not bit for bit '
+        f'as it would have)'
     )
 
 
 def training_state(args, epoch: int, model, optimizer, scaler, **extra) -> dict:
-    """Ours: {'model', 'optimizer', 'scaler', 'epoch', 'args', 'num_heads', 'rng'}; args a plain dict (for
-    weights_only=True); the head count of the (first) ViT in `model`, which no shape tells; 'rng' one state
-    per rank (each draws its own drop path, masks and augmentations), so every rank must call this."""
+    """Ours: {'model', 'optimizer', 'scaler', 'epoch', 'args', 'num_heads', 'rng'} and `extra`.
+
+    args a plain dict (for weights_only=True); the head count of the (first) ViT in `model`, which
+    no shape tells; 'rng' one state per rank (each draws its own drop path, masks and
+    augmentations), so every rank must call this. An `extra` module (an EMA) is saved by its state
+    dict, a value (acc1) as it is.
+    """
     vit = next((m for m in model.modules() if isinstance(m, VisionTransformer)), None)
+    num_heads = None
+    if vit is not None:
+        num_heads = vit.blocks[0].attn.num_heads
     state = {
         'model': model.state_dict(),
         'optimizer': optimizer.state_dict(),
         'scaler': scaler.state_dict(),
         'epoch': epoch,
         'args': dict(vars(args)),
-        'num_heads': vit.blocks[0].attn.num_heads if vit is not None else None,
+        'num_heads': num_heads,
         'rng': all_gather_objects(rng_state()),
     }
-    state.update({k: v.state_dict() if hasattr(v, 'state_dict') else v for k, v in extra.items()})
+    for name, value in extra.items():
+        if hasattr(value, 'state_dict'):
+            state[name] = value.state_dict()
+        else:
+            state[name] = value
     return state
 
 
@@ -125,8 +157,9 @@ def prepare_output_dir(path: str) -> None:
         ) from None
 
 
-# What defines a run in every script (each adds its own: --method, --teacher, --finetune ...): an implicit
-# resume of another run would carry it on in place of this one. Not --epochs: raising it extends a run.
+# What defines a run in every script (each adds its own: --method, --teacher, --finetune ...): an
+# implicit resume of another run would carry it on in place of this one. Not --epochs: raising it
+# extends a run.
 SAME_RUN = (
     'data_path',
     'dataset',
@@ -162,7 +195,8 @@ def shown(value) -> str:
 
 
 def check_same_run(path: str, checkpoint: dict, args, flags: tuple = ()) -> None:
-    """Refuse to auto-resume output_dir/checkpoint-last.pth of a run with other SAME_RUN or `flags`."""
+    """Refuse to auto-resume output_dir/checkpoint-last.pth of a run with other SAME_RUN or `flags`
+    (its saved args against `args`), which would carry that run on in place of this one."""
     saved = checkpoint.get('args') or {}
     # The script's own flags first: --finetune says more than --model.
     for flag in tuple(flags) + SAME_RUN:

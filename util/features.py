@@ -37,6 +37,18 @@ def frozen_backbone(
     return model.eval().requires_grad_(False)
 
 
+def backbone_fingerprint(backbone) -> float:
+    """A number that changes with any backbone weight (the sum of the float weights and of their
+    squares, in float64): a resume checks it against its checkpoint's."""
+    total = 0.0
+    for value in backbone.state_dict().values():
+        if not value.is_floating_point():
+            continue
+        value = value.detach().double()
+        total += value.sum().item() + value.square().sum().item()
+    return total
+
+
 @torch.no_grad()
 def knn_scores(
     train_x, train_y, test_x, num_classes: int, k: int = 20, t: float = 0.07, chunk: int = 256
@@ -44,7 +56,8 @@ def knn_scores(
     """DINO's weighted kNN: each of the k most cosine-similar training features votes for its class
     with weight exp(sim / t). Blocks of `chunk` test features keep memory at chunk x N_train.
     Returns the votes (N_test, C); a class no neighbour voted for scores -inf (no prediction)."""
-    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+    train_x = F.normalize(train_x, dim=1)  # (N_train, D)
+    test_x = F.normalize(test_x, dim=1)  # (N_test, D)
     k = min(k, train_x.shape[0])
     scores = []
     for block in test_x.split(chunk):
@@ -77,7 +90,7 @@ def logistic_regression(
 ) -> nn.Linear:
     """argmin_W mean_i CE(W x_i, y_i) + weight_decay / 2 |W|^2 by full-batch L-BFGS in float64; no
     bias, as the Layer Grafted code fits it (`fit_intercept=False`)."""
-    x, y = train_x.double(), train_y
+    x = train_x.double()  # (N, D)
     linear = nn.Linear(x.shape[1], num_classes, bias=False, dtype=torch.float64, device=x.device)
     nn.init.zeros_(linear.weight)
     optimizer = torch.optim.LBFGS(
@@ -92,7 +105,9 @@ def logistic_regression(
 
     def closure():
         optimizer.zero_grad()
-        loss = F.cross_entropy(linear(x), y) + 0.5 * weight_decay * linear.weight.square().sum()
+        cross_entropy = F.cross_entropy(linear(x), train_y)
+        l2_penalty = 0.5 * weight_decay * linear.weight.square().sum()
+        loss = cross_entropy + l2_penalty
         loss.backward()
         return loss
 

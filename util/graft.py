@@ -1,5 +1,5 @@
-"""Layer Grafted Pre-training's stage 2 (Jiang et al., ICLR 2023): the MoCo v3 encoder starts from the
-stage-1 MIM encoder, and three contiguous groups of blocks train at their own learning rates."""
+"""Layer Grafted Pre-training's stage 2 (Jiang et al., ICLR 2023): the MoCo v3 encoder starts from
+the stage-1 MIM encoder, and three contiguous groups of blocks train at their own learning rates."""
 
 import re
 
@@ -36,6 +36,7 @@ def graft_encoder(path: str, encoder, freeze_blocks: int = 0) -> None:
 
 
 def parse_lr_layer_wise(text: str) -> list:
+    """--lr_layer_wise 'a,b,c': the lr multipliers of the three groups of blocks, bottom first."""
     try:
         multipliers = [float(v) for v in text.split(',')]
     except ValueError:
@@ -51,20 +52,21 @@ def parse_lr_layer_wise(text: str) -> list:
 def block_index(name: str) -> int:
     """The encoder block a parameter belongs to, -1 outside the blocks."""
     found = BLOCK_INDEX.search(name)
-    return int(found.group(1)) if found else -1
+    if not found:
+        return -1
+    return int(found.group(1))
 
 
 def graft_group(name: str, depth: int, num_groups: int) -> int:
     """The group of contiguous blocks a parameter trains with: a block's own; the embeddings with
     the first; everything else (final norm, projector, predictor) with the last."""
     block = block_index(name)
-    return (
-        block // (depth // num_groups)
-        if block >= 0
-        else 0
-        if EMBEDDINGS.search(name)
-        else num_groups - 1
-    )
+    if block >= 0:
+        blocks_per_group = depth // num_groups
+        return block // blocks_per_group
+    if EMBEDDINGS.search(name):
+        return 0
+    return num_groups - 1
 
 
 def graft_param_groups(
@@ -72,6 +74,7 @@ def graft_param_groups(
 ) -> list:
     """timm's weight-decay groups, each split by `graft_group`, with `lr_scale` = the group's
     multiplier (timm's schedulers multiply each group's lr by its `lr_scale`)."""
+    # timm's groups hold the parameters, not their names: find the names by identity.
     names = {id(p): n for n, p in model.named_parameters()}
     depth = 1 + max(block_index(n) for n in names.values())
     if depth == 0 or depth % len(multipliers):
@@ -80,22 +83,22 @@ def graft_param_groups(
             f'the encoder has {depth} blocks: pick a --model whose depth is divisible by '
             f'{len(multipliers)} (e.g. 6, 12, 24)'
         )
-    groups = []
-    for decay_group in param_groups_weight_decay(
+    decay_groups = param_groups_weight_decay(
         model, weight_decay, no_weight_decay_list=no_weight_decay_list
-    ):
-        split = {}
+    )
+    groups = []
+    for decay_group in decay_groups:
+        by_graft_group = {}
         for param in decay_group['params']:
-            split.setdefault(graft_group(names[id(param)], depth, len(multipliers)), []).append(
-                param
+            group = graft_group(names[id(param)], depth, len(multipliers))
+            by_graft_group.setdefault(group, []).append(param)
+        for group, params in sorted(by_graft_group.items()):
+            groups.append(
+                {
+                    'params': params,
+                    'weight_decay': decay_group['weight_decay'],
+                    'lr_scale': multipliers[group],
+                    'graft_group': group,
+                }
             )
-        groups += [
-            {
-                'params': params,
-                'weight_decay': decay_group['weight_decay'],
-                'lr_scale': multipliers[g],
-                'graft_group': g,
-            }
-            for g, params in sorted(split.items())
-        ]
     return groups
