@@ -38,46 +38,61 @@ def load_image(path: str) -> Image.Image:
 
 
 def dataset_name(args) -> str:
+    """--dataset, with `auto` resolved: imagefolder with --data_path, digits without."""
     if getattr(args, 'dataset', 'auto') != 'auto':
         return args.dataset
-    return 'imagefolder' if args.data_path else 'digits'
+    if args.data_path:
+        return 'imagefolder'
+    return 'digits'
 
 
 LAYOUT = '--data_path must hold train/ and val/ with one sub-folder per class (the ImageNet layout)'
 
 
 def build_dataset(args, is_train: bool, transform) -> Dataset:
-    """digits (no --data_path), CIFAR-10/100, or the ImageFolder train/ or val/ of --data_path."""
+    """digits (no --data_path), CIFAR-10/100, or the ImageFolder train/ or val/ of --data_path.
+
+    Samples are (transform(image), class index). Raises InputError for a missing or empty folder.
+    """
     name = dataset_name(args)
     if name == 'digits':
         return Digits(train=is_train, transform=transform)
     if not args.data_path:
         raise InputError(f'--dataset {name} needs --data_path (or leave both out to use digits)')
     if name in ('cifar10', 'cifar100'):
-        cifar = datasets.CIFAR10 if name == 'cifar10' else datasets.CIFAR100
-        try:
-            return cifar(
-                args.data_path,
-                train=is_train,
-                transform=transform,
-                download=getattr(args, 'download', False),
-            )
-        except RuntimeError as e:
-            raise InputError(
-                f'{name} not found in {args.data_path} ({e}); add --download'
-            ) from None
-    root = os.path.join(args.data_path, 'train' if is_train else 'val')
+        return _cifar(name, args, is_train, transform)
+    return _image_folder(args.data_path, is_train, transform)
+
+
+def _cifar(name: str, args, is_train: bool, transform) -> Dataset:
+    """torchvision's CIFAR-10 or CIFAR-100 in --data_path (downloaded there with --download)."""
+    cifar = {'cifar10': datasets.CIFAR10, 'cifar100': datasets.CIFAR100}[name]
+    try:
+        return cifar(
+            args.data_path,
+            train=is_train,
+            transform=transform,
+            download=getattr(args, 'download', False),
+        )
+    except RuntimeError as e:
+        raise InputError(f'{name} not found in {args.data_path} ({e}); add --download') from None
+
+
+def _image_folder(data_path: str, is_train: bool, transform) -> Dataset:
+    """data_path/train (its own class indices) or data_path/val (train/'s, ValImageFolder)."""
+    train_root = os.path.join(data_path, 'train')
+    if is_train:
+        root = train_root
+    else:
+        root = os.path.join(data_path, 'val')
     if not os.path.isdir(root):
         raise InputError(f'data folder {root} does not exist: {LAYOUT}')
     try:
         if is_train:
             return datasets.ImageFolder(root, transform=transform, loader=load_image)
+        # An empty val/ is allowed here to be refused below with the layout it needs.
         dataset = ValImageFolder(
-            root,
-            os.path.join(args.data_path, 'train'),
-            transform=transform,
-            loader=load_image,
-            allow_empty=True,
+            root, train_root, transform=transform, loader=load_image, allow_empty=True
         )
     except (FileNotFoundError, RuntimeError) as e:
         raise InputError(f'no images in {root}: {e}') from None
@@ -100,16 +115,18 @@ class ValImageFolder(datasets.ImageFolder):
         val_classes = datasets.folder.find_classes(directory)[0]
         unknown = sorted(set(val_classes) - set(classes))
         if unknown:
+            shown = ', '.join(unknown[:5])
+            if len(unknown) > 5:
+                shown += ' ...'
             raise InputError(
-                f'{directory} has class folders that {self.train_root} has not '
-                f'({", ".join(unknown[:5])}{" ..." * (len(unknown) > 5)}): its images have no '
-                f'label to be scored against; remove them or add them to train/'
+                f'{directory} has class folders that {self.train_root} has not ({shown}): its '
+                f'images have no label to be scored against; remove them or add them to train/'
             )
         missing = len(classes) - len(val_classes)
         if missing:
             print(
-                f'{directory} lacks {missing} of the {len(classes)} classes of train/: scored over the '
-                f"{len(val_classes)} it has, with train/'s labels"
+                f'{directory} lacks {missing} of the {len(classes)} classes of train/: scored over '
+                f"the {len(val_classes)} it has, with train/'s labels"
             )
         return classes, class_to_idx
 
@@ -127,61 +144,62 @@ class SeededSamples(Dataset):
     The caller's RNG states are left as they were."""
 
     def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
+        self.dataset = dataset
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key):
-        epoch, index = key
+        epoch, index = key  # from EpochSampler
+        # Within a run, seeds differ while epoch < 1,000,003 and index < 10,000,019 (both prime).
         seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63
-        # torch.manual_seed would also visit every accelerator (~0.2 ms); the CPU generator is what
-        # transforms draw from. A loader worker's own streams need no restoring.
+        # A loader worker's own streams need no restoring; the main process's do.
         main_process = get_worker_info() is None
-        saved = (
-            torch.default_generator.get_state(),
-            random.getstate(),
-            main_process and np.random.get_state(),
-        )
+        torch_state = torch.default_generator.get_state()
+        python_state = random.getstate()
+        if main_process:
+            numpy_state = np.random.get_state()
+        # torch.manual_seed would also visit every accelerator (~0.2 ms); the CPU generator is what
+        # transforms draw from.
         torch.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         try:
             return self.dataset[index]
         finally:
-            torch.default_generator.set_state(saved[0])
-            random.setstate(saved[1])
+            torch.default_generator.set_state(torch_state)
+            random.setstate(python_state)
             if main_process:
-                np.random.set_state(saved[2])
+                np.random.set_state(numpy_state)
 
 
 def build_loader(
     dataset, args, is_train: bool, batch_size: int = None, random_samples: bool = True
 ) -> DataLoader:
-    """Training: a DistributedSampler (one replica without torchrun) shuffled by (--seed, epoch) alone;
+    """A DataLoader of `dataset` with `batch_size` (default --batch_size) images per process.
+
+    Training: a DistributedSampler (one replica without torchrun) shuffled by (--seed, epoch) alone;
     samples seeded one by one (SeededSamples), so resumed runs are exact and workers can persist;
-    `random_samples=False` (fixed tensors, e.g. cached features) skips that seeding, which would cost more
-    than the sample. Evaluation: rank r takes images r, r + W, ... (gather_shards restores the order)."""
-    batch_size, world_size = batch_size or args.batch_size, get_world_size()
+    `random_samples=False` (fixed tensors, e.g. cached features) skips that seeding, which would
+    cost more than the sample. Evaluation: rank r takes images r, r + W, ... (gather_shards restores
+    the order). Raises InputError where one training batch would need more images than there are.
+    """
+    batch_size = batch_size or args.batch_size
+    world_size = get_world_size()
     if is_train and batch_size * world_size > len(dataset):
         raise InputError(
             f'--batch_size {batch_size} x {world_size} process(es) is larger than the '
             f'{len(dataset)} training images: lower --batch_size'
         )
     if is_train:
-        sampler = (EpochSampler if random_samples else DistributedSampler)(
-            dataset,
-            num_replicas=world_size,
-            rank=get_rank(),
-            shuffle=True,
-            seed=args.seed,
-            drop_last=True,
-        )
-        dataset = SeededSamples(dataset, args.seed) if random_samples else dataset
+        sampler = _train_sampler(dataset, world_size, args.seed, random_samples)
+        if random_samples:
+            dataset = SeededSamples(dataset, args.seed)
     else:  # each image once: DistributedSampler would pad the last ranks with repeats
         sampler = range(get_rank(), len(dataset), world_size)
-    # Workers' base seeds come from `generator`: from the global stream, that draw would move in a resumed
-    # run (persistent workers start once per run) and shift the drop path drawn after it.
+    # Workers' base seeds come from `generator`: from the global stream, that draw would move in a
+    # resumed run (persistent workers start once per run) and shift the drop path drawn after it.
     return DataLoader(
         dataset,
         sampler=sampler,
@@ -194,26 +212,42 @@ def build_loader(
     )
 
 
+def _train_sampler(dataset, world_size: int, seed: int, random_samples: bool) -> DistributedSampler:
+    """This rank's share of each epoch's shuffle; with `random_samples`, (epoch, index) pairs."""
+    if random_samples:
+        sampler_class = EpochSampler
+    else:
+        sampler_class = DistributedSampler
+    return sampler_class(
+        dataset, num_replicas=world_size, rank=get_rank(), shuffle=True, seed=seed, drop_last=True
+    )
+
+
 def gather_shards(x: torch.Tensor, n: int) -> torch.Tensor:
-    """The rows (one per sample) of every rank's evaluation shard, in sample order, on every rank. A
-    shard of build_loader(is_train=False) holds samples rank, rank + W, ...: padded to one length for
-    all_gather, interleaved, the padding falls past the n-th row."""
+    """The rows (n, ...) of every rank's evaluation shard `x`, in sample order, on every rank.
+
+    A shard of build_loader(is_train=False) holds samples rank, rank + W, ...: padded to one length
+    for all_gather, interleaved, the padding falls past the n-th row.
+    """
     world_size = get_world_size()
     if world_size == 1:
         return x
-    rows = -(-n // world_size)
-    x = torch.cat([x, x.new_zeros(rows - len(x), *x.shape[1:])])
+    rows = -(-n // world_size)  # ceil(n / W): the length of rank 0's shard, the longest
+    x = torch.cat([x, x.new_zeros(rows - len(x), *x.shape[1:])])  # (rows, ...)
     gathered = all_gather(x, keep_local_grad=False).view(world_size, rows, *x.shape[1:])
+    # Row j of rank r is sample j * W + r: rank-major to sample order.
     return gathered.transpose(0, 1).reshape(world_size * rows, *x.shape[1:])[:n]
 
 
 def add_data_args(p, subsets: bool = True) -> None:
-    """The data flags of every script, and (`subsets`) the labelled-subset flags of the evaluations."""
+    """The data flags of every script, and (`subsets`) the labelled-subset flags of the
+    evaluations."""
     p.add_argument(
         '--data_path',
         default=None,
         type=str,
-        help='ImageFolder root with train/ (and val/ to evaluate; default: none, the built-in digits)',
+        help='ImageFolder root with train/ (and val/ to evaluate; default: none, the built-in '
+        'digits)',
     )
     p.add_argument(
         '--dataset',
@@ -235,7 +269,8 @@ def add_data_args(p, subsets: bool = True) -> None:
         '--train_fraction',
         default=None,
         type=float,
-        help='keep this fraction of each class of the training set (e.g. 0.01, 0.1), seeded by --seed',
+        help='keep this fraction of each class of the training set (e.g. 0.01, 0.1), seeded by '
+        '--seed',
     )
     p.add_argument(
         '--shots_per_class',
@@ -269,16 +304,14 @@ def read_subset_file(path: str, names: list) -> list:
     return sorted({index[name] for name in wanted})
 
 
-def label_subset(dataset, args) -> Dataset:
-    """The labelled training subset chosen by --subset_file / --train_fraction / --shots_per_class, or
-    the whole set. Its names go to output_dir/subset.txt, which --subset_file reads back."""
-    given = [
-        f
-        for f in ('subset_file', 'train_fraction', 'shots_per_class')
-        if getattr(args, f, None) is not None
-    ]
+SUBSET_FLAGS = ('subset_file', 'train_fraction', 'shots_per_class')
+
+
+def _subset_flag(args) -> str:
+    """The one labelled-subset flag given, or None; InputError for two of them or a bad value."""
+    given = [flag for flag in SUBSET_FLAGS if getattr(args, flag, None) is not None]
     if not given:
-        return dataset
+        return None
     if len(given) > 1:
         raise InputError(
             f'--{" and --".join(given)} both choose the labelled subset: give only one'
@@ -287,28 +320,58 @@ def label_subset(dataset, args) -> Dataset:
         raise InputError(f'--train_fraction must be in (0, 1], got {args.train_fraction}')
     if args.shots_per_class is not None and args.shots_per_class < 1:
         raise InputError(f'--shots_per_class must be at least 1, got {args.shots_per_class}')
-    # The file name for ImageFolder (what SimCLR's lists hold), <dataset>_<index> for sets without files.
+    return given[0]
+
+
+def _sample_names(dataset) -> list:
+    """One name per sample: the file name for ImageFolder (what SimCLR's subset lists hold),
+    `<dataset>_<index>` for sets without files (digits_0, digits_1, ... in Digits' train order)."""
     if hasattr(dataset, 'samples'):
-        names = [os.path.basename(path) for path, _ in dataset.samples]
-    else:
-        names = [f'{type(dataset).__name__.lower()}_{i}' for i in range(len(dataset))]
+        return [os.path.basename(path) for path, _ in dataset.samples]
+    return [f'{type(dataset).__name__.lower()}_{i}' for i in range(len(dataset))]
+
+
+def _stratified_subset(targets: list, fraction: float, shots: int, seed: int) -> list:
+    """Sorted indices holding `shots` or round(fraction * n_c) (at least 1) images of each class c,
+    drawn without replacement by a generator seeded with `seed` alone."""
+    rng = np.random.default_rng(seed)
+    targets = np.asarray(targets)
+    chosen = []
+    for c in np.unique(targets):
+        members = np.flatnonzero(targets == c)
+        if shots is not None:
+            k = shots
+        else:
+            k = max(1, int(round(fraction * len(members))))
+        chosen.append(rng.choice(members, size=min(k, len(members)), replace=False))
+    return sorted(np.concatenate(chosen).tolist())
+
+
+def label_subset(dataset, args) -> Dataset:
+    """The labelled training subset chosen by --subset_file / --train_fraction / --shots_per_class,
+    or the whole set. Its names go to output_dir/subset.txt, which --subset_file reads back."""
+    flag = _subset_flag(args)
+    if flag is None:
+        return dataset
+    names = _sample_names(dataset)
     if args.subset_file:
         indices = read_subset_file(args.subset_file, names)
-    else:  # round(fraction * n_c) (at least 1) or shots images of each class c, drawn by --seed alone
-        rng, targets, chosen = np.random.default_rng(args.seed), np.asarray(dataset.targets), []
-        for c in np.unique(targets):
-            members = np.flatnonzero(targets == c)
-            k = args.shots_per_class or max(1, int(round(args.train_fraction * len(members))))
-            chosen.append(rng.choice(members, size=min(k, len(members)), replace=False))
-        indices = sorted(np.concatenate(chosen).tolist())
+    else:
+        indices = _stratified_subset(
+            dataset.targets, args.train_fraction, args.shots_per_class, args.seed
+        )
+    # Written even when read from --subset_file: every run's log folder says which images it used.
     listed = os.path.join(args.output_dir or '.', 'subset.txt')
     if args.output_dir and get_rank() == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(listed, 'w') as f:
             f.writelines(f'{names[i]}\n' for i in indices)
     print(
-        f'labelled subset: {len(indices)} of {len(dataset)} training images (--{given[0]}); names in {listed}'
+        f'labelled subset: {len(indices)} of {len(dataset)} training images (--{flag}); '
+        f'names in {listed}'
     )
     subset = torch.utils.data.Subset(dataset, indices)
-    subset.targets, subset.classes = [dataset.targets[i] for i in indices], dataset.classes
+    # torch's Subset has neither; the evaluations read both.
+    subset.targets = [dataset.targets[i] for i in indices]
+    subset.classes = dataset.classes
     return subset

@@ -1,6 +1,7 @@
-"""The built-in data set: with no `--data_path` every script uses `digits`, scikit-learn's 1,797 real
-8x8 handwritten digits (10 classes), split train/val with a fixed seed and upsampled to `--input_size`
-(util/data.py: digits_view, eval_transform), so that everything runs on a fresh machine with no download.
+"""The built-in data set: with no `--data_path` every script uses `digits`, scikit-learn's 1,797
+real 8x8 handwritten digits (10 classes), split train/val with a fixed seed and upsampled to
+`--input_size` (util/transforms.py: digits_view, eval_transform), so that everything runs on a fresh
+machine with no download.
 """
 
 import math
@@ -29,7 +30,11 @@ class Digits(Dataset):
             random_state=DIGITS_SPLIT_SEED,
             stratify=digits.target,
         )
-        keep = np.sort(train_idx if train else val_idx)
+        if train:
+            keep = np.sort(train_idx)
+        else:
+            keep = np.sort(val_idx)
+        # scikit-learn's pixels are counts 0..16 (of a 4x4 block of a 32x32 bitmap): to 0..255.
         self.images = (digits.images[keep] * (255.0 / 16.0)).round().astype(np.uint8)  # (n, 8, 8)
         self.targets = digits.target[keep].tolist()
         self.classes = [str(c) for c in range(10)]
@@ -40,29 +45,35 @@ class Digits(Dataset):
 
     def __getitem__(self, index):
         image = Image.fromarray(self.images[index], mode='L').convert('RGB')
-        return self.transform(image) if self.transform is not None else image, self.targets[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
 
 
 class DigitsJitter(torch.nn.Module):
-    """A random rotation (within +-`degrees`), scale and sub-pixel shift (within +-`translate` of the
-    side) of images (..., C, H, W) in [0, 1], by bilinear resampling with the border pixels extended.
+    """A random rotation (within +-`degrees`), scale and sub-pixel shift (within +-`translate` of
+    the side) of images (..., C, H, W) in [0, 1], by bilinear resampling with the border pixels
+    extended.
 
     The 8x8 digits touch their frame, so a black margin (torchvision's RandomAffine fills with a
     constant) would make every view unlike the val images, and whole-pixel shifts (its translations
-    are rounded) are coarse on a 16 px image: a MimCo student on the demo's teacher lost 3.6 kNN points
-    with the black margin and 1.3 with whole-pixel shifts (docs/demo.md, the controlled comparison).
+    are rounded) are coarse on a 16 px image: a MimCo student on the demo's teacher lost 3.6 kNN
+    points with the black margin and 1.3 with whole-pixel shifts (docs/demo.md, the controlled
+    comparison).
     """
 
     def __init__(self, degrees: float = 10.0, scale: tuple = (0.85, 1.1), translate: float = 0.05):
         super().__init__()
-        self.degrees, self.scale, self.translate = degrees, scale, translate
+        self.degrees = degrees
+        self.scale = scale
+        self.translate = translate
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         angle = math.radians(torch.empty(()).uniform_(-self.degrees, self.degrees).item())
         scale = torch.empty(()).uniform_(*self.scale).item()
-        shift = torch.empty(2).uniform_(
-            -2 * self.translate, 2 * self.translate
-        )  # grid units: side = 2
+        # In affine_grid's units the side is 2 (from -1 to 1).
+        shift = torch.empty(2).uniform_(-2 * self.translate, 2 * self.translate)
+        # Output pixel -> input pixel: a rotation by `angle` scaled by `scale`, then the shift.
         theta = torch.tensor(
             [
                 [scale * math.cos(angle), -scale * math.sin(angle), shift[0]],
@@ -71,6 +82,5 @@ class DigitsJitter(torch.nn.Module):
         )
         batch = image.reshape(-1, *image.shape[-3:])  # (B, C, H, W)
         grid = F.affine_grid(theta.expand(len(batch), 2, 3), list(batch.shape), align_corners=False)
-        return F.grid_sample(batch, grid, padding_mode='border', align_corners=False).reshape(
-            image.shape
-        )
+        jittered = F.grid_sample(batch, grid, padding_mode='border', align_corners=False)
+        return jittered.reshape(image.shape)

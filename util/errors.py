@@ -13,7 +13,10 @@ class InputError(ValueError):
 
 def one_line(error: Exception) -> str:
     """The message itself, also when a DataLoader worker wrapped it in its traceback."""
-    text, marker = str(error).strip(), f'{type(error).__name__}: '
+    text = str(error).strip()
+    # A worker's error reaches the main process re-raised with its traceback in the message; the
+    # message proper follows the last `<its type>: `.
+    marker = f'{type(error).__name__}: '
     if 'Original Traceback' in text and marker in text:
         text = text[text.rindex(marker) + len(marker) :]
     return ' '.join(text.split())

@@ -1,6 +1,6 @@
-"""Pictures of what a ViT learned, as matplotlib figures: CLS attention maps of the last block, MAE reconstructions,
-MimCo masks and t-SNE panels, which `tools/visualize.py` saves as PNG. Figure sizes are fixed (inches x DPI): a
-PNG's pixel size is known in advance.
+"""Pictures of what a ViT learned, as matplotlib figures: CLS attention maps of the last block, MAE
+reconstructions, MimCo masks and t-SNE panels, which `tools/visualize.py` saves as PNG. Figure sizes
+are fixed (inches x DPI): a PNG's pixel size is known in advance.
 """
 
 import contextlib
@@ -19,19 +19,19 @@ from util import data, transforms
 DPI = 100
 PANEL = 1.5  # inches per image in the image grids
 TSNE_PANEL = 4.0  # inches per t-SNE panel
-MASKING_NAMES = {
-    'mae': 'mae_reconstruction',
-    'mimco': 'mimco_masks',
-}  # the masking figure of each method
+# The file name of each method's masking figure.
+MASKING_NAMES = {'mae': 'mae_reconstruction', 'mimco': 'mimco_masks'}
 
 
 @contextlib.contextmanager
 def seeded(seed: int = 0):
-    """Fixed masks and samples for pictures, the caller's RNG streams (torch, CUDA, Python's `random`) untouched."""
+    """Fixed masks and samples for pictures, the caller's RNG streams (torch, CUDA, Python's
+    `random`) untouched."""
     state = random.getstate()
-    with torch.random.fork_rng(
-        devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []
-    ):
+    devices = []
+    if torch.cuda.is_available():
+        devices = [torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         random.seed(seed)
         try:
@@ -43,24 +43,23 @@ def seeded(seed: int = 0):
 def sample_images(args, num_images: int) -> torch.Tensor:
     """`num_images` val images spread evenly over the val set, eval transform: (B, C, H, W)."""
     dataset = data.build_dataset(args, is_train=False, transform=transforms.eval_transform(args))
-    return torch.stack(
-        [dataset[int(i)][0] for i in np.linspace(0, len(dataset) - 1, num_images).round()]
-    )
+    indices = np.linspace(0, len(dataset) - 1, num_images).round()
+    return torch.stack([dataset[int(i)][0] for i in indices])
 
 
 def to_display(images: torch.Tensor) -> np.ndarray:
     """Undo the normalisation: (B, C, H, W) -> (B, H, W, C) in [0, 1]."""
-    mean, std = (
-        torch.tensor(v, device=images.device).view(1, -1, 1, 1)
-        for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    )
-    return (images.float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, -1, 1, 1)
+    pixels = (images.float() * std + mean).clamp(0, 1)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def image_rows_figure(rows: dict, maps: dict = None):
     """One row of images per entry (`rows`: title -> (B, H, W, C) array); a row with maps in `maps`
     (title -> (B, H, W) array) shows them in colour over its images in grey."""
-    maps, columns = maps or {}, len(next(iter(rows.values())))
+    maps = maps or {}
+    columns = len(next(iter(rows.values())))  # the images of the first row
     fig = Figure(figsize=(PANEL * columns, PANEL * len(rows)), dpi=DPI)
     axes = fig.subplots(len(rows), columns, squeeze=False)
     for (title, images), row_axes in zip(rows.items(), axes):
@@ -80,15 +79,16 @@ def attention_figure(images: torch.Tensor, maps: dict):
     """First row the images; then one row per backbone (`maps`: name -> (B, heads, h, w)) with the
     head-averaged CLS attention over the image."""
     shown = to_display(images)
-    overlays = {
-        f'{name}: CLS attention': F.interpolate(
-            attention.float().mean(1, keepdim=True), images.shape[-2:], mode='nearest'
-        )[:, 0]
-        .cpu()
-        .numpy()  # on each patch's pixels
-        for name, attention in maps.items()
-    }
-    return image_rows_figure({'image': shown, **dict.fromkeys(overlays, shown)}, overlays)
+    rows = {'image': shown}
+    overlays = {}
+    for name, attention in maps.items():
+        title = f'{name}: CLS attention'
+        head_mean = attention.float().mean(1, keepdim=True)  # (B, 1, h, w)
+        # Each patch's weight on each of its pixels: (B, 1, H, W)
+        pixels = F.interpolate(head_mean, images.shape[-2:], mode='nearest')
+        overlays[title] = pixels[:, 0].cpu().numpy()
+        rows[title] = shown
+    return image_rows_figure(rows, overlays)
 
 
 def masking_figure(
@@ -103,16 +103,16 @@ def masking_figure(
         else:
             mask = torch.stack([mask_generator() for _ in range(len(images))])  # (B, N)
     B, _, H, W = images.shape
-    pixel_mask = F.interpolate(
-        mask.float().reshape(B, 1, H // patch_size, W // patch_size), (H, W)
-    )  # (B, 1, H, W)
+    patch_mask = mask.float().reshape(B, 1, H // patch_size, W // patch_size)
+    pixel_mask = F.interpolate(patch_mask, (H, W))  # (B, 1, H, W), nearest: 1 on masked patches
     masked = to_display(images)
-    masked[pixel_mask[:, 0].bool().cpu().numpy()] = 0.5
+    masked[pixel_mask[:, 0].bool().cpu().numpy()] = 0.5  # grey
     if mae is None:
         ratio = mask_generator.num_masked / mask.shape[1]
         return image_rows_figure(
             {'original': to_display(images), f'MimCo mask ({ratio:.0%})': masked}
         )
+    # MAE's loss is on the masked patches alone: the visible ones are shown as they were.
     pasted = images * (1 - pixel_mask) + prediction.to(images.dtype) * pixel_mask
     return image_rows_figure(
         {
@@ -138,9 +138,9 @@ def tsne_figure(panels: list):
 
 
 def save(fig, path: str) -> None:
-    """A PNG of 256 colours (a third of the size of matplotlib's RGBA; the figures have few colours)."""
+    """A PNG of 256 colours (a third of the size of matplotlib's RGBA; the figures have few
+    colours)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=DPI)
-    Image.open(buffer).convert('RGB').quantize(256, method=Image.Quantize.MEDIANCUT).save(
-        path, optimize=True
-    )
+    rgb = Image.open(buffer).convert('RGB')
+    rgb.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)

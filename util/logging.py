@@ -27,17 +27,15 @@ from util.misc import default_amp
 
 
 class SmoothedValue:
-    """A series: its last `window_size` values (median, last) and its global average. Tensors are kept
-    as they come (no host sync) and turned into floats, all in one sync, only when read."""
+    """A series: its last `window_size` values (median, last) and its global average. Tensors are
+    kept as they come (no host sync) and turned into floats, all in one sync, only when read."""
 
     def __init__(self, window_size: int = 20, fmt: str = '{median:.4f} ({global_avg:.4f})'):
-        self.window, self.pending, self.total, self.count, self.fmt = (
-            deque(maxlen=window_size),
-            [],
-            0.0,
-            0,
-            fmt,
-        )
+        self.window = deque(maxlen=window_size)  # the last values: median and value
+        self.pending = []  # tensors not read yet
+        self.total = 0.0  # sum of value * n: global_avg
+        self.count = 0
+        self.fmt = fmt
 
     def update(self, value, n: int = 1) -> None:
         if isinstance(value, torch.Tensor):
@@ -49,7 +47,9 @@ class SmoothedValue:
 
     def flush(self) -> list:
         """Convert the pending tensors in one sync; returns the values added."""
-        values = torch.stack(self.pending).cpu().tolist() if self.pending else []
+        if not self.pending:
+            return []
+        values = torch.stack(self.pending).cpu().tolist()  # the one host sync
         self.pending.clear()
         for value in values:
             self.update(value)
@@ -58,24 +58,31 @@ class SmoothedValue:
     def synchronize_between_processes(self) -> None:
         """The global average over every rank (the window stays this rank's)."""
         self.flush()
-        if is_dist_avail_and_initialized():
-            t = torch.tensor(
-                [self.count, self.total],
-                dtype=torch.float64,
-                device='cuda' if dist.get_backend() == 'nccl' else 'cpu',
-            )
-            dist.all_reduce(t)
-            self.count, self.total = int(t[0].item()), t[1].item()
+        if not is_dist_avail_and_initialized():
+            return
+        # NCCL reduces CUDA tensors only, gloo CPU ones.
+        if dist.get_backend() == 'nccl':
+            device = 'cuda'
+        else:
+            device = 'cpu'
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        self.count = int(t[0].item())
+        self.total = t[1].item()
 
     @property
     def median(self) -> float:
         self.flush()
-        return sorted(self.window)[len(self.window) // 2] if self.window else math.nan
+        if not self.window:
+            return math.nan
+        return sorted(self.window)[len(self.window) // 2]
 
     @property
     def value(self) -> float:
         self.flush()
-        return self.window[-1] if self.window else math.nan
+        if not self.window:
+            return math.nan
+        return self.window[-1]
 
     @property
     def global_avg(self) -> float:
@@ -90,7 +97,8 @@ class MetricLogger:
     """Named SmoothedValues, printed as `name: median (average)` with progress, ETA and images/s."""
 
     def __init__(self, delimiter: str = '  '):
-        self.meters, self.delimiter = defaultdict(SmoothedValue), delimiter
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
 
     def update(self, **kwargs) -> None:
         for name, value in kwargs.items():
@@ -111,28 +119,37 @@ class MetricLogger:
         return {name: meter.global_avg for name, meter in self.meters.items()}
 
     def log_every(self, iterable, print_freq: int, header: str = '', batch_size: int = None):
-        """Yield from `iterable`, printing progress, ETA and images/s (all ranks) every print_freq."""
+        """Yield from `iterable`, printing progress, ETA and images/s (on every rank) every
+        `print_freq` steps and at the last one; then the total time."""
+        total = len(iterable)
+        width = len(str(total))
+        # Over the last 20 steps: seconds waiting for the loader, and of a whole step (wait too).
+        data_times = deque(maxlen=20)
+        step_times = deque(maxlen=20)
         start = last = time.time()
-        step_times, data_times, total = deque(maxlen=20), deque(maxlen=20), len(iterable)
         for i, obj in enumerate(iterable):
             data_times.append(time.time() - last)
             yield obj
             step_times.append(time.time() - last)
             last = time.time()
-            if i % print_freq == 0 or i == total - 1:
-                seconds = sum(step_times) / len(step_times)
-                eta = datetime.timedelta(seconds=int(seconds * (total - i - 1)))
-                parts = [f'{header} [{i:>{len(str(total))}}/{total}]', f'eta: {eta}', str(self)]
-                if batch_size:
-                    parts.append(f'img/s: {batch_size * get_world_size() / seconds:.0f}')
-                parts.append(f'time: {seconds:.4f}  data: {sum(data_times) / len(data_times):.4f}')
-                if torch.cuda.is_available():
-                    parts.append(f'max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f} MB')
-                print(self.delimiter.join(parts))
+            if i % print_freq != 0 and i != total - 1:
+                continue
+            seconds = sum(step_times) / len(step_times)
+            data_seconds = sum(data_times) / len(data_times)
+            eta = datetime.timedelta(seconds=int(seconds * (total - i - 1)))
+            # str(self) reads the meters' pending tensors: the one host sync of a printed step
+            parts = [f'{header} [{i:>{width}}/{total}]', f'eta: {eta}', str(self)]
+            if batch_size:
+                images_per_second = batch_size * get_world_size() / seconds
+                parts.append(f'img/s: {images_per_second:.0f}')
+            parts.append(f'time: {seconds:.4f}  data: {data_seconds:.4f}')
+            if torch.cuda.is_available():
+                max_memory = torch.cuda.max_memory_allocated() / 2**20
+                parts.append(f'max mem: {max_memory:.0f} MB')
+            print(self.delimiter.join(parts))
         elapsed = time.time() - start
-        print(
-            f'{header} total time: {datetime.timedelta(seconds=int(elapsed))} ({elapsed / max(total, 1):.4f} s / it)'
-        )
+        total_time = datetime.timedelta(seconds=int(elapsed))
+        print(f'{header} total time: {total_time} ({elapsed / max(total, 1):.4f} s / it)')
 
 
 def epoch_stats(logger: MetricLogger, epoch: int, log_writer=None) -> dict:
@@ -195,45 +212,59 @@ def add_run_args(p, train: bool = True) -> None:
 
 
 def setup_run(args) -> torch.device:
-    """torchrun, AMP default, output folder, seed: the start of main_finetune.py and main_linprobe.py."""
-    init_distributed_mode(args)
+    """The start of main_finetune.py and main_linprobe.py: torchrun, the --amp default, the output
+    folder and the seed. Returns the device; raises InputError for --accum_iter below 1."""
+    init_distributed_mode(args)  # sets args.rank (0 without torchrun)
     if args.amp is None:
         args.amp = default_amp(args.device)
+    # main_linprobe.py has no --accum_iter
     if getattr(args, 'accum_iter', 1) < 1:
         raise InputError(f'--accum_iter must be at least 1, got {args.accum_iter}')
     args.log_dir = args.log_dir or args.output_dir
     checkpoint.prepare_output_dir(args.output_dir)
+    # One seed per rank, so that the processes draw different dropout, drop path and Mixup.
     checkpoint.seed_everything(args.seed + args.rank)
     return torch.device(args.device)
 
 
+def _git(root: str, *argv: str) -> str:
+    """The output of `git argv` run in `root`; OSError or SubprocessError where git fails."""
+    result = subprocess.run(
+        ['git', *argv], cwd=root, capture_output=True, text=True, timeout=10, check=True
+    )
+    return result.stdout
+
+
 def git_commit() -> str:
-    """This checkout's commit, `+dirty` when tracked files changed since; None outside a git checkout."""
+    """This checkout's short commit hash, with `+dirty` when tracked files changed since; None
+    outside a git checkout (or without git)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        git = [
-            subprocess.run(
-                ['git', *argv], cwd=root, capture_output=True, text=True, timeout=10, check=True
-            ).stdout
-            for argv in (
-                ['rev-parse', '--show-toplevel', '--short', 'HEAD'],
-                ['status', '--porcelain', '-uno'],
-            )
-        ]
-        top, commit = git[0].split()
+        top, commit = _git(root, 'rev-parse', '--show-toplevel', '--short', 'HEAD').split()
+        changes = _git(root, 'status', '--porcelain', '-uno')
     except (OSError, ValueError, subprocess.SubprocessError):
         return None
     if os.path.realpath(top) != os.path.realpath(root):  # a repository of a folder above, not ours
         return None
-    return commit + '+dirty' * bool(git[1].strip())
+    if changes.strip():
+        return commit + '+dirty'
+    return commit
+
+
+def _device_name(device: torch.device) -> str:
+    """`2 x NVIDIA H100 80GB HBM3` on CUDA, `CPU (x86_64, 8 threads)` on the CPU."""
+    if device.type == 'cuda':
+        return f'{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}'
+    processor = platform.processor() or platform.machine()
+    return f'CPU ({processor}, {torch.get_num_threads()} threads)'
 
 
 def run_header(
     args, script: str, train_images: int, val_images: int = None, total_batch: int = None
 ) -> dict:
-    """The first console lines and the first JSON line of log.txt (key `run`) of every run: versions,
-    device, commit, processes, total batch and lr (where the script trains with one), the data set's
-    size; then the arguments (on the console, and in the same JSON line)."""
+    """The first console lines and the first JSON line of log.txt (key `run`) of every run:
+    versions, device, commit, processes, total batch and lr (where the script trains with one), the
+    data set's size; then the arguments (on the console, and in the same JSON line)."""
     device = torch.device(args.device)
     header = {
         'run': script,
@@ -242,11 +273,7 @@ def run_header(
         'timm': timm.__version__,
         'commit': git_commit(),
         'world_size': get_world_size(),
-        'device': (
-            f'{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}'
-            if device.type == 'cuda'
-            else f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
-        ),
+        'device': _device_name(device),
         'data': data.dataset_name(args),
         'train_images': train_images,
         'val_images': val_images,
@@ -254,18 +281,21 @@ def run_header(
     run = f'{header["world_size"]} process(es)'
     if total_batch:
         header.update(total_batch=total_batch, blr=args.blr, lr=args.lr)
-        derived = math.isclose(args.lr, args.blr * total_batch / 256)
-        run += f', total batch {total_batch}, lr {args.lr:.3g}' + (
-            f' (blr {args.blr:.3g} x {total_batch} / 256)' if derived else ' (--lr)'
-        )
-    print(
-        f'{script} | torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__} | '
-        f'{header["device"]} | commit {header["commit"] or "none (not a git checkout)"}'
+        run += f', total batch {total_batch}, lr {args.lr:.3g}'
+        # Where the lr came from: the scaling rule (MAE, App. A) or --lr itself.
+        if math.isclose(args.lr, args.blr * total_batch / 256):
+            run += f' (blr {args.blr:.3g} x {total_batch} / 256)'
+        else:
+            run += ' (--lr)'
+    versions = (
+        f'torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}'
     )
-    print(
-        f'{run} | {header["data"]}: {train_images} train / '
-        f'{"no" if val_images is None else val_images} val images'
-    )
+    commit = header['commit'] or 'none (not a git checkout)'
+    print(f'{script} | {versions} | {header["device"]} | commit {commit}')
+    shown_val = 'no'
+    if val_images is not None:
+        shown_val = val_images
+    print(f'{run} | {header["data"]}: {train_images} train / {shown_val} val images')
     print(json.dumps(vars(args), default=str))
     log_json(args.output_dir, {**header, 'args': vars(args)})
     return header
@@ -273,9 +303,13 @@ def run_header(
 
 def summarize(args, protocol: str, backbone: str, metrics: dict) -> dict:
     """The run's one summary line, and its metrics with its arguments as a JSON line in log.txt."""
-    shown = ', '.join(
-        f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in metrics.items()
-    )
-    print(f'{protocol} | {backbone} ({args.model or "model of the file"}) | {shown}')
+    shown = []
+    for name, value in metrics.items():
+        if isinstance(value, float):
+            shown.append(f'{name} {value:.2f}')
+        else:
+            shown.append(f'{name} {value}')
+    model = args.model or 'model of the file'
+    print(f'{protocol} | {backbone} ({model}) | {", ".join(shown)}')
     log_json(args.output_dir, {'summary': protocol, **metrics, 'args': vars(args)})
     return metrics

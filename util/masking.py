@@ -1,8 +1,8 @@
 """Patch masks: BEiT block-wise masks (MimCo) and uniform random masks (MAE).
 
-Every mask here masks *exactly* `round(mask_ratio * N)` patches of each image (MAE's keeps exactly
-`int(N * (1 - mask_ratio))`, as its random_masking), so a batch of masked tokens reshapes to (B, K, D)
-without padding.
+Every mask here masks *exactly* `round(mask_ratio * N)` patches of each image (MAE's keeps
+exactly `int(N * (1 - mask_ratio))`, as its random_masking), so a batch of masked tokens reshapes to
+(B, K, D) without padding.
 """
 
 import math
@@ -14,6 +14,7 @@ from util.errors import InputError
 
 
 def check_mask_ratio(mask_ratio: float) -> None:
+    """Raises InputError unless 0 < mask_ratio < 1."""
     if not 0.0 < mask_ratio < 1.0:
         raise InputError(
             f'--mask_ratio must lie in (0, 1), got {mask_ratio}: '
@@ -22,6 +23,8 @@ def check_mask_ratio(mask_ratio: float) -> None:
 
 
 def num_masked(num_patches: int, mask_ratio: float) -> int:
+    """round(mask_ratio * num_patches), kept within 1 .. num_patches - 1: some patch of each image
+    is masked and some is seen."""
     check_mask_ratio(mask_ratio)
     return max(1, min(num_patches - 1, round(mask_ratio * num_patches)))
 
@@ -40,30 +43,38 @@ class BlockMaskGenerator:
         self.height, self.width = grid_size
         self.num_masked = num_masked(self.height * self.width, mask_ratio)
         self.min_patches = min_patches
+        # The aspect ratio r is drawn log-uniformly from [min_aspect, 1 / min_aspect].
         self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
 
     def _add_block(self, mask: torch.Tensor, budget: int) -> int:
-        """Mask one block of at most `budget` new patches (10 tries, as BEiT); returns how many it added."""
+        """Mask one block of at most `budget` new patches (10 tries, as BEiT); returns how many it
+        added (0 when no try fitted)."""
         for _ in range(10):
+            # Alg. 1: an area s and an aspect ratio r make a block of sqrt(s r) by sqrt(s / r).
             area = random.uniform(self.min_patches, budget)
             aspect = math.exp(random.uniform(*self.log_aspect))
-            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-            if 0 < h <= self.height and 0 < w <= self.width:
-                top, left = random.randint(0, self.height - h), random.randint(0, self.width - w)
-                block = mask[top : top + h, left : left + w]
-                added = h * w - int(block.sum())
-                if 0 < added <= budget:
-                    block.fill_(True)
-                    return added
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            if not (0 < h <= self.height and 0 < w <= self.width):
+                continue
+            top = random.randint(0, self.height - h)
+            left = random.randint(0, self.width - w)
+            block = mask[top : top + h, left : left + w]  # a view: filling it fills the mask
+            added = h * w - int(block.sum())  # the block may overlap patches masked already
+            if 0 < added <= budget:
+                block.fill_(True)
+                return added
         return 0
 
     def __call__(self) -> torch.Tensor:
-        mask, count = torch.zeros(self.height, self.width, dtype=torch.bool), 0
+        mask = torch.zeros(self.height, self.width, dtype=torch.bool)
+        count = 0
         while self.num_masked - count >= self.min_patches:
             added = self._add_block(mask, self.num_masked - count)
             if added == 0:
                 break
             count += added
+        # Top up to the exact count with patches drawn at random among the unmasked ones.
         free = (~mask).flatten().nonzero().flatten().tolist()
         for index in random.sample(free, self.num_masked - count):
             mask.view(-1)[index] = True
@@ -71,7 +82,8 @@ class BlockMaskGenerator:
 
 
 class RandomMaskGenerator:
-    """Uniform random masks of an exact count (SimMIM-style random masking for the mask-token student)."""
+    """Uniform random masks of an exact count (SimMIM-style random masking for the mask-token
+    student)."""
 
     def __init__(self, grid_size: tuple, mask_ratio: float):
         self.num_patches = grid_size[0] * grid_size[1]
@@ -85,9 +97,9 @@ class RandomMaskGenerator:
 
 def build_mask_generator(mask_type: str, grid_size: tuple, mask_ratio: float):
     """--mask_type block or random (argparse allows nothing else)."""
-    return (BlockMaskGenerator if mask_type == 'block' else RandomMaskGenerator)(
-        grid_size, mask_ratio
-    )
+    if mask_type == 'block':
+        return BlockMaskGenerator(grid_size, mask_ratio)
+    return RandomMaskGenerator(grid_size, mask_ratio)
 
 
 class MaskNoiseGenerator:
@@ -111,13 +123,16 @@ def random_masking_indices(
     `gather(cat(kept, masked), ids_restore)` undoes the shuffle.
     """
     check_mask_ratio(mask_ratio)
-    num_keep = max(
-        1, int(num_patches * (1 - mask_ratio))
-    )  # MAE's count: 19 of 196 at 0.9 (round: 20)
+    # MAE's count, int() and not round(): 19 of 196 kept at 0.9 (round would keep 20).
+    num_keep = max(1, int(num_patches * (1 - mask_ratio)))
     if noise is None:
         noise = torch.rand(batch_size, num_patches, device=device)  # (B, N)
+    # The patches of the smallest noise are kept.
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :num_keep]  # (B, N_keep)
+    # The mask in shuffled order (kept first), then unshuffled to the patches' order.
     mask = torch.ones(batch_size, num_patches, device=device)
     mask[:, :num_keep] = 0
-    return ids_shuffle[:, :num_keep], ids_restore, torch.gather(mask, 1, ids_restore)
+    mask = torch.gather(mask, 1, ids_restore)  # (B, N)
+    return ids_keep, ids_restore, mask

@@ -1,4 +1,5 @@
-"""Fixed 2-D sin-cos position embeddings (MoCo v3, Sec. 4; MAE, Sec. 3), in both official layouts."""
+"""Fixed 2-D sin-cos position embeddings (MoCo v3, Sec. 4; MAE, Sec. 3), in both official
+layouts."""
 
 import torch
 from timm.layers import build_sincos2d_pos_embed

@@ -12,20 +12,16 @@ from util.errors import InputError
 BICUBIC = T.InterpolationMode.BICUBIC
 
 
-NORMALIZE = T.Normalize(
-    mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
-)  # stateless: one for every view
+# Stateless: one for every view.
+NORMALIZE = T.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
-
-TO_TENSOR = [
-    T.ToImage(),
-    T.ToDtype(torch.float32, scale=True),
-]  # PIL or uint8 (C, H, W) to float32 in [0, 1]
+# A PIL image or a uint8 (C, H, W) tensor to float32 in [0, 1].
+TO_TENSOR = [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
 
 
 def digits_view(args) -> T.Compose:
-    """Digits are centred strokes: a small affine jitter and pixel noise, no crops or flips (a flipped
-    2 is no digit)."""
+    """Digits are centred strokes: a small affine jitter and pixel noise, no crops or flips (a
+    flipped 2 is no digit)."""
     return T.Compose(
         [
             T.Resize(args.input_size, interpolation=BICUBIC),
@@ -78,15 +74,19 @@ def eval_transform(args) -> T.Compose:
 
 
 class Views:
-    """The tuple of tensors one pre-training step takes from an image: each view of it (MoCo v3's two,
-    MimCo's and MAE's one), then, for MimCo, its patch mask, made here in the loader's workers."""
+    """The tuple of tensors one pre-training step takes from an image: each view of it (MoCo v3's
+    two, MimCo's and MAE's one), then, for MimCo, its patch mask, made here in the loader's workers
+    (seeded with the sample's augmentations by SeededSamples)."""
 
     def __init__(self, *views, mask_generator=None):
-        self.views, self.mask_generator = views, mask_generator
+        self.views = views
+        self.mask_generator = mask_generator
 
     def __call__(self, image) -> tuple:
         views = tuple(view(image) for view in self.views)
-        return views + (self.mask_generator(),) if self.mask_generator is not None else views
+        if self.mask_generator is None:
+            return views
+        return views + (self.mask_generator(),)
 
 
 def pretrain_transform(args, mask_generator=None) -> Views:
@@ -95,12 +95,15 @@ def pretrain_transform(args, mask_generator=None) -> Views:
     if args.method == 'mocov3':
         if digits:
             return Views(digits_view(args), digits_view(args))
+        # BYOL's asymmetric pair: the first view always blurred, the second sometimes solarized.
         return Views(
             byol_view(args, blur_p=1.0, solarize_p=0.0), byol_view(args, blur_p=0.1, solarize_p=0.2)
         )
-    return Views(
-        digits_view(args) if digits else crop_flip_view(args), mask_generator=mask_generator
-    )
+    if digits:
+        view = digits_view(args)
+    else:
+        view = crop_flip_view(args)
+    return Views(view, mask_generator=mask_generator)
 
 
 def finetune_view(args):
