@@ -1,32 +1,29 @@
 """Time and memory of one pre-training step of each method, next to a bare-timm reference.
 
-Ours is the real code (`pretrain_setup.build_model` and `build_optimizer`, `engine_pretrain.train_one_epoch`) on synthetic
-batches already on the device. The reference, in the same process, is a bare timm ViT doing only the arithmetic
-the method needs (heads, projectors and losses must fit in the targets' margin):
-- mimco:  student ViT fwd + bwd + AdamW step on the full sequence, plus one teacher ViT fwd without grad;
-- mae:    the encoder on the visible tokens (timm's PatchDropout) plus the decoder blocks, fwd + bwd + step;
-- mocov3: base ViT fwd + bwd + step on both views, plus the momentum update and momentum ViT fwd.
-Peak memory: CUDA's max_memory_allocated (n/a on the CPU). Warm-up s: ours, --compile's compilation included.
-python -m benchmarks.bench_step                                                 # CPU, the tiny digits ViT
-python -m benchmarks.bench_step --model vit_small_patch16_224 --batch_size 256  # one GPU; all: gpu_all.sh"""
+Ours is the real code (`pretrain_setup.build_model` and `build_optimizer`,
+`engine_pretrain.train_one_epoch`) on synthetic batches already on the device. The reference
+(benchmarks/reference.py), in the same process, is a bare timm ViT doing only the arithmetic the
+method needs: heads, projectors and losses must fit in the targets' margin.
+Peak memory: CUDA's max_memory_allocated (n/a on the CPU). Warm-up s: ours, --compile's compilation
+included.
+python -m benchmarks.bench_step                     # CPU, the tiny digits ViT
+python -m benchmarks.bench_step --model vit_small_patch16_224 --batch_size 256  # one GPU
+bash benchmarks/gpu_all.sh                          # every GPU measurement"""
 
 import argparse
 import contextlib
 import functools
-import gc
 import io
 import os
 import shlex
 import tempfile
-import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 
 import main_pretrain
 import pretrain_setup
+from benchmarks.reference import measure_reference
+from benchmarks.timing import device_name, release_memory, timed
 from engine_pretrain import train_one_epoch
 from models_mocov3 import moco_momentum
 from util import checkpoint
@@ -34,10 +31,15 @@ from util.lr_sched import cosine_lr_scheduler
 from util.misc import autocast
 
 METHODS = ('mimco', 'mae', 'mocov3')
-# The speed and memory goals (docs/performance.md, as issue 17 states them): time ratio ours / reference, memory ratio,
-# MAE / a full-sequence ViT step (ViT-L/16; ViT-B's floor is 0.55), teacher share of a MimCo step.
+# The speed and memory goals (docs/performance.md, as issue 17 states them).
+# Time ratio, ours / reference:
 TIME_TARGET = {'mimco': 1.10, 'mae': 1.05, 'mocov3': 1.05}
-MEMORY_TARGET, MAE_VS_FULL_VIT, TEACHER_SHARE = 1.15, 0.40, 0.35
+# Memory ratio, ours / reference:
+MEMORY_TARGET = 1.15
+# MAE's step / a full-sequence ViT step (ViT-L/16; ViT-B's floor is 0.55):
+MAE_VS_FULL_VIT = 0.40
+# The teacher's forward, as a share of a MimCo step:
+TEACHER_SHARE = 0.35
 HEADER = [
     'method',
     'model',
@@ -55,6 +57,7 @@ HEADER = [
 
 
 def method_list(text: str) -> list:
+    """argparse type of --methods: 'mimco,mae' -> ['mimco', 'mae'], each one of METHODS."""
     methods = [m.strip() for m in text.split(',') if m.strip()]
     if not methods or any(m not in METHODS for m in methods):
         raise argparse.ArgumentTypeError(f'{text!r}: choose from {", ".join(METHODS)}')
@@ -110,61 +113,29 @@ def get_args_parser():
     return p
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == 'cuda':
-        return f'{torch.cuda.get_device_name(device)} (torch {torch.__version__})'
-    model = 'unknown CPU'
-    with contextlib.suppress(OSError), open('/proc/cpuinfo') as f:
-        model = next(
-            (line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), model
-        )
-    return f'{model}, {torch.get_num_threads()} torch threads of {os.cpu_count()} cores (torch {torch.__version__})'
-
-
-def release_memory(device: torch.device):
-    """Free what the last measurement left; the MiB CUDA tensors still hold (None on the CPU)."""
-    gc.collect()
-    if device.type == 'cuda':
-        torch.cuda.empty_cache()
-        return torch.cuda.memory_allocated(device) / 2**20
-
-
-def timed(run_steps, device: torch.device, steps: int, warmup: int, base) -> dict:
-    """ms per step of `run_steps(n)` (queued device work included) after `warmup` untimed steps (warmup_s: with
-    --compile, compilation too), and the peak MiB of CUDA tensors above `base` from then on (None on the CPU)."""
-    sync = torch.cuda.synchronize if device.type == 'cuda' else lambda _: None
-    if base is not None:
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds = []
-    for n in (warmup, steps):
-        sync(device)
-        start = time.perf_counter()
-        run_steps(n)
-        sync(device)
-        seconds.append(time.perf_counter() - start)
-    peak = None if base is None else torch.cuda.max_memory_allocated(device) / 2**20 - base
-    return {'ms': seconds[1] * 1000 / steps, 'peak': peak, 'warmup_s': seconds[0]}
-
-
 def pretrain_args(bench, method: str, *flags: str):
-    """main_pretrain's args of `method`, the benchmark's model, batch and device, and `flags`, as main() has them."""
-    argv = [
-        '--method',
-        method,
-        '--model',
-        bench.model,
-        '--batch_size',
-        str(bench.batch_size),
-        '--device',
-        bench.device,
-        '--output_dir',
-        '',
-        *flags,
-    ]
+    """main_pretrain's args of `method`, the benchmark's model, batch and device, and `flags`, as
+    main() has them once resolved."""
+    argv = ['--method', method, '--model', bench.model]
+    argv += ['--batch_size', str(bench.batch_size), '--device', bench.device]
+    argv += ['--output_dir', '', *flags]
     args = main_pretrain.get_args_parser().parse_args(argv)
     args.distributed = False
     pretrain_setup.resolve_args(args)
     return args
+
+
+def step_flags(bench) -> list:
+    """The main_pretrain flags of every step measured; --pretrain_args last, to win."""
+    flags = ['--num_workers', '0']
+    if bench.input_size:
+        flags += ['--input_size', str(bench.input_size)]
+    if bench.amp:
+        flags += ['--amp', bench.amp]
+    if bench.compile:
+        flags.append('--compile')
+    flags += shlex.split(bench.pretrain_args)
+    return flags
 
 
 def write_teacher(bench, folder: str, flags: list) -> str:
@@ -176,48 +147,60 @@ def write_teacher(bench, folder: str, flags: list) -> str:
     return path
 
 
+def synthetic_batch(args, model, device: torch.device) -> tuple:
+    """One loader batch of `args.method`, random, on the device: (inputs, labels). The inputs are
+    the (B, 3, H, W) images, then MimCo's (B, N) masks or MoCo v3's second view."""
+    B = args.batch_size
+    images = torch.randn(B, 3, args.input_size, args.input_size, device=device)
+    labels = torch.zeros(B, dtype=torch.long, device=device)
+    if args.method == 'mimco':
+        masks = torch.stack([model.mask_generator() for _ in range(B)]).to(device)  # (B, N)
+        return (images, masks), labels
+    if args.method == 'mocov3':
+        return (images, torch.randn_like(images)), labels
+    return (images,), labels
+
+
+def teacher_ms(teacher, images, args, device: torch.device, steps: int, warmup: int) -> float:
+    """ms per forward of the teacher alone, as the loop calls it."""
+
+    def teacher_steps(n):
+        for _ in range(n):
+            with autocast(device, args.amp):
+                teacher(images)
+
+    return timed(teacher_steps, device, steps, warmup, None)['ms']
+
+
 def measure_ours(args, device: torch.device, steps: int, warmup: int) -> dict:
-    """The real training loop on synthetic batches: ms per step, peak MiB, warm-up s, and the teacher's ms."""
+    """The real training loop on synthetic batches: ms per step, peak MiB, warm-up s, and the
+    teacher's ms (MimCo)."""
     base = release_memory(device)
-    with contextlib.redirect_stdout(
-        io.StringIO()
-    ):  # build_model and the loop log; not for the table
+    with contextlib.redirect_stdout(io.StringIO()):  # build_model's log; not for the table
         model, teacher = pretrain_setup.build_model(args)
-    # One loader batch of the method, random, on the device: (inputs, labels).
-    B, images = (
-        args.batch_size,
-        torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device),
-    )
-    second = {
-        'mimco': lambda: torch.stack([model.mask_generator() for _ in range(B)]).to(
-            device
-        ),  # (B, N) masks
-        'mocov3': lambda: torch.randn_like(images),
-    }.get(args.method)  # MoCo v3: the second view
-    batch = (
-        (images, second()) if second else (images,),
-        torch.zeros(B, dtype=torch.long, device=device),
-    )
+    batch = synthetic_batch(args, model, device)
     if args.grad_ckpt:
         getattr(model, pretrain_setup.BACKBONE[args.method]).set_grad_checkpointing(True)
     # As main(): compile the model and the teacher, the optimizer holds the uncompiled parameters.
     model.to(device)
-    teacher = teacher.to(device) if teacher is not None else None
-    train_model = torch.compile(model) if args.compile else model
-    teacher = torch.compile(teacher) if teacher is not None and args.compile else teacher
+    train_model = model
+    if args.compile:
+        train_model = torch.compile(model)
+    if teacher is not None:
+        teacher = teacher.to(device)
+        if args.compile:
+            teacher = torch.compile(teacher)
     optimizer = pretrain_setup.build_optimizer(args, model)
     scheduler = cosine_lr_scheduler(optimizer, args.epochs, args.warmup_epochs, args.min_lr, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    momentum = (
-        functools.partial(
+    momentum = None
+    if args.method == 'mocov3':
+        momentum = functools.partial(
             moco_momentum, base_m=args.moco_m, epochs=args.epochs, cosine=args.moco_m_cos
         )
-        if args.method == 'mocov3'
-        else None
-    )
 
     def run_steps(n):
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()):  # the loop's log; not for the table
             train_one_epoch(
                 train_model,
                 [batch] * n,
@@ -235,136 +218,54 @@ def measure_ours(args, device: torch.device, steps: int, warmup: int) -> dict:
             )
 
     result = timed(run_steps, device, steps, warmup, base)
-    if teacher is not None:  # the teacher alone, as the loop calls it
-
-        def teacher_steps(n):
-            for _ in range(n):
-                with autocast(device, args.amp):
-                    teacher(batch[0][0])
-
-        result['teacher_ms'] = timed(teacher_steps, device, steps, warmup, None)['ms']
+    if teacher is not None:
+        images = batch[0][0]
+        result['teacher_ms'] = teacher_ms(teacher, images, args, device, steps, warmup)
     return result
-
-
-class Reference(nn.Module):
-    """A timm ViT on the full sequence, its loss the mean of its tokens; with `mae`, on the visible tokens
-    (PatchDropout keeps 1 - mask_ratio of the patches) and timm Blocks on the full sequence after it."""
-
-    def __init__(self, args, mae: bool = False):
-        super().__init__()
-        self.vit, self.mae = (
-            pretrain_setup.create_vit(args, patch_drop_rate=args.mask_ratio if mae else 0.0),
-            mae,
-        )
-        if mae:
-            dim, norm = args.decoder_embed_dim, functools.partial(nn.LayerNorm, eps=1e-6)
-            self.decoder_embed = nn.Linear(self.vit.embed_dim, dim)
-            self.decoder = nn.Sequential(
-                *[
-                    Block(dim, args.decoder_num_heads, qkv_bias=True, norm_layer=norm)
-                    for _ in range(args.decoder_depth)
-                ]
-            )
-            self.decoder_norm = norm(dim)
-            self.decoder_pred = nn.Linear(dim, self.vit.patch_embed.patch_size[0] ** 2 * 3)
-
-    def forward(self, *images: torch.Tensor) -> torch.Tensor:
-        x = self.vit.forward_features(
-            images[0] if self.mae else torch.cat(images)
-        )  # MAE: (B, 1 + N_keep, D)
-        if not self.mae:
-            return x.float().mean()
-        masked = self.vit.num_prefix_tokens + self.vit.patch_embed.num_patches - x.shape[1]
-        x = F.pad(
-            self.decoder_embed(x), (0, 0, 0, masked)
-        )  # (B, 1 + N, D_dec): the mask tokens' slots
-        return self.decoder_pred(self.decoder_norm(self.decoder(x))).float().square().mean()
-
-
-def measure_reference(
-    args, device: torch.device, steps: int, warmup: int, full_vit: bool = False
-) -> dict:
-    """The bare-timm reference of `args.method` (with `full_vit`: the plain full-sequence ViT step)."""
-    base = release_memory(device)
-    method, size = 'vit' if full_vit else args.method, args.input_size
-    model = Reference(args, mae=method == 'mae')
-    views = 2 if method == 'mocov3' else 1
-    inputs = tuple(torch.randn(args.batch_size, 3, size, size, device=device) for _ in range(views))
-    frozen = None
-    if (
-        method == 'mimco'
-    ):  # the teacher's timm ViT, at the size that gives it the student's patch grid
-        with contextlib.redirect_stdout(io.StringIO()):
-            frozen = (
-                pretrain_setup.build_teacher(args, model.vit).backbone.requires_grad_(False).eval()
-            )
-    elif method == 'mocov3':  # the momentum ViT
-        frozen = pretrain_setup.create_vit(args).requires_grad_(False)
-    if frozen is not None:
-        frozen.to(device)
-        frozen_forward = (
-            torch.compile(frozen.forward_features) if args.compile else frozen.forward_features
-        )
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    train_model = torch.compile(model) if args.compile else model
-    optimizer = pretrain_setup.build_optimizer(args, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-
-    def run_steps(n):
-        for _ in range(n):
-            with autocast(device, args.amp):
-                with torch.no_grad():
-                    if method == 'mocov3':
-                        torch._foreach_lerp_(list(frozen.parameters()), params, 0.01)
-                        frozen_forward(torch.cat(inputs))
-                    elif method == 'mimco':
-                        resize = inputs[0].shape[-1] != frozen.patch_embed.img_size[-1]
-                        frozen_forward(
-                            F.interpolate(
-                                inputs[0], size=frozen.patch_embed.img_size, mode='bicubic'
-                            )
-                            if resize
-                            else inputs[0]
-                        )
-                loss = train_model(*inputs)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-    return timed(run_steps, device, steps, warmup, base)
 
 
 def markdown_row(cells: list, header: bool = False) -> str:
     """A Markdown table row; with `header`, the rule under it too."""
     row = '| ' + ' | '.join(str(c) for c in cells) + ' |'
-    return row + '\n|' + '---|' * len(cells) if header else row
+    if header:
+        row += '\n|' + '---|' * len(cells)
+    return row
 
 
 def fmt(value, spec: str = '.1f') -> str:
-    return 'n/a' if value is None else format(value, spec)
+    if value is None:
+        return 'n/a'
+    return format(value, spec)
 
 
 def ratio_cell(ours, reference, target: float) -> str:
     """ours / reference, with ' ok' or ' MISS' against `target`; n/a without both."""
-    ratio = ours / reference if ours and reference else None
-    return fmt(ratio, '.2f') + ('' if ratio is None else ' ok' if ratio <= target else ' MISS')
+    if not ours or not reference:
+        return 'n/a'
+    ratio = ours / reference
+    if ratio <= target:
+        return f'{ratio:.2f} ok'
+    return f'{ratio:.2f} MISS'
+
+
+def speed_cells(ms: float, batch_size: int) -> list:
+    """The step ms and img/s cells."""
+    return [fmt(ms), fmt(1000 * batch_size / ms, '.0f')]
 
 
 def method_rows(method: str, args, ours: dict, ref: dict, full_vit: dict = None) -> list:
-    """Ours against the reference (None: --no_reference), MimCo's teacher share, MAE against a full ViT step."""
-    B, ref, target = args.batch_size, ref or {'ms': None, 'peak': None}, TIME_TARGET[method]
-
-    def speed(ms):  # step ms, img/s
-        return [fmt(ms), fmt(1000 * B / ms, '.0f')]
-
+    """Ours against the reference (None: --no_reference), MimCo's teacher share, MAE against a full
+    ViT step."""
+    B = args.batch_size
+    if ref is None:
+        ref = {'ms': None, 'peak': None}
+    target = TIME_TARGET[method]
     rows = [
         [
             method,
             args.model,
             B,
-            *speed(ours['ms']),
+            *speed_cells(ours['ms'], B),
             fmt(ours['peak'], '.0f'),
             fmt(ours['warmup_s']),
             fmt(ref['ms']),
@@ -375,17 +276,18 @@ def method_rows(method: str, args, ours: dict, ref: dict, full_vit: dict = None)
         ]
     ]
     if 'teacher_ms' in ours:
+        share = ratio_cell(ours['teacher_ms'], ours['ms'], TEACHER_SHARE)
         rows.append(
             [
                 f'{method}: teacher fwd / step',
                 args.teacher_model or args.model,
                 B,
-                *speed(ours['teacher_ms']),
+                *speed_cells(ours['teacher_ms'], B),
                 '',
                 '',
                 '',
                 '',
-                ratio_cell(ours['teacher_ms'], ours['ms'], TEACHER_SHARE),
+                share,
                 '',
                 f'≤ {TEACHER_SHARE:.2f} (GPU bf16)',
             ]
@@ -396,7 +298,7 @@ def method_rows(method: str, args, ours: dict, ref: dict, full_vit: dict = None)
                 f'{method} / full-sequence ViT',
                 args.model,
                 B,
-                *speed(full_vit['ms']),
+                *speed_cells(full_vit['ms'], B),
                 fmt(full_vit['peak'], '.0f'),
                 '',
                 '',
@@ -409,38 +311,46 @@ def method_rows(method: str, args, ours: dict, ref: dict, full_vit: dict = None)
     return rows
 
 
+def print_heading(bench, args, device: torch.device) -> None:
+    """What was measured and how, then the table's header."""
+    memory = 'n/a on the CPU'
+    if device.type == 'cuda':
+        memory = 'torch.cuda.max_memory_allocated'
+    print(
+        f'device: {device_name(device)}; amp {args.amp}; compile {bench.compile}; '
+        f'{bench.steps} timed steps after {bench.warmup} '
+        f'warm-up (warm-up s: ours, with compilation); peak memory: {memory}\n'
+    )
+    print(markdown_row(HEADER, header=True), flush=True)
+
+
 def main(bench) -> list:
-    device, rows = torch.device(bench.device), []
+    device = torch.device(bench.device)
+    rows = []
     if bench.threads:
         torch.set_num_threads(bench.threads)
-    # The flags of every step measured; --pretrain_args last, to win.
-    flags = ['--num_workers', '0'] + (
-        ['--input_size', str(bench.input_size)] if bench.input_size else []
-    )
-    flags += (['--amp', bench.amp] if bench.amp else []) + (['--compile'] if bench.compile else [])
-    flags += shlex.split(bench.pretrain_args)
+    flags = step_flags(bench)
     with tempfile.TemporaryDirectory() as folder:
-        teacher = write_teacher(bench, folder, flags) if 'mimco' in bench.methods else None
+        teacher = None
+        if 'mimco' in bench.methods:
+            teacher = write_teacher(bench, folder, flags)
         for method in bench.methods:
             torch.manual_seed(bench.seed)
-            mimco = ['--teacher', teacher, '--teacher_model', bench.teacher_model or bench.model]
-            args = pretrain_args(bench, method, *(mimco if method == 'mimco' else []), *flags)
-            if (
-                not rows
-            ):  # each row is printed once measured: a run cut short keeps what it measured
-                print(
-                    f'device: {device_name(device)}; amp {args.amp}; compile {bench.compile}; '
-                    f'{bench.steps} timed steps after {bench.warmup} '
-                    f'warm-up (warm-up s: ours, with compilation); peak memory: '
-                    f'{"torch.cuda.max_memory_allocated" if device.type == "cuda" else "n/a on the CPU"}\n'
-                )
-                print(markdown_row(HEADER, header=True), flush=True)
+            method_flags = []
+            if method == 'mimco':
+                teacher_model = bench.teacher_model or bench.model
+                method_flags = ['--teacher', teacher, '--teacher_model', teacher_model]
+            args = pretrain_args(bench, method, *method_flags, *flags)
+            # Each row is printed once measured: a run cut short keeps what it measured.
+            if not rows:
+                print_heading(bench, args, device)
             ours = measure_ours(args, device, bench.steps, bench.warmup)
-            reference = functools.partial(
-                measure_reference, args, device, bench.steps, bench.warmup
-            )
-            ref = None if bench.no_reference else reference()
-            full = reference(full_vit=True) if method == 'mae' and not bench.no_reference else None
+            ref = None
+            full = None
+            if not bench.no_reference:
+                ref = measure_reference(args, device, bench.steps, bench.warmup)
+                if method == 'mae':
+                    full = measure_reference(args, device, bench.steps, bench.warmup, full_vit=True)
             for row in method_rows(method, args, ours, ref, full):
                 print(markdown_row(row), flush=True)
                 rows.append(row)

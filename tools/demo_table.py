@@ -6,9 +6,11 @@ python -m tools.demo_table --output_dir output/demo --command "scripts/demo.sh" 
 import argparse
 import datetime
 import json
+import operator
 import pathlib
 
-# (row label, pre-training folders in order, folder of its evaluations): the layout of scripts/demo.sh.
+# (row label, pre-training folders in order, folder of its evaluations): the layout of
+# scripts/demo.sh.
 ROWS = [
     ('random init', [], 'random'),
     ("MoCo v3 (MimCo's teacher)", ['mocov3'], 'mocov3'),
@@ -16,32 +18,58 @@ ROWS = [
     ('MAE', ['mae'], 'mae'),
     ('Layer Grafted: MAE → MoCo v3 (0.1,0.1,1)', ['mae', 'grafted'], 'grafted'),
 ]
+# folder of the evaluation run -> column title
 COLUMNS = {
     'knn': 'kNN',
     'linear': 'linear',
     'logreg1': '1 % logreg',
     'logreg10': '10 % logreg',
     'finetune': 'fine-tune',
-}  # folder of the evaluation run -> column title
+}
 STAGE_NAMES = {'mocov3': 'MoCo v3', 'mimco': 'MimCo', 'mae': 'MAE', 'grafted': 'grafted MoCo v3'}
-# The papers' orderings (row, is at least / beats, row, column): MimCo's student at least equals its teacher
-# (MimCo, Zhou et al. 2022); the grafted model beats both parents on 1 % labels (Layer Grafted, Table 1).
+# The papers' orderings (row, is at least / beats, row, column): MimCo's student at least equals
+# its teacher (MimCo, Zhou et al. 2022); the grafted model beats both parents on 1 % labels (Layer
+# Grafted, Table 1).
 ORDERINGS = [
     ('mimco', '≥', 'mocov3', 'knn'),
     ('mimco', '≥', 'mocov3', 'logreg1'),
     ('grafted', '>', 'mae', 'logreg1'),
     ('grafted', '>', 'mocov3', 'logreg1'),
 ]
+RELATIONS = {'≥': operator.ge, '>': operator.gt}
 
 
 def read_log(*folders: str) -> list:
     """The JSON lines of the run's folders/.../log.txt; none if it did not run."""
     path = pathlib.Path(*folders, 'log.txt')
-    return (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if path.is_file()
-        else []
-    )
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def stage_epochs(output_dir: str, stage: str) -> str:
+    """The epochs a pre-training stage ran, from the per-epoch lines of its log; '?' if none."""
+    log = read_log(output_dir, stage)
+    epochs = [e['epoch'] for e in log if 'epoch' in e and 'summary' not in e]
+    if not epochs:
+        return '?'
+    return str(max(epochs) + 1)
+
+
+def last_top1(output_dir: str, row: str, column: str):
+    """The top-1 of the last summary line of an evaluation's log; None if it did not run."""
+    log = read_log(output_dir, 'eval', row, column)
+    acc1 = [e['acc1'] for e in log if 'summary' in e]
+    if not acc1:
+        return None
+    return acc1[-1]
+
+
+def top1_cell(value) -> str:
+    """A table cell: the top-1 to one decimal, '–' where the evaluation did not run."""
+    if value is None:
+        return '–'
+    return f'{value:.1f}'
 
 
 def table(output_dir: str) -> tuple:
@@ -53,47 +81,44 @@ def table(output_dir: str) -> tuple:
     ]
     values = {}
     for label, stages, row in ROWS:
-        epochs = [
-            [e['epoch'] for e in read_log(output_dir, s) if 'epoch' in e and 'summary' not in e]
-            for s in stages
-        ]
         if stages:
-            label += ': ' + ' → '.join(
-                f'{STAGE_NAMES[s]} {max(e) + 1 if e else "?"} ep' for s, e in zip(stages, epochs)
-            )
-        summaries = {
-            c: [e['acc1'] for e in read_log(output_dir, 'eval', row, c) if 'summary' in e]
-            for c in COLUMNS
-        }
-        values[row] = {column: acc1[-1] if acc1 else None for column, acc1 in summaries.items()}
-        cells = ['–' if v is None else f'{v:.1f}' for v in values[row].values()]
+            trained = [f'{STAGE_NAMES[s]} {stage_epochs(output_dir, s)} ep' for s in stages]
+            label += ': ' + ' → '.join(trained)
+        values[row] = {column: last_top1(output_dir, row, column) for column in COLUMNS}
+        cells = [top1_cell(v) for v in values[row].values()]
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines), values
 
 
-def main(args):
-    text, values = table(args.output_dir)
-    result = (
-        f'Measured {datetime.date.today().isoformat()}'
-        + (f' by `{args.command}`' if args.command else '')
-        + (
-            f', wall time {datetime.timedelta(seconds=int(args.wall_time))}'
-            if args.wall_time
-            else ''
-        )
-        + '. Val top-1 (%) on the 360 val digits; 1 % = 1 labelled image per class, 10 % = 14.\n\n'
-        + text
-        + '\n'
-    )  # a blank line before the table (Markdown)
+def ordering_lines(values: dict) -> list:
+    """A line for each of ORDERINGS whose two cells were measured: does it hold in this run."""
     shown = []
     for a, relation, b, column in ORDERINGS:
-        x, y = values[a][column], values[b][column]
-        if x is not None and y is not None:
-            holds = x >= y if relation == '≥' else x > y
-            shown.append(
-                f'- {STAGE_NAMES[a]} {relation} {STAGE_NAMES[b]} on {COLUMNS[column]}: '
-                f'{"yes" if holds else "no"} ({x:.1f} vs {y:.1f})'
-            )
+        x = values[a][column]
+        y = values[b][column]
+        if x is None or y is None:
+            continue
+        answer = 'no'
+        if RELATIONS[relation](x, y):
+            answer = 'yes'
+        shown.append(
+            f'- {STAGE_NAMES[a]} {relation} {STAGE_NAMES[b]} on {COLUMNS[column]}: '
+            f'{answer} ({x:.1f} vs {y:.1f})'
+        )
+    return shown
+
+
+def main(args):
+    text, values = table(args.output_dir)
+    result = f'Measured {datetime.date.today().isoformat()}'
+    if args.command:
+        result += f' by `{args.command}`'
+    if args.wall_time:
+        result += f', wall time {datetime.timedelta(seconds=int(args.wall_time))}'
+    result += '. Val top-1 (%) on the 360 val digits; 1 % = 1 labelled image per class, 10 % = 14.'
+    # A blank line before the table (Markdown).
+    result += '\n\n' + text + '\n'
+    shown = ordering_lines(values)
     if shown:
         result += "\nThe papers' orderings in this run:\n" + '\n'.join(shown) + '\n'
     pathlib.Path(args.output_dir, 'results.md').write_text(result)
@@ -112,8 +137,5 @@ def get_args_parser():
 
 
 if __name__ == '__main__':
-    main(
-        argparse.ArgumentParser(
-            'the table of scripts/demo.sh', parents=[get_args_parser()]
-        ).parse_args()
-    )
+    parser = argparse.ArgumentParser('the table of scripts/demo.sh', parents=[get_args_parser()])
+    main(parser.parse_args())

@@ -1,8 +1,9 @@
-"""The five evaluations of one backbone in one process (one import of torch instead of five), each by
-the real script's parser and main(): kNN, linear probe, 1 % and 10 % logistic regression (main_linprobe.py)
-and a fine-tune (main_finetune.py). Each prints its command line, then writes its JSON summary to
-<output_dir>/<protocol>/log.txt for tools/demo_table.py. Used by scripts/demo.sh:
-python -m tools.eval_all --checkpoint output/demo/mimco/checkpoint-last.pth --output_dir output/demo/eval/mimco"""
+"""The five evaluations of one backbone in one process (one import of torch instead of five), each
+by the real script's parser and main(): kNN, linear probe, 1 % and 10 % logistic regression
+(main_linprobe.py) and a fine-tune (main_finetune.py). Each prints its command line, then writes its
+JSON summary to <output_dir>/<protocol>/log.txt for tools/demo_table.py. Used by scripts/demo.sh:
+python -m tools.eval_all --checkpoint output/demo/mimco/checkpoint-last.pth \
+    --output_dir output/demo/eval/mimco"""
 
 import argparse
 import os
@@ -41,40 +42,40 @@ def get_args_parser():
     return p
 
 
-def main(args):
+def protocol_argv(args) -> dict:
+    """{protocol: the command line of its script, less --output_dir}."""
     common = ['--num_workers', str(args.num_workers), '--seed', str(args.seed)]
     probe = ['--checkpoint', args.checkpoint] + common
-    argv = {
+    # MAE warms its 90-epoch linear probe up for 10 epochs.
+    linear_warmup = min(10, args.linear_epochs // 9)
+    linear = ['--protocol', 'linear', '--epochs', str(args.linear_epochs)]
+    linear += ['--warmup_epochs', str(linear_warmup)]
+    # The random-init baseline is fine-tuned from scratch: no --finetune.
+    finetune = []
+    if args.checkpoint != 'random':
+        finetune = ['--finetune', args.checkpoint]
+    finetune += ['--epochs', str(args.finetune_epochs)]
+    finetune += ['--warmup_epochs', str(args.finetune_warmup), '--blr', str(args.finetune_blr)]
+    return {
         'knn': ['--protocol', 'knn'] + probe,
-        'linear': [
-            '--protocol',
-            'linear',
-            '--epochs',
-            str(args.linear_epochs),
-            '--warmup_epochs',
-            str(min(10, args.linear_epochs // 9)),
-        ]
-        + probe,  # MAE's 10 of 90
+        'linear': linear + probe,
         'logreg1': ['--protocol', 'logreg', '--train_fraction', '0.01'] + probe,
         'logreg10': ['--protocol', 'logreg', '--train_fraction', '0.1'] + probe,
-        'finetune': ['--finetune', args.checkpoint] * (args.checkpoint != 'random')
-        + [
-            '--epochs',
-            str(args.finetune_epochs),
-            '--warmup_epochs',
-            str(args.finetune_warmup),
-            '--blr',
-            str(args.finetune_blr),
-        ]
-        + common,
+        'finetune': finetune + common,
     }
+
+
+def main(args):
+    argv = protocol_argv(args)
     results = {}
-    for name in [name for name in PROTOCOLS if name in args.protocols]:
-        module = main_finetune if name == 'finetune' else main_linprobe
-        script, run_argv = (
-            f'{module.__name__}.py',
-            argv[name] + ['--output_dir', os.path.join(args.output_dir, name)],
-        )
+    for name in PROTOCOLS:
+        if name not in args.protocols:
+            continue
+        module = main_linprobe
+        if name == 'finetune':
+            module = main_finetune
+        script = f'{module.__name__}.py'
+        run_argv = argv[name] + ['--output_dir', os.path.join(args.output_dir, name)]
         print(f'[eval_all] {name}: python {script} {shlex.join(run_argv)}', flush=True)
         results[name] = module.main(module.get_args_parser().parse_args(run_argv))
     shown = ', '.join(f'{name} {metrics["acc1"]:.1f}' for name, metrics in results.items())
@@ -83,9 +84,5 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_main(
-        main,
-        argparse.ArgumentParser(
-            'all evaluations of one backbone', parents=[get_args_parser()]
-        ).parse_args(),
-    )
+    parser = argparse.ArgumentParser('all evaluations of one backbone', parents=[get_args_parser()])
+    run_main(main, parser.parse_args())

@@ -1,8 +1,9 @@
-"""Pictures and separability of pre-trained backbones, side by side (PNG files; docs/pictures.md): tsne.png,
-t-SNE maps of the val features titled with the val top-1 of a logistic regression on the frozen train
-features and the Fisher ratio (both also printed); attention.png, the last block's CLS attention;
-mae_reconstruction_<name>.png / mimco_masks_<name>.png for our MAE / MimCo checkpoints.
-python -m tools.visualize --checkpoints random output/demo/mocov3/checkpoint-last.pth --output_dir output/demo/pictures
+"""Pictures and separability of pre-trained backbones, side by side (PNG files; docs/pictures.md):
+tsne.png, t-SNE maps of the val features titled with the val top-1 of a logistic regression on the
+frozen train features and the Fisher ratio (both also printed); attention.png, the last block's CLS
+attention; mae_reconstruction_<name>.png / mimco_masks_<name>.png for our MAE / MimCo checkpoints.
+python -m tools.visualize --checkpoints random output/demo/mocov3/checkpoint-last.pth \
+    --output_dir output/demo/pictures
 """
 
 import argparse
@@ -26,8 +27,8 @@ def get_args_parser():
         '--checkpoints',
         nargs='+',
         default=['random'],
-        help='backbones (any format util/backbones '
-        'reads), `random` for the random-init baseline of --model; each is a t-SNE panel, an attention row',
+        help='backbones (any format util/backbones reads), `random` for the random-init baseline '
+        'of --model; each is a t-SNE panel, an attention row',
     )
     p.add_argument(
         '--names',
@@ -69,40 +70,50 @@ def get_args_parser():
     return p
 
 
-def separability(backbone, args, device) -> tuple:
-    """(val features, val labels, logreg val top-1 %, Fisher ratio): Layer Grafted's logistic regression on
-    all the frozen train features; tr(S_between) / tr(S_within), between- over within-class scatter (Fisher,
-    1936) of the val features, centred and L2-normalised so that the ratio does not depend on their scale."""
-    (train_x, train_y), (val_x, val_y) = (
-        extract_features(
-            backbone,
-            data.build_dataset(args, is_train, transforms.eval_transform(args)),
-            device,
-            args,
-        )
-        for is_train in (True, False)
-    )
+def frozen_features(backbone, args, device, is_train: bool) -> tuple:
+    """(features (N, D), labels (N,)) of the train or val split, at the eval transform."""
+    dataset = data.build_dataset(args, is_train, transforms.eval_transform(args))
+    return extract_features(backbone, dataset, device, args)
+
+
+def logreg_accuracy(train_x, train_y, val_x, val_y, iters: int) -> float:
+    """Val top-1 (%) of Layer Grafted's logistic regression on all the frozen train features."""
     train_n, val_n = features.center_normalize(train_x, val_x)
     classifier = features.logistic_regression(
-        train_n, train_y, int(train_y.max()) + 1, 2.5e-4 / len(train_n), args.logreg_iters
+        train_n, train_y, int(train_y.max()) + 1, 2.5e-4 / len(train_n), iters
     )
-    accuracy = (classifier(val_n.double()).argmax(1) == val_y).double().mean().item() * 100
+    return (classifier(val_n.double()).argmax(1) == val_y).double().mean().item() * 100
+
+
+def fisher_ratio(val_x, val_y) -> float:
+    """tr(S_between) / tr(S_within), between- over within-class scatter (Fisher, 1936) of the
+    features, centred and L2-normalised so that the ratio does not depend on their scale."""
     x = F.normalize(val_x - val_x.mean(0, keepdim=True), dim=1).double()  # (N, D)
     onehot = F.one_hot(val_y).double()  # (N, C)
     class_means = onehot.T @ x / onehot.sum(0).clamp(min=1)[:, None]  # (C, D)
-    between = (
-        (class_means[val_y] - x.mean(0)).square().sum()
-    )  # sum over classes of n_c |mean_c - mean|^2
-    fisher = (between / (x - class_means[val_y]).square().sum()).item()
+    # The sum over classes of n_c |mean_c - mean|^2, as a sum over samples.
+    between = (class_means[val_y] - x.mean(0)).square().sum()
+    return (between / (x - class_means[val_y]).square().sum()).item()
+
+
+def separability(backbone, args, device) -> tuple:
+    """(val features, val labels, logreg val top-1 %, Fisher ratio) of the frozen backbone."""
+    train_x, train_y = frozen_features(backbone, args, device, is_train=True)
+    val_x, val_y = frozen_features(backbone, args, device, is_train=False)
+    accuracy = logreg_accuracy(train_x, train_y, val_x, val_y, args.logreg_iters)
+    fisher = fisher_ratio(val_x, val_y)
     return val_x.cpu(), val_y.cpu(), accuracy, fisher
 
 
 def method_pictures(path: str, name: str, backbone, images, args) -> list:
     """MAE reconstructions / MimCo masks for our own MAE / MimCo checkpoints; the files written."""
-    saved = checkpoint.load_file(path) if path != 'random' else {}
-    run = (
-        saved.get('args') if isinstance(saved, dict) and isinstance(saved.get('args'), dict) else {}
-    )
+    saved = {}
+    if path != 'random':
+        saved = checkpoint.load_file(path)
+    # Our checkpoints save the pre-training args: the method and its masking.
+    run = {}
+    if isinstance(saved, dict) and isinstance(saved.get('args'), dict):
+        run = saved['args']
     if run.get('method') not in figures.MASKING_NAMES:
         return []
     if run['method'] == 'mae':
@@ -110,27 +121,40 @@ def method_pictures(path: str, name: str, backbone, images, args) -> list:
         mae.load_state_dict(saved['model'])
         masker = dict(mae=mae.to(images.device).eval())
     else:
-        masker = dict(
-            mask_generator=masking.build_mask_generator(
-                run['mask_type'], backbone.patch_embed.grid_size, run['mask_ratio']
-            )
-        )
-    out = os.path.join(
-        args.output_dir, f'{figures.MASKING_NAMES[run["method"]]}_{name.replace(" ", "_")}.png'
-    )
-    figures.save(
-        figures.masking_figure(images, backbone.patch_embed.patch_size[0], args.seed, **masker), out
-    )
+        grid = backbone.patch_embed.grid_size
+        mask_generator = masking.build_mask_generator(run['mask_type'], grid, run['mask_ratio'])
+        masker = dict(mask_generator=mask_generator)
+    file_name = f'{figures.MASKING_NAMES[run["method"]]}_{name.replace(" ", "_")}.png'
+    out = os.path.join(args.output_dir, file_name)
+    patch_size = backbone.patch_embed.patch_size[0]
+    figures.save(figures.masking_figure(images, patch_size, args.seed, **masker), out)
     return [out]
 
 
+def default_name(path: str) -> str:
+    """'random init', or the checkpoint's folder name (its file name where the folder has none)."""
+    if path == 'random':
+        return 'random init'
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return folder or os.path.basename(path)
+
+
+def tsne_panel(title: str, val_x, val_y, args) -> tuple:
+    """(title, (n, 2) t-SNE map, (n,) labels) of at most --max_points val features, seeded."""
+    keep = np.random.default_rng(args.seed).permutation(len(val_x))[: args.max_points]
+    tsne = TSNE(
+        n_components=2,
+        perplexity=min(args.perplexity, (len(keep) - 1) / 3),
+        init='pca',
+        max_iter=args.tsne_iters,
+        random_state=args.seed,
+    )
+    embedding = tsne.fit_transform(F.normalize(val_x[keep], dim=1).numpy())
+    return title, embedding, val_y[keep].numpy()
+
+
 def main(args):
-    names = args.names or [
-        'random init'
-        if path == 'random'
-        else os.path.basename(os.path.dirname(os.path.abspath(path))) or os.path.basename(path)
-        for path in args.checkpoints
-    ]
+    names = args.names or [default_name(path) for path in args.checkpoints]
     if len(names) != len(args.checkpoints):
         raise InputError(
             f'--names gives {len(names)} names for {len(args.checkpoints)} --checkpoints: '
@@ -140,11 +164,9 @@ def main(args):
         raise InputError('--num_images must be at least 1 and --max_points at least 10')
     os.makedirs(args.output_dir, exist_ok=True)
     device = torch.device(args.device)
-    panels, maps, written = (
-        [],
-        {},
-        [os.path.join(args.output_dir, f) for f in ('tsne.png', 'attention.png')],
-    )
+    panels = []
+    maps = {}
+    written = [os.path.join(args.output_dir, f) for f in ('tsne.png', 'attention.png')]
     for path, name in zip(args.checkpoints, names):
         torch.manual_seed(args.seed)  # the random-init baseline is the same every run
         backbone = features.frozen_backbone(path, args.model, None, False, args.seed).to(device)
@@ -155,22 +177,8 @@ def main(args):
         print(
             f'separability | {name} | logreg val top-1 {accuracy:.1f} % | Fisher ratio {fisher:.3f}'
         )
-        keep = np.random.default_rng(args.seed).permutation(len(val_x))[: args.max_points]
-        tsne = TSNE(
-            n_components=2,
-            perplexity=min(args.perplexity, (len(keep) - 1) / 3),
-            init='pca',
-            max_iter=args.tsne_iters,
-            random_state=args.seed,
-        )
-        embedding = tsne.fit_transform(F.normalize(val_x[keep], dim=1).numpy())
-        panels.append(
-            (
-                f'{name}\nlogreg {accuracy:.1f} %, Fisher {fisher:.2f}',
-                embedding,
-                val_y[keep].numpy(),
-            )
-        )
+        title = f'{name}\nlogreg {accuracy:.1f} %, Fisher {fisher:.2f}'
+        panels.append(tsne_panel(title, val_x, val_y, args))
         images = figures.sample_images(backbone_args, args.num_images).to(device)
         maps[name] = models_vit.cls_attention(backbone, images)
         written += method_pictures(path, name, backbone, images, args)
@@ -181,9 +189,5 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_main(
-        main,
-        argparse.ArgumentParser(
-            'mimco pictures and separability', parents=[get_args_parser()]
-        ).parse_args(),
-    )
+    parser = argparse.ArgumentParser('mimco pictures and separability', parents=[get_args_parser()])
+    run_main(main, parser.parse_args())
