@@ -2,6 +2,7 @@
 and one clear line per bad input."""
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -40,7 +41,8 @@ def die_then_resume(monkeypatch, script, run, out, epoch):
     real = script.train_one_epoch
 
     def die_at_epoch(*args, **kwargs):
-        if args[6] == epoch:
+        called = inspect.signature(real).bind(*args, **kwargs).arguments
+        if called['epoch'] == epoch:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 

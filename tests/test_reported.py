@@ -264,6 +264,7 @@ def test_sixteen_bit_grayscale_keeps_its_levels(tmp_path):
 def test_accumulation_with_a_contrastive_loss_says_what_it_does(argv, warned, capsys):
     args = parse(argv + ['--batch_size', '32', '--accum_iter', '4'])
     pretrain.resolve_args(args)
+    pretrain.warn_accumulated_contrast(args)
     printed = capsys.readouterr().out
     if warned:
         assert (
