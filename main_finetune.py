@@ -169,7 +169,8 @@ def main(args):
                          label_smoothing=args.smoothing, num_classes=num_classes)
         criterion = SoftTargetCrossEntropy()  # Mixup makes the (smoothed) soft targets itself
     extra = {'model_ema': model_ema} if model_ema is not None else {}
-    checkpoint.resume(args, model_without_ddp, optimizer, scaler, same_run=('finetune',), **extra)
+    same_run = checkpoint.SCRIPT_SAME_RUN['main_finetune.py']
+    checkpoint.resume(args, model_without_ddp, optimizer, scaler, same_run=same_run, **extra)
     best_path = os.path.join(args.output_dir, 'checkpoint-best.pth')
     resumed = args.start_epoch > 0 and os.path.isfile(best_path)
     best_acc1 = checkpoint.load_file(best_path).get('acc1', 0.0) if resumed else 0.0

@@ -129,7 +129,7 @@ def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dic
     lr_scheduler = cosine_lr_scheduler(optimizer, args, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     resumed = checkpoint.resume(args, head, optimizer, scaler, validate=check_probe_checkpoint(backbone_id, args),
-                                same_run=('global_pool', 'optimizer'))
+                                same_run=checkpoint.SCRIPT_SAME_RUN['main_linprobe.py'])
     best = resumed['best_acc1'] if resumed else 0.0
     log_writer = tensorboard_writer(args.log_dir)
     print(f'linear probe: lr {args.lr:.3g} ({args.optimizer}, total batch {total_batch}), '

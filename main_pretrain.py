@@ -141,7 +141,7 @@ def main(args):
     momentum_schedule = None if args.method != 'mocov3' else functools.partial(
         moco_momentum, base_m=args.moco_m, epochs=args.epochs, cosine=args.moco_m_cos)
     checkpoint.resume(args, model_without_ddp, optimizer, scaler,
-                      same_run=('method', 'teacher', 'graft_pretrained', 'optimizer'))
+                      same_run=checkpoint.SCRIPT_SAME_RUN['main_pretrain.py'])
     log_writer = tensorboard_writer(args.log_dir)
     print(f'training {args.method} for epochs {args.start_epoch}..{args.epochs - 1}, {len(loader)} steps each')
     start = time.time()

@@ -109,6 +109,13 @@ def prepare_output_dir(path: str) -> None:
 # resume of another run would carry it on in place of this one. Not --epochs: raising it extends a run.
 SAME_RUN = ('data_path', 'dataset', 'model', 'input_size', 'subset_file', 'train_fraction',
             'shots_per_class', 'blr', 'lr', 'warmup_epochs')
+# Each script's own, checked before SAME_RUN. Here rather than in the scripts because
+# submitit_launch.py checks them too, before a job waits in the queue.
+SCRIPT_SAME_RUN = {
+    'main_pretrain.py': ('method', 'teacher', 'graft_pretrained', 'optimizer'),
+    'main_finetune.py': ('finetune',),
+    'main_linprobe.py': ('global_pool', 'optimizer'),
+}
 
 
 def check_same_run(path: str, checkpoint: dict, args, flags: tuple = ()) -> None:
