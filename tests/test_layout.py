@@ -9,6 +9,9 @@ from tests.conftest import ROOT
 SCRIPTS = {name[:-3] for name in os.listdir(ROOT) if name.startswith('main_') and name.endswith('.py')}
 # What a tool may use of a script: run it as its command line would (tools/eval_all.py does).
 RUN_A_SCRIPT = {'get_args_parser', 'main'}
+# Who may import a script to run it so: tools/, benchmarks/ and the SLURM launcher, which submits one.
+RUNNERS = ('tools/', 'benchmarks/')
+LAUNCHER = 'submitit_launch.py'
 
 
 def python_files() -> list:
@@ -31,8 +34,9 @@ def script_uses(path: str) -> list:
         if isinstance(node, ast.ImportFrom) and node.module in SCRIPTS:
             found.append((node.lineno, f'from {node.module} import {", ".join(a.name for a in node.names)}'))
         elif isinstance(node, ast.Import):
+            runner = path.startswith(RUNNERS) or path == LAUNCHER
             found += [(node.lineno, f'import {a.name}') for a in node.names
-                      if a.name in SCRIPTS and (own in SCRIPTS or not path.startswith(('tools/', 'benchmarks/')))]
+                      if a.name in SCRIPTS and (own in SCRIPTS or not runner)]
         elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in SCRIPTS
               and node.attr not in RUN_A_SCRIPT):
             found.append((node.lineno, f'{node.value.id}.{node.attr}'))
@@ -40,15 +44,17 @@ def script_uses(path: str) -> list:
 
 
 def test_no_script_imports_another_scripts_building_blocks():
-    """main_*.py import no script; tools/ and benchmarks/ may run one (get_args_parser, main), nothing else."""
+    """main_*.py import no script; tools/, benchmarks/ and submitit_launch.py may run one
+    (get_args_parser, main), nothing else."""
     assert {'main_pretrain', 'main_finetune', 'main_linprobe'} <= SCRIPTS
     uses = {path: script_uses(path) for path in python_files()}
+    assert LAUNCHER in uses
     assert not {path: found for path, found in uses.items() if found}
 
 
 
 def test_the_code_stays_small():
-    """Issue 18: at most 4,000 lines of non-test Python in all, no file over 400 (`wc -l`)."""
+    """No file of non-test Python over 400 lines (`wc -l`; DESIGN.md, Layout). Issue 18's cap of
+    4,000 lines in all is withdrawn (STYLE.md: it pushed statements together)."""
     lines = {path: sum(1 for _ in open(os.path.join(ROOT, path))) for path in python_files()}
     assert not {path: n for path, n in lines.items() if n > 400}
-    assert sum(lines.values()) <= 4000, sorted(lines.items(), key=lambda item: -item[1])[:5]

@@ -1,15 +1,22 @@
-"""SLURM: util/dist.py under `srun` (SLURM's variables set by hand)."""
+"""SLURM: util/dist.py under `srun` (SLURM's variables set by hand), and submitit_launch.py through
+submitit's local executor (no SLURM here): a 2-task job trains the run that torchrun trains, and a
+job preempted part-way is requeued and ends with the weights of one that never stopped."""
 
 import argparse
+import glob
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from unittest import mock
 
 import pytest
 import torch
 
+import submitit_launch
 from tests.conftest import ROOT, epoch_losses
 from util import checkpoint
 from util.dist import (
@@ -19,6 +26,7 @@ from util.dist import (
     job_port,
     slurm_to_torchrun,
 )
+from util.errors import InputError
 
 # MAE with a one-block decoder, 2 processes x 64 images, 3 epochs: ~10 s of training on 2 cores.
 TINY_MAE = [
@@ -35,6 +43,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
+
+
+def launcher_args(argv: list):
+    parser = argparse.ArgumentParser(parents=[submitit_launch.get_args_parser()])
+    return parser.parse_args(argv)
+
+
+def launch_command(job_dir) -> list:
+    """The launcher on this machine (submitit's local executor), 2 tasks, waiting for the job."""
+    launcher = [sys.executable, os.path.join(ROOT, 'submitit_launch.py')]
+    flags = ['--cluster', 'local', '--ngpus', '2', '--wait', '--job_dir', f'{job_dir}/%j']
+    return launcher + flags + ['main_pretrain.py'] + TINY_MAE
+
+
+def job_folder(job_dir) -> str:
+    """The one job folder under `job_dir` (named by the job id), which is also its --output_dir."""
+    folders = [f for f in glob.glob(os.path.join(job_dir, '*')) if os.path.basename(f).isdigit()]
+    assert len(folders) == 1, os.listdir(job_dir)
+    return folders[0]
 
 
 def final_weights(output_dir) -> dict:
@@ -176,3 +203,135 @@ def test_srun_tasks_train_the_torchrun_run(torchrun_run, tmp_path):
     assert 'rank 1 of 2' in outputs[1]
     assert epoch_losses(out) == epoch_losses(torchrun_run)
     assert_same_weights(final_weights(out), final_weights(torchrun_run))
+
+
+# --------------------------------------------------------------------------- submitit_launch.py
+
+
+@pytest.mark.slow  # ~35 s on 2 cores, plus the torchrun reference
+def test_submitit_job_equals_torchrun(torchrun_run, tmp_path):
+    """2 tasks of the local executor, ranks from submitit's JobEnvironment: torchrun's run, to the
+    bit; its output in the job folder."""
+    result = subprocess.run(
+        launch_command(tmp_path), capture_output=True, text=True, timeout=600, env=ENV
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = job_folder(tmp_path)
+    with open(os.path.join(out, 'log.txt')) as f:
+        header = json.loads(f.readline())
+    assert header['world_size'] == 2 and header['total_batch'] == 128
+    assert epoch_losses(out) == epoch_losses(torchrun_run)
+    assert_same_weights(final_weights(out), final_weights(torchrun_run))
+
+
+def task_pids(controller: int) -> list:
+    """The task processes of a local submitit job: the children of its controller."""
+    with open(f'/proc/{controller}/task/{controller}/children') as f:
+        return [int(pid) for pid in f.read().split()]
+
+
+def task_log(job_folder: str) -> str:
+    """Task 0's stdout in a local submitit job, every run of it (submitit's INFO lines go there)."""
+    with open(glob.glob(os.path.join(job_folder, '*_0_log.out'))[0]) as f:
+        return f.read()
+
+
+def logged_epochs(output_dir) -> int:
+    path = os.path.join(output_dir, 'log.txt')
+    if not os.path.isfile(path):
+        return 0
+    return len(epoch_losses(output_dir))
+
+
+@pytest.mark.slow  # ~45 s on 2 cores, plus the torchrun reference
+def test_preempted_job_is_requeued_and_resumes(torchrun_run, tmp_path):
+    """SLURM's preemption signal (USR2, to every task) once epoch 0 is logged: task 0 calls the
+    launcher's checkpoint hook and submitit requeues the job; the same command resumes from
+    checkpoint-last.pth (passing the same-run check) and ends with the uninterrupted weights."""
+    launcher = subprocess.Popen(
+        launch_command(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not glob.glob(str(tmp_path / '[0-9]*' / 'log.txt')):
+            time.sleep(0.2)
+        out = job_folder(tmp_path)
+        while time.time() < deadline and logged_epochs(out) < 1:
+            time.sleep(0.05)
+        assert logged_epochs(out) == 1, 'epoch 0 was not logged within 5 minutes'
+        for pid in task_pids(int(os.path.basename(out))):  # the job id is the controller's pid
+            os.kill(pid, signal.SIGUSR2)
+        stdout, stderr = launcher.communicate(timeout=600)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    log = task_log(out)
+    assert 'this job is preempted' in log and 'Calling checkpoint method' in log
+    assert 'Requeued job' in log and 'continuing at epoch' in log
+    reference = epoch_losses(torchrun_run)
+    with open(os.path.join(out, 'log.txt')) as f:
+        entries = [json.loads(line) for line in f]
+    for entry in entries:
+        if 'train_loss' in entry:  # each epoch the job logged, before and after the requeue
+            assert entry['train_loss'] == reference[entry['epoch']], entry
+    assert_same_weights(final_weights(out), final_weights(torchrun_run))
+
+
+def test_checkpoint_hook_requeues_the_same_command():
+    """What submitit pickles for the requeue: the same script and flags, untouched by a run."""
+    job = submitit_launch.Job('main_pretrain.py', TINY_MAE + ['--output_dir', 'o'])
+    delayed = job.checkpoint()
+    assert delayed.function.script == 'main_pretrain.py'
+    assert delayed.function.argv == TINY_MAE + ['--output_dir', 'o']
+    assert delayed.function is not job and delayed.args == () and delayed.kwargs == {}
+
+
+def test_launcher_command_line_is_torchruns():
+    """Launcher flags, then the script, then the script's own flags (which may share a name)."""
+    args = launcher_args(['--nodes', '2', 'main_pretrain.py', '--method', 'mae', '--nodes', 'x'])
+    assert args.nodes == 2 and args.script == 'main_pretrain.py'
+    assert args.script_args == ['--method', 'mae', '--nodes', 'x']
+
+
+def test_launcher_bad_input(tmp_path, monkeypatch):
+    """An unknown script, a job folder holding another run's checkpoint, no submitit: one line
+    each (InputError: `error: ...`, exit status 2 from the command line)."""
+    with pytest.raises(InputError, match='unknown script main_pretrain: submitit_launch.py runs'):
+        submitit_launch.main(launcher_args(['main_pretrain']))
+    saved_args = vars(submitit_launch.parse_script_args('main_pretrain.py', TINY_MAE))
+    saved_args.update(method='mocov3', lr=5e-4, output_dir=str(tmp_path))
+    torch.save({'model': {}, 'epoch': 0, 'args': saved_args}, tmp_path / 'checkpoint-last.pth')
+    argv = ['--cluster', 'local', 'main_pretrain.py'] + TINY_MAE + ['--output_dir', str(tmp_path)]
+    with pytest.raises(
+        InputError, match=r'checkpoint of another run \(--method mocov3 there, mae here\)'
+    ):
+        submitit_launch.main(launcher_args(argv))
+    assert not glob.glob(str(tmp_path / '*_submitted.pkl'))  # refused before submitting
+    # The same run (its --lr resolved in the file, unset here) is let through to the executor.
+    same = submitit_launch.parse_script_args('main_pretrain.py', TINY_MAE)
+    saved_args['method'] = 'mae'
+    torch.save({'model': {}, 'epoch': 0, 'args': saved_args}, tmp_path / 'checkpoint-last.pth')
+    submitit_launch.check_output_dir('main_pretrain.py', str(tmp_path), same)
+    monkeypatch.setitem(sys.modules, 'submitit', None)  # `import submitit` fails
+    with pytest.raises(
+        InputError, match=r'submitit is not installed.*: pip install submitit==1\.5\.4'
+    ):
+        submitit_launch.main(launcher_args(['main_pretrain.py']))
+
+
+def test_launcher_errors_are_one_line_and_exit_2():
+    """Without submitit installed (hidden from the import system), and an unknown script."""
+    hide = 'import runpy, sys; sys.modules["submitit"] = None; sys.argv = sys.argv[1:]; '
+    hide += 'runpy.run_path(sys.argv[0], run_name="__main__")'
+    launcher = os.path.join(ROOT, 'submitit_launch.py')
+    for argv, expected in [
+        (['-c', hide, launcher, 'main_pretrain.py'], 'error: submitit is not installed'),
+        ([launcher, 'train.py'], 'error: unknown script train.py'),
+    ]:
+        result = subprocess.run(
+            [sys.executable] + argv, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
+        assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+        assert result.stderr.startswith(expected), result.stderr
