@@ -18,6 +18,7 @@ import torch
 
 import submitit_launch
 from tests.conftest import ROOT, epoch_losses
+from tests.test_tools import FULL_SCALE, script_commands
 from util import checkpoint
 from util.dist import (
     expand_nodelist,
@@ -335,3 +336,15 @@ def test_launcher_errors_are_one_line_and_exit_2():
         assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
         assert result.stderr.strip().splitlines() == [result.stderr.strip()]
         assert result.stderr.startswith(expected), result.stderr
+
+
+def test_full_scale_scripts_run_under_the_launcher():
+    """scripts/*.sh with LAUNCH="python submitit_launch.py --wait ...": every stage's command splits
+    into the launcher's flags and the script's, and the script's parse."""
+    for path in FULL_SCALE:
+        for script, argv, _ in script_commands(path):
+            args = launcher_args(['--wait', '--ngpus', '8', '--partition', 'p', script] + argv)
+            assert args.wait and args.partition == 'p' and args.script == script
+            assert args.script_args == argv
+            script_args = submitit_launch.parse_script_args(script, args.script_args)
+            assert script_args.data_path == '/imagenet' and script_args.output_dir
