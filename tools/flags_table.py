@@ -11,7 +11,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = [('main_pretrain', 'Pre-training, every method (`--method`). Per-method defaults (e.g. `--mask_ratio` '
                              '0.4 for MimCo, 0.75 for MAE) are in the help text; a flag given always wins.'),
            ('main_finetune', 'End-to-end fine-tuning, also the 10 % semi-supervised protocol.'),
-           ('main_linprobe', 'Frozen features: linear probe, logistic regression, kNN (`--protocol`).')]
+           ('main_linprobe', 'Frozen features: linear probe, logistic regression, kNN (`--protocol`).'),
+           ('submitit_launch', 'Submits one of the three to SLURM through submitit: `python submitit_launch.py '
+                               '[these flags] SCRIPT [its flags]`; requeued on preemption or time-out, it '
+                               'resumes ([reliability.md](reliability.md#slurm-and-preemption)).')]
 COMMAND = 'python tools/flags_table.py --markdown > docs/flags.md'
 
 
