@@ -309,8 +309,9 @@ def main(args):
     extra = {}
     if model_ema is not None:
         extra['model_ema'] = model_ema
+    same_run = checkpoint.SCRIPT_SAME_RUN['main_finetune.py']
     resumed = checkpoint.resume(
-        args, model_without_ddp, optimizer, scaler, same_run=('finetune',), **extra
+        args, model_without_ddp, optimizer, scaler, same_run=same_run, **extra
     )
     start_epoch = checkpoint.start_epoch(resumed, args.start_epoch)
     best_path = os.path.join(args.output_dir, 'checkpoint-best.pth')

@@ -252,7 +252,7 @@ def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dic
         optimizer,
         scaler,
         validate=check_probe_checkpoint(backbone_id, args),
-        same_run=('global_pool', 'optimizer'),
+        same_run=checkpoint.SCRIPT_SAME_RUN['main_linprobe.py'],
     )
     start_epoch = checkpoint.start_epoch(resumed, args.start_epoch)
     best = 0.0

@@ -339,7 +339,7 @@ def main(args):
         momentum_schedule = functools.partial(
             moco_momentum, base_m=args.moco_m, epochs=args.epochs, cosine=args.moco_m_cos
         )
-    same_run = ('method', 'teacher', 'graft_pretrained', 'optimizer')
+    same_run = checkpoint.SCRIPT_SAME_RUN['main_pretrain.py']
     resumed = checkpoint.resume(args, model_without_ddp, optimizer, scaler, same_run=same_run)
     start_epoch = checkpoint.start_epoch(resumed, args.start_epoch)
     log_writer = tensorboard_writer(args.log_dir)

@@ -16,6 +16,10 @@ SCRIPTS = {
 }
 # What a tool may use of a script: run it as its command line would (tools/eval_all.py does).
 RUN_A_SCRIPT = {'get_args_parser', 'main'}
+# Who may import a script to run it so: tools/, benchmarks/ and the SLURM launcher (it submits
+# one).
+RUNNERS = ('tools/', 'benchmarks/')
+LAUNCHER = 'submitit_launch.py'
 
 
 def python_files() -> list:
@@ -48,11 +52,11 @@ def script_uses(path: str) -> list:
                 (node.lineno, f'from {node.module} import {", ".join(a.name for a in node.names)}')
             )
         elif isinstance(node, ast.Import):
+            runner = path.startswith(RUNNERS) or path == LAUNCHER
             found += [
                 (node.lineno, f'import {a.name}')
                 for a in node.names
-                if a.name in SCRIPTS
-                and (own in SCRIPTS or not path.startswith(('tools/', 'benchmarks/')))
+                if a.name in SCRIPTS and (own in SCRIPTS or not runner)
             ]
         elif (
             isinstance(node, ast.Attribute)
@@ -65,10 +69,11 @@ def script_uses(path: str) -> list:
 
 
 def test_no_script_imports_another_scripts_building_blocks():
-    """main_*.py import no script;
-    tools/ and benchmarks/ may run one (get_args_parser, main), nothing else."""
+    """main_*.py import no script; tools/, benchmarks/ and submitit_launch.py may run one
+    (get_args_parser, main), nothing else."""
     assert {'main_pretrain', 'main_finetune', 'main_linprobe'} <= SCRIPTS
     uses = {path: script_uses(path) for path in python_files()}
+    assert LAUNCHER in uses
     assert not {path: found for path, found in uses.items() if found}
 
 

@@ -71,8 +71,10 @@ def test_full_scale_script_parses(path):
     flag fails here, not after a day in the queue."""
     commands = script_commands(path)
     assert commands, f'{path} holds no python command'
+    with open(path) as f:  # torchrun unless LAUNCH says otherwise (SLURM: submitit_launch.py)
+        assert 'LAUNCH=${LAUNCH:-torchrun --nproc_per_node 8}\n' in f.read()
     for script, argv, line in commands:
-        assert 'torchrun --nproc_per_node 8' in line, line
+        assert line.lstrip().startswith(f'$LAUNCH {script}'), line
         parser = argparse.ArgumentParser(
             script, parents=[SCRIPTS[script].get_args_parser()], exit_on_error=False
         )

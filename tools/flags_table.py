@@ -17,6 +17,12 @@ SCRIPTS = [
     ),
     ('main_finetune', 'End-to-end fine-tuning, also the 10 % semi-supervised protocol.'),
     ('main_linprobe', 'Frozen features: linear probe, logistic regression, kNN (`--protocol`).'),
+    (
+        'submitit_launch',
+        'Submits one of the three to SLURM through submitit: `python submitit_launch.py '
+        '[these flags] SCRIPT [its flags]`; requeued on preemption or time-out, it resumes '
+        '([reliability.md](reliability.md#slurm-and-preemption)).',
+    ),
 ]
 COMMAND = 'python -m tools.flags_table > docs/flags.md'
 

@@ -194,6 +194,15 @@ def shown(value) -> str:
     return str(value)
 
 
+# Each script's own, checked before SAME_RUN. Here rather than in the scripts because
+# submitit_launch.py checks them too, before a job waits in the queue.
+SCRIPT_SAME_RUN = {
+    'main_pretrain.py': ('method', 'teacher', 'graft_pretrained', 'optimizer'),
+    'main_finetune.py': ('finetune',),
+    'main_linprobe.py': ('global_pool', 'optimizer'),
+}
+
+
 def check_same_run(path: str, checkpoint: dict, args, flags: tuple = ()) -> None:
     """Refuse to auto-resume output_dir/checkpoint-last.pth of a run with other SAME_RUN or `flags`
     (its saved args against `args`), which would carry that run on in place of this one."""

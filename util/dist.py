@@ -1,8 +1,11 @@
-"""Distributed set-up for torchrun (one process per GPU) that also runs as one plain process."""
+"""Distributed set-up for torchrun or SLURM's srun (one process per GPU) that also runs as one plain
+process."""
 
 import builtins
 import datetime
 import os
+import re
+import subprocess
 
 import torch
 import torch.distributed as dist
@@ -38,8 +41,72 @@ def setup_for_distributed(is_master: bool) -> None:
     builtins.print = print
 
 
+def expand_nodelist(nodelist: str) -> list:
+    """SLURM's compact host list written out: 'node[01-03,07],gpu5' gives ['node01', 'node02',
+    'node03', 'node07', 'gpu5']. Numbers keep the zero padding of their range. One bracket group per
+    name, the simple lists of most clusters; `scontrol show hostnames` reads every form."""
+    hosts = []
+    for name in re.split(r',(?![^\[]*\])', nodelist):  # the commas outside brackets
+        match = re.fullmatch(r'([^\[]*)\[([^\]]*)\](.*)', name)
+        if match is None:
+            hosts.append(name)
+            continue
+        for span in match.group(2).split(','):
+            bounds = span.split('-')
+            width = len(bounds[0])
+            for number in range(int(bounds[0]), int(bounds[-1]) + 1):
+                hosts.append(f'{match.group(1)}{number:0{width}d}{match.group(3)}')
+    return hosts
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list, where task 0 runs: `scontrol show hostnames` where
+    SLURM's tools are installed, else expand_nodelist."""
+    try:
+        listed = subprocess.run(
+            ['scontrol', 'show', 'hostnames', nodelist],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return expand_nodelist(nodelist)[0]
+    hosts = listed.stdout.split()
+    if not hosts:
+        return expand_nodelist(nodelist)[0]
+    return hosts[0]
+
+
+def job_port(job_id: str) -> int:
+    """A rendezvous port in 20000..39999 derived from a job id ('4242', or '4242_3' in an array):
+    every task of the job and each of its requeued runs compute the same one, without talking."""
+    digits = re.sub(r'\D', '', job_id) or '0'
+    return 20000 + int(digits) % 20000
+
+
+def slurm_to_torchrun(environ) -> dict:
+    """torchrun's variables from those SLURM sets in each task of `srun`, as MAE's and DINO's
+    init_distributed_mode read them: RANK from SLURM_PROCID, WORLD_SIZE from SLURM_NTASKS,
+    LOCAL_RANK from SLURM_LOCALID; MASTER_ADDR the first host of the job step (MASTER_ADDR if set),
+    MASTER_PORT from the environment or else derived from SLURM_JOB_ID."""
+    nodelist = environ.get('SLURM_STEP_NODELIST') or environ.get('SLURM_JOB_NODELIST')
+    nodelist = nodelist or environ.get('SLURM_NODELIST', 'localhost')
+    port = environ.get('MASTER_PORT') or job_port(environ.get('SLURM_JOB_ID', '0'))
+    return {
+        'RANK': environ['SLURM_PROCID'],
+        'WORLD_SIZE': environ.get('SLURM_NTASKS', '1'),
+        'LOCAL_RANK': environ.get('SLURM_LOCALID', '0'),
+        'MASTER_ADDR': environ.get('MASTER_ADDR') or first_host(nodelist),
+        'MASTER_PORT': str(port),
+    }
+
+
 def init_distributed_mode(args) -> None:
-    """Read torchrun's environment; nccl on CUDA, gloo on CPU. Without torchrun: one process."""
+    """Read torchrun's environment, or SLURM's under `srun` (translated to torchrun's first);
+    nccl on CUDA, gloo on CPU. Without either: one process."""
+    if 'RANK' not in os.environ and 'SLURM_PROCID' in os.environ:
+        os.environ.update(slurm_to_torchrun(os.environ))
     args.distributed = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
     if not args.distributed:
         args.rank, args.world_size, args.gpu = 0, 1, 0
@@ -48,6 +115,9 @@ def init_distributed_mode(args) -> None:
     args.gpu = int(os.environ.get('LOCAL_RANK', 0))
     use_cuda = args.device.startswith('cuda') and torch.cuda.is_available()
     if use_cuda:
+        # `srun --gpus-per-task 1` shows each task one GPU; torchrun shows all, so this is
+        # LOCAL_RANK.
+        args.gpu = args.gpu % torch.cuda.device_count()
         torch.cuda.set_device(args.gpu)
         args.device = f'cuda:{args.gpu}'
     backend = 'nccl' if use_cuda else 'gloo'
