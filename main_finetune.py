@@ -20,7 +20,7 @@ from timm.utils import ModelEmaV3
 
 from engine_finetune import evaluate, train_one_epoch
 from util import backbones, checkpoint, data, transforms
-from util.architectures import DIGITS_MODEL
+from util.architectures import DIGITS_MODEL, default_model
 from util.dist import get_world_size, wrap_ddp
 from util.errors import InputError, run_main
 from util.logging import (
@@ -151,13 +151,6 @@ def get_args_parser():
     return p
 
 
-def default_model(args) -> str:
-    """--model, else the --finetune file's architecture (None: read from the file), else digits'."""
-    if args.model or args.finetune:
-        return args.model
-    return DIGITS_MODEL
-
-
 def projector_classifier(path: str, num_classes: int) -> torch.nn.Sequential:
     """Layer Grafted's 10 % protocol: the MoCo v3 projector's first Linear, then the classifier."""
     projector = None
@@ -257,7 +250,7 @@ def test_stats(model, model_ema, val_loader, device, args) -> dict:
 def main(args):
     device = setup_run(args)
     set_dataset_defaults(args)
-    args.model = default_model(args)
+    args.model = default_model(args.model, args.finetune)
     # The data first, for the run header; their transforms once the backbone's input size is known.
     train_set = data.build_dataset(args, is_train=True, transform=None)
     val_set = data.build_dataset(args, is_train=False, transform=None)

@@ -25,7 +25,7 @@ from engine_finetune import (
     train_one_epoch,
 )
 from util import checkpoint, data, transforms
-from util.architectures import DIGITS_MODEL
+from util.architectures import DIGITS_MODEL, default_model
 from util.dist import get_world_size, wrap_ddp
 from util.errors import InputError, run_main
 from util.features import backbone_fingerprint, frozen_backbone
@@ -338,8 +338,8 @@ def resolve_args(args, digits: bool) -> None:
     if args.protocol == 'linear':
         total_batch = total_batch_size(args.batch_size, 1, get_world_size())
         args.lr = absolute_lr(args.lr, args.blr, total_batch)
-    if args.model is None and args.checkpoint == 'random':
-        args.model = DIGITS_MODEL
+    if args.checkpoint == 'random':
+        args.model = default_model(args.model, None)
     check_knn_args(args)
 
 

@@ -63,3 +63,13 @@ def build_mlp(
     if last_bn:
         layers.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)
+
+
+def default_model(name: str, path: str) -> str:
+    """The model every script builds: `name` (--model) when given; else the architecture the file
+    at `path` holds (None: read from the file); else, without a file, DIGITS_MODEL."""
+    if name:
+        return name
+    if path:
+        return None
+    return DIGITS_MODEL

@@ -17,7 +17,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from util.architectures import DIGITS_MODEL, build_mlp  # registers our ViT names with timm
+from util.architectures import build_mlp, default_model  # registers our ViT names with timm
 from util.checkpoint import load_file
 from util.errors import InputError
 from util.pos_embed import sincos_pos_embed
@@ -357,10 +357,7 @@ def build_backbone(
     """A timm ViT without classifier: `name` (default: the architecture `path` holds, DIGITS_MODEL
     without `path`) at `img_size`, with the backbone weights of `path` (any format above) or random,
     drawn from `seed` alone when given (the global stream untouched); `kwargs` go to timm."""
-    if not name:
-        name = None  # load_backbone builds the architecture of the file
-        if not path:
-            name = DIGITS_MODEL
+    name = default_model(name, path)
     size_kwargs = {}
     if img_size:
         size_kwargs['img_size'] = img_size
