@@ -1,6 +1,7 @@
 """Frozen-feature evaluation: the frozen backbone whose forward gives one feature vector per image,
 DINO's weighted kNN and Layer Grafted's logistic regression on those features. Used by
-main_linprobe.py, the kNN monitor of main_pretrain.py (engine.knn_evaluate) and tools/visualize.py.
+main_linprobe.py, the kNN monitor of main_pretrain.py (engine_finetune.knn_evaluate) and
+tools/visualize.py.
 """
 
 import math
