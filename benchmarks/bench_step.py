@@ -267,7 +267,7 @@ def method_rows(method: str, args, ours: dict, ref: dict, full_vit: dict = None)
             B,
             *speed_cells(ours['ms'], B),
             fmt(ours['peak'], '.0f'),
-            fmt(ours['warmup_s']),
+            fmt(ours['warmup_s'], '.3g'),
             fmt(ref['ms']),
             fmt(ref['peak'], '.0f'),
             ratio_cell(ours['ms'], ref['ms'], target),
