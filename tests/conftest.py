@@ -19,6 +19,8 @@ import main_pretrain  # noqa: E402
 FAST = ['--num_workers', '0', '--print_freq', '5', '--batch_size', '128']
 MOCO = ['--method', 'mocov3', '--moco_mlp_dim', '256', '--moco_dim', '64'] + FAST
 MIMCO = ['--method', 'mimco', '--head_dim', '256', '--mask_ratio', '0.5'] + FAST
+# MAE with a one-block decoder.
+TINY_MAE = '--method mae --decoder_embed_dim 32 --decoder_depth 1 --decoder_num_heads 2'.split()
 # Two processes on one machine: `TORCHRUN + [script] + argv`.
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
 

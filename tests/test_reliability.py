@@ -17,12 +17,11 @@ import pytest
 import torch
 
 import main_pretrain
-from tests.conftest import MIMCO, MOCO, ROOT, TORCHRUN, epoch_losses, parse, run_script
+from tests.conftest import MIMCO, MOCO, ROOT, TINY_MAE, TORCHRUN, epoch_losses, parse, run_script
 from util import checkpoint
 from util.errors import InputError, one_line
 
 SMALL = ['--warmup_epochs', '1', '--blr', '1e-3']
-TINY_MAE = '--method mae --decoder_embed_dim 32 --decoder_depth 1 --decoder_num_heads 2'.split()
 
 
 def train(argv, out, epochs):
