@@ -13,8 +13,17 @@ import losses
 import models_mimco
 import models_mocov3
 import pretrain_setup as pretrain
-from engine_pretrain import train_one_epoch
-from tests.conftest import MIMCO, MOCO, ROOT, TORCHRUN, epoch_losses, knn_of, parse, run_script
+from tests.conftest import (
+    MIMCO,
+    MOCO,
+    ROOT,
+    TORCHRUN,
+    epoch_losses,
+    knn_of,
+    parse,
+    run_script,
+    train_epoch_on_cpu,
+)
 from util import checkpoint, data, transforms
 
 
@@ -114,17 +123,7 @@ def test_teacher_frozen_and_gets_no_gradient(teacher_path):
 
     scheduler = CosineLRScheduler(optimizer, t_initial=10, t_in_epochs=False)
     teacher.train()  # a stray train() must not put the teacher's BatchNorm in training mode
-    train_one_epoch(
-        model,
-        loader,
-        optimizer,
-        scheduler,
-        torch.amp.GradScaler('cpu', enabled=False),
-        torch.device('cpu'),
-        0,
-        amp=args.amp,
-        teacher=teacher,
-    )
+    train_epoch_on_cpu(model, loader, optimizer, scheduler, 0, amp=args.amp, teacher=teacher)
     assert not teacher.training and not teacher.projector.training
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k]), k

@@ -17,7 +17,17 @@ import pytest
 import torch
 
 import main_pretrain
-from tests.conftest import MIMCO, MOCO, ROOT, TINY_MAE, TORCHRUN, epoch_losses, parse, run_script
+from tests.conftest import (
+    MIMCO,
+    MOCO,
+    ROOT,
+    TINY_MAE,
+    TORCHRUN,
+    epoch_losses,
+    parse,
+    run_script,
+    train_epoch_on_cpu,
+)
 from util import checkpoint
 from util.errors import InputError, one_line
 
@@ -325,23 +335,6 @@ def loop_args(accum_iter, epochs):
     )
 
 
-def train_epoch_on_cpu(model, loader, optimizer, scheduler, epoch, args):
-    """engine_pretrain.train_one_epoch in fp32 on the CPU, at args' --accum_iter, --print_freq."""
-    from engine_pretrain import train_one_epoch
-
-    train_one_epoch(
-        model,
-        loader,
-        optimizer,
-        scheduler,
-        torch.amp.GradScaler('cpu', enabled=False),
-        torch.device('cpu'),
-        epoch,
-        accum_iter=args.accum_iter,
-        print_freq=args.print_freq,
-    )
-
-
 @pytest.mark.parametrize('bad_step', [0, 4, 5, 9, 10, 11])
 def test_every_step_is_checked_for_a_non_finite_loss(bad_step):
     """With --print_freq 5, a NaN at any step (the printed ones included) stops the epoch, and the
@@ -358,7 +351,7 @@ def test_every_step_is_checked_for_a_non_finite_loss(bad_step):
         FloatingPointError, match=f'non-finite loss nan at epoch 0, step {bad_step} '
     ):
         scheduler = cosine_lr_scheduler(optimizer, args.epochs, args.warmup_epochs, args.min_lr, 12)
-        train_epoch_on_cpu(model, loader, optimizer, scheduler, 0, args)
+        train_epoch_on_cpu(model, loader, optimizer, scheduler, 0, print_freq=args.print_freq)
 
 
 def test_accumulation_steps_every_lr_of_the_schedule_once():
@@ -379,7 +372,15 @@ def test_accumulation_steps_every_lr_of_the_schedule_once():
         optimizer, args.epochs, args.warmup_epochs, args.min_lr, updates
     )
     for epoch in range(args.epochs):
-        train_epoch_on_cpu(model, loader, optimizer, scheduler, epoch, args)
+        train_epoch_on_cpu(
+            model,
+            loader,
+            optimizer,
+            scheduler,
+            epoch,
+            accum_iter=args.accum_iter,
+            print_freq=args.print_freq,
+        )
     lrs, grads = zip(*steps)
     assert len(steps) == 5 * 6 and grads == (1.0,) * 30
     expected = [0.05 * (1 + math.cos(math.pi * i / 30)) for i in range(30)]
