@@ -6,8 +6,15 @@ Nothing here is model-specific: a pre-training model's forward returns (loss, di
 import torch
 
 from util.logging import MetricLogger, SmoothedValue, epoch_stats
-from util.lr_sched import updates_per_epoch
-from util.misc import autocast, check_losses, gradient_sync, to_device, unwrap
+from util.misc import (
+    accumulation_steps,
+    autocast,
+    gradient_sync,
+    log_step,
+    optimizer_update,
+    to_device,
+    unwrap,
+)
 
 
 def train_one_epoch(
@@ -35,23 +42,13 @@ def train_one_epoch(
     before each optimizer update; an epoch's last update may add up fewer, so none carries
     gradients into the next epoch. `lr_scheduler` sets the lr at each update.
     """
-    model.train(True)
     logger = MetricLogger()
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.2e}'))
     batches = len(data_loader)
-    updates = updates_per_epoch(batches, accum_iter)
-    header = f'Epoch: [{epoch}]'
-    optimizer.zero_grad(set_to_none=True)
-    # For images/s; the benchmarks pass a list of batches, which has no batch size.
-    batch_size = getattr(data_loader, 'batch_size', None)
-    steps = logger.log_every(data_loader, print_freq, header, batch_size)
-    for step, (inputs, _) in enumerate(steps):
-        update_index, batch_in_update = divmod(step, accum_iter)
-        if batch_in_update == 0:
-            lr_scheduler.step_update(epoch * updates + update_index)
-        need_update = (step + 1) % accum_iter == 0 or step == batches - 1
-        # The batches this update adds up: accum_iter, or fewer in the epoch's last update.
-        batches_in_update = min(accum_iter, batches - update_index * accum_iter)
+    steps = accumulation_steps(
+        model, data_loader, optimizer, lr_scheduler, logger, epoch, accum_iter, print_freq
+    )
+    for step, (inputs, _), need_update, batches_in_update in steps:
         inputs = to_device(inputs, device)
 
         if momentum_schedule is not None:
@@ -70,15 +67,7 @@ def train_one_epoch(
             scaler.scale(loss / batches_in_update).backward()
 
         if need_update:
-            if clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-        lr = max(group['lr'] for group in optimizer.param_groups)
-        logger.update(loss=loss.detach(), lr=lr, **terms)
-        check_losses(logger, step, batches, print_freq, epoch, terms, lr)
+            optimizer_update(model, optimizer, scaler, clip_grad)
+        log_step(logger, optimizer, loss, terms, step, batches, print_freq, epoch)
 
     return epoch_stats(logger, epoch, log_writer)

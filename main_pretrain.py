@@ -10,7 +10,6 @@ Many GPUs:    torchrun --nproc_per_node 8 main_pretrain.py --method mimco \\
 
 import argparse
 import datetime
-import functools
 import os
 import time
 
@@ -18,10 +17,10 @@ import torch
 
 from engine_finetune import knn_datasets, knn_evaluate
 from engine_pretrain import train_one_epoch
-from models_mocov3 import moco_momentum
 from pretrain_setup import (
     BACKBONE,
     build_model,
+    build_momentum_schedule,
     build_optimizer,
     resolve_args,
     warn_accumulated_contrast,
@@ -334,11 +333,7 @@ def main(args):
         optimizer, args.epochs, args.warmup_epochs, args.min_lr, updates
     )
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    momentum_schedule = None
-    if args.method == 'mocov3':
-        momentum_schedule = functools.partial(
-            moco_momentum, base_m=args.moco_m, epochs=args.epochs, cosine=args.moco_m_cos
-        )
+    momentum_schedule = build_momentum_schedule(args)
     same_run = checkpoint.SCRIPT_SAME_RUN['main_pretrain.py']
     resumed = checkpoint.resume(args, model_without_ddp, optimizer, scaler, same_run=same_run)
     start_epoch = checkpoint.start_epoch(resumed, args.start_epoch)

@@ -3,6 +3,8 @@ frozen teacher and mask generator) and the optimizer. main_pretrain.py trains wi
 benchmarks and tools/visualize.py build the same models.
 """
 
+import functools
+
 import timm
 import torch
 from timm.optim import param_groups_weight_decay
@@ -298,6 +300,15 @@ def build_mimco(args) -> tuple:
     )
     model.mask_generator = mask_generator
     return model, teacher
+
+
+def build_momentum_schedule(args):
+    """MoCo v3's key-encoder momentum by epoch progress (--moco_m, --moco_m_cos); else None."""
+    if args.method != 'mocov3':
+        return None
+    return functools.partial(
+        models_mocov3.moco_momentum, base_m=args.moco_m, epochs=args.epochs, cosine=args.moco_m_cos
+    )
 
 
 def build_optimizer(args, model):

@@ -12,7 +12,6 @@ bash benchmarks/gpu_all.sh                          # every GPU measurement"""
 
 import argparse
 import contextlib
-import functools
 import io
 import os
 import shlex
@@ -25,7 +24,6 @@ import pretrain_setup
 from benchmarks.reference import measure_reference
 from benchmarks.timing import device_name, release_memory, timed
 from engine_pretrain import train_one_epoch
-from models_mocov3 import moco_momentum
 from util import checkpoint
 from util.lr_sched import cosine_lr_scheduler
 from util.misc import autocast
@@ -193,11 +191,7 @@ def measure_ours(args, device: torch.device, steps: int, warmup: int) -> dict:
     optimizer = pretrain_setup.build_optimizer(args, model)
     scheduler = cosine_lr_scheduler(optimizer, args.epochs, args.warmup_epochs, args.min_lr, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    momentum = None
-    if args.method == 'mocov3':
-        momentum = functools.partial(
-            moco_momentum, base_m=args.moco_m, epochs=args.epochs, cosine=args.moco_m_cos
-        )
+    momentum = pretrain_setup.build_momentum_schedule(args)
 
     def run_steps(n):
         with contextlib.redirect_stdout(io.StringIO()):  # the loop's log; not for the table

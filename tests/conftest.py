@@ -1,5 +1,6 @@
 """Shared pieces of the tests: small pre-training settings and a MoCo v3 teacher trained once."""
 
+import argparse
 import builtins
 import json
 import os
@@ -7,19 +8,52 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import main_linprobe  # noqa: E402
 import main_pretrain  # noqa: E402
+from engine_pretrain import train_one_epoch  # noqa: E402
 
 FAST = ['--num_workers', '0', '--print_freq', '5', '--batch_size', '128']
 MOCO = ['--method', 'mocov3', '--moco_mlp_dim', '256', '--moco_dim', '64'] + FAST
 MIMCO = ['--method', 'mimco', '--head_dim', '256', '--mask_ratio', '0.5'] + FAST
+# MAE with a one-block decoder.
+TINY_MAE = '--method mae --decoder_embed_dim 32 --decoder_depth 1 --decoder_num_heads 2'.split()
+# Two processes on one machine: `TORCHRUN + [script] + argv`.
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
 
 
 def parse(argv):
     return main_pretrain.get_args_parser().parse_args(argv)
+
+
+def knn_of(path, out) -> dict:
+    """main_linprobe.py --protocol knn on the checkpoint at `path`: its metrics."""
+    parser = argparse.ArgumentParser(parents=[main_linprobe.get_args_parser()])
+    argv = '--protocol knn --num_workers 0'.split() + [
+        '--checkpoint',
+        path,
+        '--output_dir',
+        str(out),
+    ]
+    return main_linprobe.main(parser.parse_args(argv))
+
+
+def save_official_mocov3(vit, path):
+    """`vit`'s weights in the official MoCo v3 release's layout (vit-s-300ep.pth.tar)."""
+    state_dict = {f'module.base_encoder.{k}': v for k, v in vit.state_dict().items()}
+    torch.save({'state_dict': state_dict, 'arch': 'vit_small', 'epoch': 300}, path)
+
+
+def train_epoch_on_cpu(model, loader, optimizer, scheduler, epoch, **options):
+    """engine_pretrain.train_one_epoch in fp32 on the CPU; `options` are its keyword arguments."""
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    train_one_epoch(
+        model, loader, optimizer, scheduler, scaler, torch.device('cpu'), epoch, **options
+    )
 
 
 def epoch_losses(output_dir):

@@ -28,18 +28,7 @@ SMALL = (
     '--moco_mlp_dim 256 --head_dim 256 '
     '--decoder_embed_dim 64 --decoder_depth 2 --decoder_num_heads 4'
 )
-TINY_BENCH = [
-    '--steps',
-    '2',
-    '--warmup',
-    '1',
-    '--batch_size',
-    '8',
-    '--threads',
-    '1',
-    '--pretrain_args',
-    SMALL,
-]
+TINY_BENCH = '--steps 2 --warmup 1 --batch_size 8 --threads 1'.split() + ['--pretrain_args', SMALL]
 
 
 @pytest.fixture
@@ -105,17 +94,8 @@ def test_bench_step_bf16_compile_on_cpu(one_thread, aot_eager_compile, capsys):
     out = run_bench(
         bench_step,
         TINY_BENCH
-        + [
-            '--device',
-            'cpu',
-            '--methods',
-            'mimco',
-            '--amp',
-            'bf16',
-            '--compile',
-            '--pretrain_args',
-            SMALL,
-        ],
+        + '--device cpu --methods mimco --amp bf16 --compile'.split()
+        + ['--pretrain_args', SMALL],
         capsys,
     )
     assert 'amp bf16; compile True; ' in out
@@ -132,18 +112,7 @@ def test_compiled_mocov3_compiles_once(one_thread, aot_eager_compile, monkeypatc
     out = run_bench(
         bench_step,
         TINY_BENCH
-        + [
-            '--device',
-            'cpu',
-            '--methods',
-            'mocov3',
-            '--compile',
-            '--no_reference',
-            '--warmup',
-            '1',
-            '--steps',
-            '3',
-        ],
+        + '--device cpu --methods mocov3 --compile --no_reference --warmup 1 --steps 3'.split(),
         capsys,
     )
     cells = dict(zip(bench_step.HEADER, table_rows(out)['mocov3']))

@@ -12,23 +12,12 @@ from sklearn.datasets import load_sample_image
 
 import main_pretrain
 import pretrain_setup as pretrain
-from tests.conftest import epoch_losses, parse
+from tests.conftest import TINY_MAE, epoch_losses, parse
 from util import checkpoint, data, decode
 from util.errors import InputError
 from util.masking import build_mask_generator
 
-TINY = [
-    '--method',
-    'mimco',
-    '--input_size',
-    '16',
-    '--batch_size',
-    '8',
-    '--num_workers',
-    '0',
-    '--device',
-    'cpu',
-]
+TINY = '--method mimco --input_size 16 --batch_size 8 --num_workers 0 --device cpu'.split()
 
 
 @pytest.fixture(scope='module')
@@ -89,26 +78,9 @@ def test_nvjpeg_without_cuda_falls_back_to_torchvision(jpeg_folder, tmp_path, ca
         main_pretrain.main(
             parse(
                 TINY
-                + [
-                    '--method',
-                    'mae',
-                    '--data_path',
-                    jpeg_folder,
-                    '--data_backend',
-                    backend,
-                    '--epochs',
-                    '1',
-                    '--warmup_epochs',
-                    '0',
-                    '--decoder_embed_dim',
-                    '32',
-                    '--decoder_depth',
-                    '1',
-                    '--decoder_num_heads',
-                    '2',
-                    '--output_dir',
-                    out,
-                ]
+                + TINY_MAE
+                + '--epochs 1 --warmup_epochs 0'.split()
+                + ['--data_path', jpeg_folder, '--data_backend', backend, '--output_dir', out]
             )
         )
         losses[backend] = epoch_losses(out)
@@ -127,18 +99,8 @@ def test_nvjpeg_refuses_mocov3_views(jpeg_folder, tmp_path):
         main_pretrain.main(
             parse(
                 TINY
-                + [
-                    '--method',
-                    'mocov3',
-                    '--moco_mlp_dim',
-                    '64',
-                    '--data_path',
-                    jpeg_folder,
-                    '--data_backend',
-                    'nvjpeg',
-                    '--output_dir',
-                    str(tmp_path),
-                ]
+                + '--method mocov3 --moco_mlp_dim 64 --data_backend nvjpeg'.split()
+                + ['--data_path', jpeg_folder, '--output_dir', str(tmp_path)]
             )
         )
 
@@ -150,28 +112,8 @@ def test_resume_is_exact_with_each_backend(backend, jpeg_folder, tmp_path, monke
     The nvjpeg path runs its batch code on the CPU here (only nvJPEG's decoding itself needs a GPU),
     its collate function in a worker."""
     monkeypatch.setattr(decode, 'resolve_backend', lambda args, device: args.data_backend)
-    argv = TINY + [
-        '--method',
-        'mae',
-        '--data_path',
-        jpeg_folder,
-        '--data_backend',
-        backend,
-        '--epochs',
-        '2',
-        '--warmup_epochs',
-        '1',
-        '--decoder_embed_dim',
-        '32',
-        '--decoder_depth',
-        '1',
-        '--decoder_num_heads',
-        '2',
-        '--num_workers',
-        '1',
-        '--save_freq',
-        '1',
-    ]
+    argv = TINY + TINY_MAE + '--epochs 2 --warmup_epochs 1 --num_workers 1 --save_freq 1'.split()
+    argv += ['--data_path', jpeg_folder, '--data_backend', backend]
     main_pretrain.main(parse(argv + ['--output_dir', str(tmp_path / 'whole')]))
     os.makedirs(tmp_path / 'split')
     shutil.copy(tmp_path / 'whole' / 'checkpoint-0.pth', tmp_path / 'split' / 'checkpoint-last.pth')

@@ -386,36 +386,9 @@ def test_imagefolder_paths_run_the_full_recipe(tmp_path):
         and 'RandomErasing' in shown
         and (args.mixup, args.cutmix) == (0.8, 1.0)
     )
-    metrics = run(
-        main_finetune,
-        '--data_path',
-        root,
-        '--input_size',
-        16,
-        '--epochs',
-        1,
-        '--batch_size',
-        8,
-        '--num_workers',
-        0,
-        '--output_dir',
-        tmp_path / 'ft',
-    )
+    short = '--input_size 16 --epochs 1 --batch_size 8 --num_workers 0'.split()
+    metrics = run(main_finetune, '--data_path', root, *short, '--output_dir', tmp_path / 'ft')
     assert metrics['n_train'] == 16 and 0 <= metrics['acc1'] <= 100
-    metrics = run(
-        main_linprobe,
-        '--data_path',
-        root,
-        '--input_size',
-        16,
-        '--epochs',
-        1,
-        '--batch_size',
-        8,
-        '--num_workers',
-        0,
-        '--output_dir',
-        tmp_path / 'lin',
-    )
+    metrics = run(main_linprobe, '--data_path', root, *short, '--output_dir', tmp_path / 'lin')
     log = [json.loads(line) for line in open(tmp_path / 'lin' / 'log.txt')]
     assert log[-1]['args']['cache_features'] is False and metrics['n_val'] == 16

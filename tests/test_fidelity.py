@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import MOCO, parse
+from conftest import MOCO, parse, save_official_mocov3
 from test_checkpoint import MakesAFile, features, tiny_vit
 from test_eval import one_thread, run  # noqa: F401  (one_thread: autouse, one intra-op thread)
 from timm.models.beit import Beit
@@ -28,18 +28,8 @@ from util.lars import lars
 from util.masking import build_mask_generator, random_masking_indices
 from util.pos_embed import set_sincos_pos_embed
 
-MAE = [
-    '--method',
-    'mae',
-    '--decoder_embed_dim',
-    '64',
-    '--decoder_depth',
-    '2',
-    '--decoder_num_heads',
-    '4',
-    '--num_workers',
-    '0',
-]
+MAE = '--method mae --decoder_embed_dim 64 --decoder_depth 2 --decoder_num_heads 4'.split()
+MAE += ['--num_workers', '0']
 
 
 def sincos_table(grid: int, dim: int, column_first: bool) -> torch.Tensor:
@@ -302,14 +292,7 @@ def test_mocov3_convert_to_deit_file_is_12_heads(tmp_path):
 def test_mocov3_vit_small_refused_as_a_6_head_model(tmp_path):
     vit = timm.create_model('mocov3_vit_small', num_classes=0, img_size=32, depth=1)
     path = str(tmp_path / 'vit-s-300ep.pth.tar')
-    torch.save(
-        {
-            'state_dict': {f'module.base_encoder.{k}': v for k, v in vit.state_dict().items()},
-            'arch': 'vit_small',
-            'epoch': 300,
-        },
-        path,
-    )
+    save_official_mocov3(vit, path)
     six = timm.create_model('vit_small_patch16_224', num_classes=0, img_size=32, depth=1)
     with pytest.raises(InputError, match='12 attention heads.*--model mocov3_vit_small'):
         backbones.load_backbone(path, six)

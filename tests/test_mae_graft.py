@@ -15,33 +15,14 @@ import models_mae
 import models_mocov3
 import pretrain_setup as pretrain
 from engine_pretrain import train_one_epoch
-from tests.conftest import epoch_losses
+from tests.conftest import FAST, epoch_losses
 from tools import grad_conflict
 from util import backbones, data, graft, transforms
 from util.errors import InputError
 from util.masking import random_masking_indices
 
-FAST = ['--num_workers', '0', '--print_freq', '5', '--batch_size', '128']
-MAE = [
-    '--method',
-    'mae',
-    '--decoder_embed_dim',
-    '64',
-    '--decoder_depth',
-    '2',
-    '--decoder_num_heads',
-    '4',
-] + FAST
-GRAFT = [
-    '--method',
-    'mocov3',
-    '--moco_mlp_dim',
-    '256',
-    '--moco_dim',
-    '64',
-    '--warmup_epochs',
-    '0',
-] + FAST
+MAE = '--method mae --decoder_embed_dim 64 --decoder_depth 2 --decoder_num_heads 4'.split() + FAST
+GRAFT = '--method mocov3 --moco_mlp_dim 256 --moco_dim 64 --warmup_epochs 0'.split() + FAST
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -351,16 +332,8 @@ def test_grafted_training_steps_under_each_precision(mae_dir, amp):
     torch.manual_seed(0)
     args = parse(
         GRAFT
-        + [
-            '--graft_pretrained',
-            str(mae_dir / 'checkpoint-last.pth'),
-            '--amp',
-            amp,
-            '--batch_size',
-            '32',
-            '--output_dir',
-            '',
-        ]
+        + ['--graft_pretrained', str(mae_dir / 'checkpoint-last.pth'), '--amp', amp]
+        + ['--batch_size', '32', '--output_dir', '']
     )
     pretrain.resolve_args(args)
     args.distributed, args.lr = False, 1e-3

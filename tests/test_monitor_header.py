@@ -13,44 +13,16 @@ import torch
 import torchvision
 
 import main_finetune
-import main_linprobe
 import main_pretrain
 import pretrain_setup as pretrain
-from tests.conftest import FAST, ROOT, parse
+from tests.conftest import FAST, ROOT, knn_of, parse
 
-MAE = [
-    '--method',
-    'mae',
-    '--decoder_embed_dim',
-    '64',
-    '--decoder_depth',
-    '1',
-    '--decoder_num_heads',
-    '4',
-] + FAST
+MAE = '--method mae --decoder_embed_dim 64 --decoder_depth 1 --decoder_num_heads 4'.split() + FAST
 
 
 def log_lines(out) -> list:
     with open(os.path.join(out, 'log.txt')) as f:
         return [json.loads(line) for line in f]
-
-
-def knn_of(path, out) -> dict:
-    parser = argparse.ArgumentParser(parents=[main_linprobe.get_args_parser()])
-    return main_linprobe.main(
-        parser.parse_args(
-            [
-                '--protocol',
-                'knn',
-                '--num_workers',
-                '0',
-                '--checkpoint',
-                path,
-                '--output_dir',
-                str(out),
-            ]
-        )
-    )
 
 
 def test_knn_monitor_is_main_linprobe_knn_and_draws_no_randomness(tmp_path, capsys):
@@ -138,20 +110,8 @@ def test_run_header_of_every_script(tmp_path, capsys):
     parser = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()])
     main_finetune.main(
         parser.parse_args(
-            [
-                '--epochs',
-                '1',
-                '--batch_size',
-                '32',
-                '--accum_iter',
-                '2',
-                '--blr',
-                '1e-3',
-                '--num_workers',
-                '0',
-                '--output_dir',
-                str(out),
-            ]
+            '--epochs 1 --batch_size 32 --accum_iter 2 --blr 1e-3 --num_workers 0'.split()
+            + ['--output_dir', str(out)]
         )
     )
     check_header(out, capsys.readouterr().out, 'main_finetune.py', 64, 1e-3 * 64 / 256)
@@ -171,18 +131,9 @@ def test_run_header_outside_a_git_checkout(tmp_path):
     copy.mkdir()
     subprocess.run(['tar', '-xf', str(tmp_path / 'a.tar'), '-C', str(copy)], check=True)
     run = subprocess.run(
-        [
-            sys.executable,
-            'main_linprobe.py',
-            '--protocol',
-            'knn',
-            '--checkpoint',
-            'random',
-            '--num_workers',
-            '0',
-            '--output_dir',
-            str(tmp_path / 'out'),
-        ],
+        [sys.executable, 'main_linprobe.py']
+        + '--protocol knn --checkpoint random --num_workers 0'.split()
+        + ['--output_dir', str(tmp_path / 'out')],
         cwd=copy,
         capture_output=True,
         text=True,

@@ -4,7 +4,6 @@ import copy
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,8 +13,17 @@ import losses
 import models_mimco
 import models_mocov3
 import pretrain_setup as pretrain
-from engine_pretrain import train_one_epoch
-from tests.conftest import MIMCO, MOCO, ROOT, epoch_losses, parse, run_script
+from tests.conftest import (
+    MIMCO,
+    MOCO,
+    ROOT,
+    TORCHRUN,
+    epoch_losses,
+    knn_of,
+    parse,
+    run_script,
+    train_epoch_on_cpu,
+)
 from util import checkpoint, data, transforms
 
 
@@ -95,16 +103,8 @@ def test_mocov3_one_pass_over_both_views_equals_separate_passes():
 def test_teacher_frozen_and_gets_no_gradient(teacher_path):
     args = parse(
         MIMCO
-        + [
-            '--teacher',
-            os.path.join(teacher_path, 'checkpoint-last.pth'),
-            '--epochs',
-            '1',
-            '--warmup_epochs',
-            '0',
-            '--output_dir',
-            '',
-        ]
+        + '--epochs 1 --warmup_epochs 0'.split()
+        + ['--teacher', os.path.join(teacher_path, 'checkpoint-last.pth'), '--output_dir', '']
     )
     pretrain.resolve_args(args)
     args.distributed, args.lr = False, 1e-3
@@ -123,17 +123,7 @@ def test_teacher_frozen_and_gets_no_gradient(teacher_path):
 
     scheduler = CosineLRScheduler(optimizer, t_initial=10, t_in_epochs=False)
     teacher.train()  # a stray train() must not put the teacher's BatchNorm in training mode
-    train_one_epoch(
-        model,
-        loader,
-        optimizer,
-        scheduler,
-        torch.amp.GradScaler('cpu', enabled=False),
-        torch.device('cpu'),
-        0,
-        amp=args.amp,
-        teacher=teacher,
-    )
+    train_epoch_on_cpu(model, loader, optimizer, scheduler, 0, amp=args.amp, teacher=teacher)
     assert not teacher.training and not teacher.projector.training
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -226,46 +216,17 @@ def test_mimco_student_learns_from_its_teacher(teacher_path, tmp_path):
     5 epochs was 58.3 / 59.2 / 63.1 (seeds 0 / 1 / 2) with the BatchNorm heads and the
     border-extended digits view, and 44.7 / 49.7 / 45.0 before them (GELU heads, RandomAffine with a
     black margin); random init gives 36.7."""
-    import argparse
-
-    import main_linprobe
     import main_pretrain
 
     out = str(tmp_path / 'mimco')
     main_pretrain.main(
         parse(
             MIMCO
-            + [
-                '--teacher',
-                os.path.join(teacher_path, 'checkpoint-last.pth'),
-                '--epochs',
-                '5',
-                '--warmup_epochs',
-                '1',
-                '--blr',
-                '2e-3',
-                '--drop_path',
-                '0',
-                '--output_dir',
-                out,
-            ]
+            + '--epochs 5 --warmup_epochs 1 --blr 2e-3 --drop_path 0'.split()
+            + ['--teacher', os.path.join(teacher_path, 'checkpoint-last.pth'), '--output_dir', out]
         )
     )
-    parser = argparse.ArgumentParser(parents=[main_linprobe.get_args_parser()])
-    knn = main_linprobe.main(
-        parser.parse_args(
-            [
-                '--protocol',
-                'knn',
-                '--num_workers',
-                '0',
-                '--output_dir',
-                str(tmp_path / 'knn'),
-                '--checkpoint',
-                os.path.join(out, 'checkpoint-last.pth'),
-            ]
-        )
-    )
+    knn = knn_of(os.path.join(out, 'checkpoint-last.pth'), tmp_path / 'knn')
     assert knn['acc1'] > 54.0, knn
 
 
@@ -279,15 +240,8 @@ def test_torchrun_two_processes_on_cpu(teacher_path, tmp_path):
     teacher = os.path.join(teacher_path, 'checkpoint-last.pth')
     out = str(tmp_path / 'ddp')
     cmd = (
-        [
-            sys.executable,
-            '-m',
-            'torch.distributed.run',
-            '--standalone',
-            '--nproc_per_node',
-            '2',
-            'main_pretrain.py',
-        ]
+        TORCHRUN
+        + ['main_pretrain.py']
         + MIMCO
         + ['--teacher', teacher, '--epochs', '1', '--batch_size', '64', '--output_dir', out]
     )
@@ -301,25 +255,7 @@ def test_torchrun_two_processes_on_cpu(teacher_path, tmp_path):
     assert header['world_size'] == 2 and header['total_batch'] == 128
     # The kNN monitor on 2 ranks (each val image once):
     # what one process gives for the saved backbone.
-    import argparse
-
-    import main_linprobe
-
-    parser = argparse.ArgumentParser(parents=[main_linprobe.get_args_parser()])
-    knn = main_linprobe.main(
-        parser.parse_args(
-            [
-                '--protocol',
-                'knn',
-                '--num_workers',
-                '0',
-                '--output_dir',
-                str(tmp_path / 'knn'),
-                '--checkpoint',
-                os.path.join(out, 'checkpoint-last.pth'),
-            ]
-        )
-    )
+    knn = knn_of(os.path.join(out, 'checkpoint-last.pth'), tmp_path / 'knn')
     assert abs(epoch['knn_acc1'] - knn['acc1']) < 0.3, (epoch, knn)  # one val image is 0.28 points
     # Each rank's RNG stream is saved (and resumed) as its own: their drop path and masks differ.
     rng = checkpoint.load_file(os.path.join(out, 'checkpoint-last.pth'))['rng']

@@ -17,7 +17,17 @@ import pytest
 import torch
 
 import main_pretrain
-from tests.conftest import MIMCO, MOCO, ROOT, epoch_losses, parse, run_script
+from tests.conftest import (
+    MIMCO,
+    MOCO,
+    ROOT,
+    TINY_MAE,
+    TORCHRUN,
+    epoch_losses,
+    parse,
+    run_script,
+    train_epoch_on_cpu,
+)
 from util import checkpoint
 from util.errors import InputError, one_line
 
@@ -62,18 +72,7 @@ def test_resume_equals_uninterrupted(method, tmp_path, teacher_path):
     if method == 'mocov3':
         argv = MOCO + argv
     elif method == 'mae':
-        argv = [
-            '--method',
-            'mae',
-            '--decoder_embed_dim',
-            '32',
-            '--decoder_depth',
-            '1',
-            '--decoder_num_heads',
-            '2',
-            '--num_workers',
-            '0',
-        ] + argv
+        argv = TINY_MAE + ['--num_workers', '0'] + argv
     else:
         argv = MIMCO + argv + ['--teacher', os.path.join(teacher_path, 'checkpoint-last.pth')]
     argv += ['--num_workers', '2']
@@ -129,23 +128,8 @@ def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch):
 def run_linear_probe(out, *extra):
     import main_linprobe
 
-    argv = [
-        '--protocol',
-        'linear',
-        '--epochs',
-        '3',
-        '--warmup_epochs',
-        '1',
-        '--batch_size',
-        '128',
-        '--num_workers',
-        '0',
-        '--print_freq',
-        '1000',
-        '--output_dir',
-        str(out),
-        *extra,
-    ]
+    argv = '--protocol linear --epochs 3 --warmup_epochs 1 --batch_size 128 --num_workers 0'.split()
+    argv += ['--print_freq', '1000', '--output_dir', str(out), *extra]
     return main_linprobe.main(main_linprobe.get_args_parser().parse_args(argv))
 
 
@@ -240,16 +224,7 @@ def test_finetune_and_pretrain_refuse_to_resume_another_run(tmp_path, teacher_pa
     with pytest.raises(InputError, match='--method mocov3 there, mae here'):
         main_pretrain.main(
             parse(
-                [
-                    '--method',
-                    'mae',
-                    '--epochs',
-                    '1',
-                    '--num_workers',
-                    '0',
-                    '--output_dir',
-                    str(moco_dir),
-                ]
+                '--method mae --epochs 1 --num_workers 0'.split() + ['--output_dir', str(moco_dir)]
             )
         )
     saved = {'args': {'teacher': 'teachers/a.pth', 'method': 'mimco'}}
@@ -345,63 +320,48 @@ class LossAt(torch.nn.Module):
         return self.weight * self.losses[step[0]], {}
 
 
+def loop_args(accum_iter, epochs):
+    """The flags a pre-training loop reads, for one fp32 process with batches of one."""
+    return argparse.Namespace(
+        accum_iter=accum_iter,
+        print_freq=5,
+        batch_size=1,
+        amp='none',
+        distributed=False,
+        clip_grad=None,
+        epochs=epochs,
+        warmup_epochs=0,
+        min_lr=0.0,
+    )
+
+
 @pytest.mark.parametrize('bad_step', [0, 4, 5, 9, 10, 11])
 def test_every_step_is_checked_for_a_non_finite_loss(bad_step):
     """With --print_freq 5, a NaN at any step (the printed ones included) stops the epoch, and the
     message names that step."""
-    from engine_pretrain import train_one_epoch
     from util.lr_sched import cosine_lr_scheduler
 
     losses = [1.0] * 12
     losses[bad_step] = math.nan
     model = LossAt(losses)
     loader = [((torch.tensor([i]),), 0) for i in range(12)]
-    args = argparse.Namespace(
-        accum_iter=1,
-        print_freq=5,
-        batch_size=1,
-        amp='none',
-        distributed=False,
-        clip_grad=None,
-        epochs=1,
-        warmup_epochs=0,
-        min_lr=0.0,
-    )
+    args = loop_args(accum_iter=1, epochs=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(
         FloatingPointError, match=f'non-finite loss nan at epoch 0, step {bad_step} '
     ):
-        train_one_epoch(
-            model,
-            loader,
-            optimizer,
-            cosine_lr_scheduler(optimizer, args.epochs, args.warmup_epochs, args.min_lr, 12),
-            torch.amp.GradScaler('cpu', enabled=False),
-            torch.device('cpu'),
-            0,
-            print_freq=args.print_freq,
-        )
+        scheduler = cosine_lr_scheduler(optimizer, args.epochs, args.warmup_epochs, args.min_lr, 12)
+        train_epoch_on_cpu(model, loader, optimizer, scheduler, 0, print_freq=args.print_freq)
 
 
 def test_accumulation_steps_every_lr_of_the_schedule_once():
     """11 batches an epoch, --accum_iter 2: 6 steps an epoch (the last one on a single batch), each
     at the next lr of one cosine over all 5 epochs, each on the mean gradient of its batches."""
-    from engine_pretrain import train_one_epoch
     from util.lr_sched import cosine_lr_scheduler, updates_per_epoch
 
     model = LossAt([1.0] * 11)  # each batch's gradient of `weight` is 1
     loader = [((torch.tensor([i]),), 0) for i in range(11)]
-    args = argparse.Namespace(
-        accum_iter=2,
-        print_freq=5,
-        batch_size=1,
-        amp='none',
-        distributed=False,
-        clip_grad=None,
-        epochs=5,
-        warmup_epochs=0,
-        min_lr=0.0,
-    )
+    args = loop_args(accum_iter=2, epochs=5)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     steps = []  # (lr, gradient) at each optimizer step
     optimizer.register_step_pre_hook(
@@ -412,13 +372,11 @@ def test_accumulation_steps_every_lr_of_the_schedule_once():
         optimizer, args.epochs, args.warmup_epochs, args.min_lr, updates
     )
     for epoch in range(args.epochs):
-        train_one_epoch(
+        train_epoch_on_cpu(
             model,
             loader,
             optimizer,
             scheduler,
-            torch.amp.GradScaler('cpu', enabled=False),
-            torch.device('cpu'),
             epoch,
             accum_iter=args.accum_iter,
             print_freq=args.print_freq,
@@ -551,36 +509,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
 def test_mae_two_processes_equal_one_process(tmp_path):
     """Same global batch (2 x 64 vs 1 x 128): the same loss curve. Augmentations and masks are
     seeded per sample, the masked-patch counts are equal, and DDP averages the gradients."""
-    argv = [
-        '--method',
-        'mae',
-        '--decoder_embed_dim',
-        '32',
-        '--decoder_depth',
-        '1',
-        '--decoder_num_heads',
-        '2',
-        '--epochs',
-        '2',
-        '--warmup_epochs',
-        '1',
-        '--blr',
-        '1e-3',
-        '--num_workers',
-        '0',
-    ]
+    argv = TINY_MAE + '--epochs 2 --warmup_epochs 1 --blr 1e-3 --num_workers 0'.split()
     single = run_script(argv + ['--batch_size', '128', '--output_dir', str(tmp_path / 'one')])
     assert single.returncode == 0, single.stderr[-2000:]
     cmd = (
-        [
-            sys.executable,
-            '-m',
-            'torch.distributed.run',
-            '--standalone',
-            '--nproc_per_node',
-            '2',
-            'main_pretrain.py',
-        ]
+        TORCHRUN
+        + ['main_pretrain.py']
         + argv
         + ['--batch_size', '64', '--output_dir', str(tmp_path / 'two')]
     )
@@ -601,19 +535,7 @@ def test_mae_two_processes_equal_one_process(tmp_path):
     ],
 )
 def test_evaluation_scripts_under_torchrun(script, argv, tmp_path):
-    cmd = [
-        sys.executable,
-        '-m',
-        'torch.distributed.run',
-        '--standalone',
-        '--nproc_per_node',
-        '2',
-        script,
-        '--num_workers',
-        '0',
-        '--output_dir',
-        str(tmp_path),
-    ] + argv
+    cmd = TORCHRUN + [script, '--num_workers', '0', '--output_dir', str(tmp_path)] + argv
     env = dict(os.environ, OMP_NUM_THREADS='1')
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -74,19 +74,9 @@ def test_evaluation_shards_hold_each_image_once(world_size, monkeypatch):
 
 
 def torchrun(nproc, script, argv, out):
-    cmd = [
-        sys.executable,
-        '-m',
-        'torch.distributed.run',
-        '--standalone',
-        '--nproc_per_node',
-        str(nproc),
-        script,
-        '--num_workers',
-        '0',
-        '--output_dir',
-        str(out),
-    ] + [str(a) for a in argv]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node']
+    cmd += [str(nproc), script, '--num_workers', '0', '--output_dir', str(out)]
+    cmd += [str(a) for a in argv]
     result = subprocess.run(
         cmd,
         cwd=ROOT,
@@ -130,19 +120,8 @@ def test_distributed_evaluation_equals_one_process(tmp_path):
 
 def test_knn_top5_counts_only_classes_with_a_vote(tmp_path):
     """With one neighbour, one class gets a vote: top-5 is top-1 (was 63.89 against 40.28)."""
-    metrics = run(
-        main_linprobe,
-        '--protocol',
-        'knn',
-        '--checkpoint',
-        'random',
-        '--knn_k',
-        1,
-        '--num_workers',
-        0,
-        '--output_dir',
-        tmp_path,
-    )
+    argv = '--protocol knn --checkpoint random --knn_k 1 --num_workers 0'.split()
+    metrics = run(main_linprobe, *argv, '--output_dir', tmp_path)
     assert metrics['acc5'] == metrics['acc1'] < 90
     votes = features.knn_scores(torch.eye(3), torch.tensor([0, 1, 2]), torch.eye(3)[:1], 3, k=2)
     assert (
@@ -204,20 +183,9 @@ def test_val_uses_train_class_indices(tmp_path, capsys):
     val = data.build_dataset(args, False, None)
     assert val.classes == ['a', 'b', 'c'] and sorted(set(val.targets)) == [0, 2]
     assert 'lacks 1 of the 3 classes of train/' in capsys.readouterr().out
+    argv = '--protocol knn --checkpoint random --input_size 16 --num_workers 0'.split()
     metrics = run(
-        main_linprobe,
-        '--protocol',
-        'knn',
-        '--checkpoint',
-        'random',
-        '--data_path',
-        args.data_path,
-        '--input_size',
-        16,
-        '--num_workers',
-        0,
-        '--output_dir',
-        tmp_path / 'knn',
+        main_linprobe, *argv, '--data_path', args.data_path, '--output_dir', tmp_path / 'knn'
     )
     assert metrics['n_val'] == 4
     args.data_path = image_folder(tmp_path / 'extra', val=('a', 'b', 'd', 'e'))

@@ -11,7 +11,7 @@ import struct
 import pytest
 import timm
 import torch
-from conftest import FAST, ROOT, parse
+from conftest import FAST, ROOT, parse, save_official_mocov3
 
 import main_finetune
 import main_linprobe
@@ -123,22 +123,9 @@ def mae_path(tmp_path_factory):
     out = str(tmp_path_factory.mktemp('mae'))
     main_pretrain.main(
         parse(
-            [
-                '--method',
-                'mae',
-                '--epochs',
-                '1',
-                '--warmup_epochs',
-                '0',
-                '--decoder_embed_dim',
-                '32',
-                '--decoder_depth',
-                '1',
-                '--decoder_num_heads',
-                '4',
-                '--output_dir',
-                out,
-            ]
+            '--method mae --epochs 1 --warmup_epochs 0'.split()
+            + '--decoder_embed_dim 32 --decoder_depth 1 --decoder_num_heads 4'.split()
+            + ['--output_dir', out]
             + FAST
         )
     )
@@ -241,25 +228,12 @@ def test_export_checks_the_architecture(tmp_path):
     torch.manual_seed(0)
     vit = timm.create_model('mocov3_vit_small', num_classes=0)
     source = str(tmp_path / 'vit-s-300ep.pth.tar')
-    torch.save(
-        {
-            'state_dict': {f'module.base_encoder.{k}': v for k, v in vit.state_dict().items()},
-            'arch': 'vit_small',
-            'epoch': 300,
-        },
-        source,
-    )
+    save_official_mocov3(vit, source)
     with pytest.raises(InputError, match='mocov3_vit_small'):
         export.main(
             export.get_args_parser().parse_args(
-                [
-                    '--checkpoint',
-                    source,
-                    '--model',
-                    'vit_small_patch16_224',
-                    '--output',
-                    str(tmp_path / 'bad.pth'),
-                ]
+                ['--model', 'vit_small_patch16_224', '--checkpoint', source]
+                + ['--output', str(tmp_path / 'bad.pth')]
             )
         )
     assert sorted(os.listdir(tmp_path)) == ['vit-s-300ep.pth.tar']  # nothing written

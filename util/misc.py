@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from util.lr_sched import updates_per_epoch
+
 
 def default_amp(device: str) -> str:
     """--amp's default: bf16 autocast on CUDA, full precision on the CPU."""
@@ -45,6 +47,57 @@ def gradient_sync(model: torch.nn.Module, update: bool):
     if update or not is_ddp:
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+def accumulation_steps(
+    model: torch.nn.Module,
+    data_loader,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    logger,
+    epoch: int,
+    accum_iter: int,
+    print_freq: int,
+):
+    """A training epoch's batches, each as (step, batch, need_update, batches_in_update).
+
+    Puts the model in train mode, prints the progress through `logger`, and sets the lr at each
+    update's first batch. With `accum_iter` k, the gradients of k batches add up before each
+    optimizer update; an epoch's last update may add up fewer, so none carries gradients into the
+    next epoch: `batches_in_update` is what the loss is divided by.
+    """
+    model.train(True)
+    batches = len(data_loader)
+    updates = updates_per_epoch(batches, accum_iter)
+    optimizer.zero_grad(set_to_none=True)
+    # For images/s; the benchmarks pass a list of batches, which has no batch size.
+    batch_size = getattr(data_loader, 'batch_size', None)
+    steps = logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]', batch_size)
+    for step, batch in enumerate(steps):
+        update_index, batch_in_update = divmod(step, accum_iter)
+        if batch_in_update == 0:
+            lr_scheduler.step_update(epoch * updates + update_index)
+        need_update = (step + 1) % accum_iter == 0 or step == batches - 1
+        # The batches this update adds up: accum_iter, or fewer in the epoch's last update.
+        batches_in_update = min(accum_iter, batches - update_index * accum_iter)
+        yield step, batch, need_update, batches_in_update
+
+
+def optimizer_update(model, optimizer, scaler: torch.amp.GradScaler, clip_grad: float) -> None:
+    """One update from the gradients added up since the last, clipped to norm --clip_grad."""
+    if clip_grad:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def log_step(logger, optimizer, loss, terms: dict, step: int, batches: int, print_freq, epoch):
+    """Record a step's loss, loss terms and lr, and check the losses where log_every prints."""
+    lr = max(group['lr'] for group in optimizer.param_groups)
+    logger.update(loss=loss.detach(), lr=lr, **terms)
+    check_losses(logger, step, batches, print_freq, epoch, terms, lr)
 
 
 def check_finite(values: list, first_step: int, epoch: int, terms: dict, lr: float) -> None:
