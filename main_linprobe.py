@@ -365,7 +365,7 @@ def main(args):
     val_set.transform = transforms.eval_transform(args)
     train_set.transform = transforms.eval_transform(args)
     if linear and not args.cache_features and not digits:
-        train_set.transform = transforms.crop_flip_view(args)
+        train_set.transform = transforms.mae_linprobe_view(args)
     train_set = data.label_subset(train_set, args)
     num_classes = len(val_set.classes)
     if linear:

@@ -240,8 +240,8 @@ def gather_shards(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def add_data_args(p, subsets: bool = True) -> None:
-    """The data flags of every script, and (`subsets`) the labelled-subset flags of the
-    evaluations."""
+    """The data flags of every script, and (`subsets`) the evaluations' flags: the labelled subset
+    and the eval resize."""
     p.add_argument(
         '--data_path',
         default=None,
@@ -271,6 +271,13 @@ def add_data_args(p, subsets: bool = True) -> None:
         type=float,
         help='keep this fraction of each class of the training set (e.g. 0.01, 0.1), seeded by '
         '--seed',
+    )
+    p.add_argument(
+        '--eval_interpolation',
+        default=None,
+        choices=['bicubic', 'bilinear'],
+        help='resize of the evaluated images (default: bilinear for --protocol logreg, as Layer '
+        "Grafted's code; else bicubic, as MAE's and DINO's)",
     )
     p.add_argument(
         '--shots_per_class',

@@ -1,15 +1,25 @@
 """The views of the images: each method's training views (digits' jitter, MoCo v3's BYOL views,
-MimCo's and MAE's crop + flip) and the eval transform."""
+MimCo's and MAE's crop + flip, MAE's linear-probe crop) and the eval transform."""
+
+import math
+import random
 
 import torch
+from PIL import ImageFilter
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 
 from util.data import dataset_name
 from util.digits import DigitsJitter
 from util.errors import InputError
 
 BICUBIC = T.InterpolationMode.BICUBIC
+BILINEAR = T.InterpolationMode.BILINEAR
+
+# The frozen-feature protocols whose official code resizes bilinearly (torchvision's default):
+# Layer Grafted's few-shot logistic regression (main_lincls_sweep.py). MAE and DINO: bicubic.
+BILINEAR_PROTOCOLS = ('logreg',)
 
 
 # Stateless: one for every view.
@@ -33,20 +43,38 @@ def digits_view(args) -> T.Compose:
     )
 
 
+class PILGaussianBlur:
+    """SimCLR's Gaussian blur as MoCo v3 draws it (moco-v3 moco/loader.py, GaussianBlur): PIL's
+    ImageFilter.GaussianBlur with radius (the standard deviation, in pixels) drawn by Python's
+    `random` from [0.1, 2.0]. A uint8 (C, H, W) tensor (--data_backend torchvision) goes through
+    PIL and back, losslessly."""
+
+    def __init__(self, sigma: tuple = (0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, image):
+        radius = random.uniform(self.sigma[0], self.sigma[1])
+        blur = ImageFilter.GaussianBlur(radius=radius)
+        if isinstance(image, torch.Tensor):
+            return TF.pil_to_tensor(TF.to_pil_image(image).filter(blur))
+        return image.filter(blur)
+
+
 def byol_view(args, blur_p: float, solarize_p: float) -> T.Compose:
-    """One of MoCo v3's two asymmetric BYOL views (Chen et al., 2021, Sec. 4)."""
-    return T.Compose(
-        [
-            T.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=BICUBIC),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([T.GaussianBlur(23, sigma=(0.1, 2.0))], p=blur_p),
-            T.RandomHorizontalFlip(),
-            *TO_TENSOR,
-            T.RandomSolarize(0.5, p=solarize_p),
-            NORMALIZE,
-        ]
-    )
+    """One of MoCo v3's two asymmetric BYOL views (Chen et al., 2021, Sec. 4), as moco-v3
+    main_moco.py's augmentation1/2: torchvision's default bilinear crop, PIL's blur, and the
+    solarization (PIL's ImageOps.solarize: pixels >= 128 inverted) before the flip, in the second
+    view only (`solarize_p` 0 leaves it out, and with it its random draw)."""
+    steps = [
+        T.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=BILINEAR),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([PILGaussianBlur()], p=blur_p),
+    ]
+    if solarize_p > 0:
+        steps.append(T.RandomSolarize(128, p=solarize_p))
+    steps.append(T.RandomHorizontalFlip())
+    return T.Compose(steps + TO_TENSOR + [NORMALIZE])
 
 
 def crop_flip_view(args) -> T.Compose:
@@ -61,13 +89,65 @@ def crop_flip_view(args) -> T.Compose:
     )
 
 
+class ClippedRandomResizedCrop(T.RandomResizedCrop):
+    """MAE's linear-probe crop (mae util/crop.py, after BYOL's TF code): one draw of area and
+    aspect ratio, the box then clipped to the image, where torchvision's retries up to 10 times
+    and falls back to a centre crop."""
+
+    def make_params(self, flat_inputs: list) -> dict:
+        height, width = TF.get_size(flat_inputs[0])  # the image: the only input of the view
+        area = height * width
+        target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1]).item()
+        log_ratio = self._log_ratio
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        w = min(w, width)
+        h = min(h, height)
+        top = torch.randint(0, height - h + 1, size=(1,)).item()
+        left = torch.randint(0, width - w + 1, size=(1,)).item()
+        return dict(top=top, left=left, height=h, width=w)
+
+
+def mae_linprobe_view(args) -> T.Compose:
+    """MAE's linear-probe training view (mae main_linprobe.py): its clipping crop, bicubic, and
+    a flip."""
+    return T.Compose(
+        [
+            ClippedRandomResizedCrop(
+                args.input_size, scale=(args.crop_min, 1.0), interpolation=BICUBIC
+            ),
+            T.RandomHorizontalFlip(),
+            *TO_TENSOR,
+            NORMALIZE,
+        ]
+    )
+
+
+def eval_interpolation(args) -> T.InterpolationMode:
+    """--eval_interpolation, by default the one of the protocol's official code: bilinear for
+    BILINEAR_PROTOCOLS, else bicubic (MAE, DINO)."""
+    name = getattr(args, 'eval_interpolation', None)
+    if name is None:
+        name = 'bicubic'
+        if getattr(args, 'protocol', None) in BILINEAR_PROTOCOLS:
+            name = 'bilinear'
+    return T.InterpolationMode(name)
+
+
 def eval_transform(args) -> T.Compose:
-    """Resize 256 / centre crop 224 (scaled to --input_size); digits are only upsampled."""
+    """Resize and centre crop to --input_size, as MAE's build_transform: resize by 256/224 up to
+    224 px (crop_pct 0.875), to the input size itself above it (crop_pct 1.0); digits are only
+    upsampled. Interpolation: eval_interpolation."""
+    interpolation = eval_interpolation(args)
     if dataset_name(args) == 'digits':
-        resize = [T.Resize(args.input_size, interpolation=BICUBIC)]
+        resize = [T.Resize(args.input_size, interpolation=interpolation)]
     else:
+        crop_pct = 1.0
+        if args.input_size <= 224:
+            crop_pct = 224 / 256
         resize = [
-            T.Resize(int(args.input_size * 256 / 224), interpolation=BICUBIC),
+            T.Resize(int(args.input_size / crop_pct), interpolation=interpolation),
             T.CenterCrop(args.input_size),
         ]
     return T.Compose(resize + TO_TENSOR + [NORMALIZE])
