@@ -54,9 +54,10 @@ def get_args_parser():
     model.add_argument('--drop_path', default=0.1, type=float, help='stochastic depth rate')
     model.add_argument(
         '--global_pool',
-        default=True,
+        default=None,
         action=argparse.BooleanOptionalAction,
-        help='classify the patch-token mean (MAE); --no-global_pool: the CLS token',
+        help='classify the patch-token mean (default, MAE); --no-global_pool: the CLS token '
+        '(default with --init_from_projector, as Layer Grafted)',
     )
     model.add_argument(
         '--cls_token',
@@ -163,9 +164,9 @@ def projector_classifier(path: str, num_classes: int) -> torch.nn.Sequential:
             f'flag, or fine-tune a MoCo v3 or grafted checkpoint'
         )
     first = projector[0]
-    layer = torch.nn.Linear(first.in_features, first.out_features)  # (D -> mlp_dim)
-    layer.weight.data.copy_(first.weight.data)  # MoCo v3's projector has no bias
-    torch.nn.init.zeros_(layer.bias)
+    # No bias, as MoCo v3's projector and Layer Grafted's tuneFromFirstFC (main_finetune_mae.py).
+    layer = torch.nn.Linear(first.in_features, first.out_features, bias=False)  # (D -> mlp_dim)
+    layer.weight.data.copy_(first.weight.data)
     classifier = torch.nn.Linear(layer.out_features, num_classes)
     return torch.nn.Sequential(layer, classifier)
 
@@ -195,6 +196,10 @@ def add_classifier(model, args, num_classes: int) -> torch.nn.Module:
         if args.init_from_projector:
             classifier = model.head[-1]
         trunc_normal_(classifier.weight, std=2e-5)  # MAE: a near-zero start for the new classifier
+    if not args.init_from_projector:
+        # Zero, as timm's head init in MAE's models_vit; Layer Grafted's projector path keeps
+        # PyTorch's default for its classifier.
+        torch.nn.init.zeros_(model.head.bias)
     return model
 
 
@@ -210,7 +215,10 @@ def layer_decay_groups(model, args) -> list:
 
 
 def set_dataset_defaults(args) -> None:
-    """ImageNet's Mixup, CutMix and erasing, or none on digits; a flag given always wins."""
+    """ImageNet's Mixup, CutMix and erasing, or none on digits; the CLS token for Layer Grafted's
+    --init_from_projector, else global pool; a flag given always wins."""
+    if args.global_pool is None:
+        args.global_pool = not args.init_from_projector
     name = 'imagenet'
     if data.dataset_name(args) == 'digits':
         name = 'digits'
