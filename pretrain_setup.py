@@ -24,7 +24,7 @@ from util.graft import (
 )
 from util.lars import lars
 from util.lr_sched import absolute_lr, total_batch_size
-from util.masking import MaskNoiseGenerator, build_mask_generator, check_mask_ratio
+from util.masking import MaskNoiseGenerator, build_mask_generator, check_mask_ratio, mae_num_keep
 from util.misc import default_amp
 
 # Per-method defaults where the papers differ; a flag given on the command line always wins.
@@ -273,7 +273,9 @@ def build_mae(args) -> tuple:
         args.mask_ratio,
         args.norm_pix_loss,
     )
-    model.mask_generator = MaskNoiseGenerator(model.encoder.patch_embed.grid_size)
+    grid_size = model.encoder.patch_embed.grid_size
+    mae_num_keep(grid_size[0] * grid_size[1], args.mask_ratio)  # refuses a ratio keeping none
+    model.mask_generator = MaskNoiseGenerator(grid_size)
     return model, None
 
 

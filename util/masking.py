@@ -113,6 +113,21 @@ class MaskNoiseGenerator:
         return torch.rand(self.num_patches)  # (N,)
 
 
+def mae_num_keep(num_patches: int, mask_ratio: float) -> int:
+    """MAE's count of visible patches, int(N * (1 - mask_ratio)) (random_masking): int() and not
+    round(), 19 of 196 kept at 0.9 (round would keep 20). Raises InputError where that keeps no
+    patch (e.g. 16 patches at 0.95), which the official code would train on: an encoder that sees
+    no patch of the image."""
+    check_mask_ratio(mask_ratio)
+    num_keep = int(num_patches * (1 - mask_ratio))
+    if num_keep == 0:
+        raise InputError(
+            f'--mask_ratio {mask_ratio} keeps int({num_patches} x (1 - {mask_ratio})) = 0 of the '
+            f"{num_patches} patches (MAE's count): lower it, e.g. to 0.75 (MAE)"
+        )
+    return num_keep
+
+
 def random_masking_indices(
     batch_size: int, num_patches: int, mask_ratio: float, device=None, noise: torch.Tensor = None
 ) -> tuple:
@@ -122,9 +137,7 @@ def random_masking_indices(
     ids_restore (B, N) and mask (B, N) with 1 = masked, 0 = kept, in the original patch order:
     `gather(cat(kept, masked), ids_restore)` undoes the shuffle.
     """
-    check_mask_ratio(mask_ratio)
-    # MAE's count, int() and not round(): 19 of 196 kept at 0.9 (round would keep 20).
-    num_keep = max(1, int(num_patches * (1 - mask_ratio)))
+    num_keep = mae_num_keep(num_patches, mask_ratio)
     if noise is None:
         noise = torch.rand(batch_size, num_patches, device=device)  # (B, N)
     # The patches of the smallest noise are kept.
