@@ -260,8 +260,9 @@ def test_finetune_final_norm_takes_layer_decay_scale_one(pool):
 @pytest.mark.parametrize('img_size', [8, 32])
 def test_position_embeddings_resampled_as_mae_interpolate_pos_embed(tmp_path, img_size):
     vit = tiny_vit(num_heads=1, embed_dim=64)
-    torch.save(vit.state_dict(), tmp_path / 'timm.pth')
-    loaded = backbones.load_backbone(str(tmp_path / 'timm.pth'), img_size=img_size)
+    # DeiT's layout: a plain backbone would be read as DINO's, resampled by DINO's rule.
+    torch.save({'model': vit.state_dict()}, tmp_path / 'deit.pth')
+    loaded = backbones.load_backbone(str(tmp_path / 'deit.pth'), img_size=img_size)
     # MAE/DeiT interpolate_pos_embed: plain bicubic (align_corners=False) on the patch grid;
     # CLS kept.
     grid = vit.pos_embed[:, 1:].detach().reshape(1, 4, 4, 64).permute(0, 3, 1, 2)

@@ -1,7 +1,10 @@
 """Fixed 2-D sin-cos position embeddings (MoCo v3, Sec. 4; MAE, Sec. 3), in both official
-layouts."""
+layouts, and DINO's resampling of a learned table to another grid."""
+
+import math
 
 import torch
+import torch.nn.functional as F
 from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
@@ -29,3 +32,23 @@ def set_sincos_pos_embed(vit: VisionTransformer, mae_layout: bool = False) -> No
     )
     vit.pos_embed.data.copy_(table)
     vit.pos_embed.requires_grad_(False)
+
+
+def dino_resample_pos_embed(
+    pos_embed: torch.Tensor, grid_size: tuple, num_prefix_tokens: int
+) -> torch.Tensor:
+    """DINO's interpolate_pos_encoding (dino vision_transformer.py): the square table
+    (1, prefix + N, D) to (1, prefix + H * W, D) for `grid_size` (H, W), bicubic with the
+    scale factors (H + 0.1) / sqrt(N) and (W + 0.1) / sqrt(N), not with size=(H, W) as MAE's
+    interpolate_pos_embed; the sample points, hence the table, differ slightly. The prefix tokens
+    are kept."""
+    prefix = pos_embed[:, :num_prefix_tokens]
+    patches = pos_embed[:, num_prefix_tokens:]  # (1, N, D)
+    dim = patches.shape[-1]
+    side = math.sqrt(patches.shape[1])
+    grid = patches.reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2)  # (1, D, side, side)
+    # DINO's + 0.1 keeps floor(side * scale) at H and W despite rounding (dino issue #8).
+    scale = ((grid_size[0] + 0.1) / side, (grid_size[1] + 0.1) / side)
+    grid = F.interpolate(grid, scale_factor=scale, mode='bicubic')  # (1, D, H, W)
+    patches = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)  # (1, H * W, D)
+    return torch.cat([prefix, patches], dim=1)
