@@ -14,13 +14,12 @@ import re
 
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from util.architectures import build_mlp, default_model  # registers our ViT names with timm
 from util.checkpoint import load_file
 from util.errors import InputError
-from util.pos_embed import dino_resample_pos_embed, sincos_pos_embed
+from util.pos_embed import resample_pos_embed, sincos_pos_embed
 
 PATCH_KEY = 'patch_embed.proj.weight'
 # Keys of a pre-training file that are not the backbone's (heads, decoders, mask tokens).
@@ -291,25 +290,6 @@ def _check_fit(
         )
 
 
-def resample_pos_embed(
-    pos_embed: torch.Tensor, model: VisionTransformer, info: dict, verbose: bool
-) -> torch.Tensor:
-    """The file's position table (1, prefix + N, D) on `model`'s patch grid: by DINO's own rule
-    for a DINO file, else by plain bicubic, as MAE's and DeiT's interpolate_pos_embed (timm's
-    default antialiases)."""
-    if info['format'].startswith('DINO'):
-        return dino_resample_pos_embed(
-            pos_embed, model.patch_embed.grid_size, model.num_prefix_tokens
-        )
-    return resample_abs_pos_embed(
-        pos_embed,
-        new_size=model.patch_embed.grid_size,
-        num_prefix_tokens=model.num_prefix_tokens,
-        antialias=False,
-        verbose=verbose,
-    )
-
-
 def load_backbone(
     path: str,
     model: VisionTransformer = None,
@@ -347,7 +327,12 @@ def load_backbone(
                 )
     _check_fit(state_dict, model, info, path, flag)
     if state_dict['pos_embed'].shape != model.pos_embed.shape:
-        state_dict['pos_embed'] = resample_pos_embed(state_dict['pos_embed'], model, info, verbose)
+        state_dict['pos_embed'] = resample_pos_embed(
+            state_dict['pos_embed'],
+            model.patch_embed.grid_size,
+            model.num_prefix_tokens,
+            dino_rule=info['format'].startswith('DINO'),
+        )
     model.load_state_dict(state_dict)
     if verbose:
         outside = ', '.join(info['outside']) or 'nothing'

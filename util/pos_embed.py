@@ -5,7 +5,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.layers import build_sincos2d_pos_embed
+from timm.layers import build_sincos2d_pos_embed, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 
@@ -52,3 +52,16 @@ def dino_resample_pos_embed(
     grid = F.interpolate(grid, scale_factor=scale, mode='bicubic')  # (1, D, H, W)
     patches = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)  # (1, H * W, D)
     return torch.cat([prefix, patches], dim=1)
+
+
+def resample_pos_embed(
+    pos_embed: torch.Tensor, grid_size: tuple, num_prefix_tokens: int, dino_rule: bool
+) -> torch.Tensor:
+    """A position table (1, prefix + N, D) on the grid `grid_size` (H, W): by DINO's own rule
+    (`dino_rule`, for DINO's files), else by plain bicubic, as MAE's and DeiT's
+    interpolate_pos_embed (timm's default antialiases)."""
+    if dino_rule:
+        return dino_resample_pos_embed(pos_embed, grid_size, num_prefix_tokens)
+    return resample_abs_pos_embed(
+        pos_embed, new_size=grid_size, num_prefix_tokens=num_prefix_tokens, antialias=False
+    )
