@@ -10,6 +10,7 @@ from util.digits import DigitsJitter
 from util.errors import InputError
 
 BICUBIC = T.InterpolationMode.BICUBIC
+BILINEAR = T.InterpolationMode.BILINEAR
 
 
 # Stateless: one for every view.
@@ -49,11 +50,13 @@ def byol_view(args, blur_p: float, solarize_p: float) -> T.Compose:
     )
 
 
-def crop_flip_view(args) -> T.Compose:
-    """MimCo/MAE: RandomResizedCrop + flip only."""
+def crop_flip_view(args, interpolation=BICUBIC) -> T.Compose:
+    """MimCo/MAE: RandomResizedCrop + flip only (MoCo v3's main_lincls.py: bilinear)."""
     return T.Compose(
         [
-            T.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=BICUBIC),
+            T.RandomResizedCrop(
+                args.input_size, scale=(args.crop_min, 1.0), interpolation=interpolation
+            ),
             T.RandomHorizontalFlip(),
             *TO_TENSOR,
             NORMALIZE,
@@ -61,13 +64,14 @@ def crop_flip_view(args) -> T.Compose:
     )
 
 
-def eval_transform(args) -> T.Compose:
-    """Resize 256 / centre crop 224 (scaled to --input_size); digits are only upsampled."""
+def eval_transform(args, interpolation=BICUBIC) -> T.Compose:
+    """Resize 256 / centre crop 224 (scaled to --input_size); digits are only upsampled (bicubic,
+    or `interpolation`: MoCo v3's main_lincls.py resizes bilinear)."""
     if dataset_name(args) == 'digits':
-        resize = [T.Resize(args.input_size, interpolation=BICUBIC)]
+        resize = [T.Resize(args.input_size, interpolation=interpolation)]
     else:
         resize = [
-            T.Resize(int(args.input_size * 256 / 224), interpolation=BICUBIC),
+            T.Resize(int(args.input_size * 256 / 224), interpolation=interpolation),
             T.CenterCrop(args.input_size),
         ]
     return T.Compose(resize + TO_TENSOR + [NORMALIZE])
