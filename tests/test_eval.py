@@ -238,7 +238,8 @@ def test_linear_probe_leaves_backbone_identical(tmp_path):
     )
     val_set = data.build_dataset(args, False, transforms.eval_transform(args))
     metrics = engine_probe.linear_probe(backbone, train_set, val_set, 10, device, args)
-    assert not backbone.training and metrics['acc1'] > 25, metrics  # the head did learn
+    # The head did learn: chance is 10 %; 20-23 % measured at blr 0.1 to 2 (random backbone).
+    assert not backbone.training and metrics['acc1'] > 15, metrics
     assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
 
 
@@ -343,25 +344,15 @@ def test_finetune_reads_official_mocov3_format(tmp_path):
     assert args.input_size == 32 and model.pos_embed.shape == (1, 1 + 64, 96)
     assert torch.equal(model.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 96)
-    metrics = run(
-        main_finetune,
-        '--finetune',
-        path,
-        '--eval',
-        '--cls_token',
-        '--num_workers',
-        0,
-        '--output_dir',
-        tmp_path / 'eval',
-    )
-    assert 0 <= metrics['acc1'] <= 100 and metrics['eval_only']
+    # A pre-training file holds no classifier: --eval would score a fresh random head.
+    with pytest.raises(InputError, match='holds no classifier'):
+        run(main_finetune, '--finetune', path, '--eval', '--output_dir', tmp_path / 'eval')
     with pytest.raises(InputError, match='projector'):
         run(
             main_finetune,
             '--finetune',
             plain,
             '--init_from_projector',
-            '--eval',
             '--num_workers',
             0,
             '--output_dir',
