@@ -178,3 +178,22 @@ def test_old_sgd_flag_names_the_new_protocol():
         )
     with pytest.raises(InputError, match='grid'):
         main_linprobe.resolve_args(probe_args('--protocol', 'lincls_grafted', '--blr', 1), True)
+
+
+def test_sweep_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    """The 70 heads stopped after epoch 1 and resumed from checkpoint-last.pth: the same heads, the
+    same chosen head and accuracy as the run that never stopped."""
+    from tests.test_reliability import die_then_resume
+
+    def run_sweep(out):
+        args = probe_args('--protocol', 'lincls_grafted', '--epochs', 3, '--output_dir', out)
+        return main_linprobe.main(args)
+
+    whole = run_sweep(tmp_path / 'whole')
+    split = die_then_resume(monkeypatch, engine_probe, run_sweep, tmp_path / 'split', epoch=2)
+    assert split == whole
+    saved = [
+        torch.load(tmp_path / run / 'checkpoint-last.pth', weights_only=True)
+        for run in ('whole', 'split')
+    ]
+    assert torch.equal(saved[0]['model']['weight'], saved[1]['model']['weight'])
