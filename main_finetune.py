@@ -145,7 +145,7 @@ def get_args_parser():
     data.add_data_args(p.add_argument_group('Data'))
     run = p.add_argument_group('Run')
     run.add_argument(
-        '--eval', action='store_true', help='only evaluate (the --resume or --finetune model)'
+        '--eval', action='store_true', help='only evaluate (a classifier file: with its own head)'
     )
     add_run_args(run)
     return p
@@ -251,9 +251,7 @@ def main(args):
     device = setup_run(args)
     set_dataset_defaults(args)
     # --eval of a classifier file (DeiT's release, a --finetune file): its own head and pooling.
-    scored = ''
-    if args.eval:
-        scored = classifiers.classifier_to_score(args.resume, args.finetune)
+    scored = classifiers.classifier_to_score(args.eval, args.resume, args.finetune)
     if scored:
         args.finetune = scored
         args.resume = ''

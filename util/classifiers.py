@@ -17,10 +17,12 @@ def written_here(path: str) -> bool:
     return isinstance(saved.get('args'), dict) and 'epoch' in saved and 'optimizer' in saved
 
 
-def classifier_to_score(resume: str, finetune: str) -> str:
+def classifier_to_score(evaluate: bool, resume: str, finetune: str) -> str:
     """The file whose own classifier `--eval` scores: a --resume that is not a training checkpoint
-    of these scripts, else --finetune; '' when --eval resumes one of ours (or scores a random
-    init)."""
+    of these scripts, else --finetune; '' without --eval, or when --eval resumes one of ours (or
+    scores a random init)."""
+    if not evaluate:
+        return ''
     if resume:
         if written_here(resume):
             return ''
