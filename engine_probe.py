@@ -185,7 +185,7 @@ def sweep_stats(model, loaders: dict, device, args) -> dict:
     }
 
 
-def eval_sets(train_set, val_set, args) -> tuple:
+def probe_sets(train_set, val_set, args) -> tuple:
     """(training set, {'val': ..., 'select': ...}): the sweep holds out part of train to choose its
     head on ('select'), unless --select_on_val (then val chooses, as the Layer Grafted code)."""
     sets = {'val': val_set}
@@ -203,7 +203,7 @@ def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dic
     backbone_id = backbone_fingerprint(backbone)
     sweep = args.protocol == 'lincls_grafted'
     head = probe_head(backbone.num_features, num_classes, args).to(device)
-    train_set, sets = eval_sets(train_set, val_set, args)
+    train_set, sets = probe_sets(train_set, val_set, args)
     model, loader, loaders = probe_model(backbone, head, train_set, sets, device, args)
     train_model = model
     if args.distributed:
