@@ -19,7 +19,7 @@ from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 
 from engine_finetune import evaluate, train_one_epoch
-from util import backbones, checkpoint, data, transforms
+from util import backbones, checkpoint, classifiers, data, transforms
 from util.architectures import DIGITS_MODEL, default_model
 from util.dist import get_world_size, wrap_ddp
 from util.errors import InputError, run_main
@@ -146,7 +146,7 @@ def get_args_parser():
     data.add_data_args(p.add_argument_group('Data'))
     run = p.add_argument_group('Run')
     run.add_argument(
-        '--eval', action='store_true', help='only evaluate (the --resume or --finetune model)'
+        '--eval', action='store_true', help='only evaluate (a classifier file: with its own head)'
     )
     add_run_args(run)
     return p
@@ -258,6 +258,11 @@ def test_stats(model, model_ema, val_loader, device, args) -> dict:
 def main(args):
     device = setup_run(args)
     set_dataset_defaults(args)
+    # --eval of a classifier file (DeiT's release, a --finetune file): its own head and pooling.
+    scored = classifiers.classifier_to_score(args.eval, args.resume, args.finetune)
+    if scored:
+        args.finetune = scored
+        args.resume = ''
     args.model = default_model(args.model, args.finetune)
     # The data first, for the run header; their transforms once the backbone's input size is known.
     train_set = data.build_dataset(args, is_train=True, transform=None)
@@ -276,7 +281,13 @@ def main(args):
     val_set.transform = transforms.eval_transform(args)
     train_set = data.label_subset(train_set, args)
     num_classes = len(val_set.classes)
+    classifier = None
+    if scored:
+        classifier, file_pool = classifiers.read_classifier(scored, num_classes)
+        args.global_pool = file_pool
     model = add_classifier(model, args, num_classes)
+    if classifier is not None:
+        classifiers.load_classifier(model, classifier)
     loader = data.build_loader(train_set, args, is_train=True)
     val_loader = data.build_loader(val_set, args, is_train=False)
     model.to(device)

@@ -1,5 +1,7 @@
 """Frozen-feature evaluation of a pre-trained ViT backbone, chosen by --protocol:
-- linear: BatchNorm (no affine) + Linear head on the frozen features, LARS (MAE) or SGD (MoCo v3).
+- linear: BatchNorm (no affine) + Linear head on the frozen features, LARS (MAE's main_linprobe.py).
+- lincls_mocov3: Linear head, SGD momentum 0.9, cosine per epoch (MoCo v3's main_lincls.py).
+- lincls_grafted: 70 heads in one pass, the best kept (Layer Grafted's main_lincls_sweep.py).
 - logreg: few-shot L2-regularised multinomial logistic regression by L-BFGS (Layer Grafted's 1 %).
 - knn:    DINO's weighted k-nearest-neighbour vote.
 
@@ -9,36 +11,18 @@ Many GPUs:    torchrun --nproc_per_node 8 main_linprobe.py --checkpoint mimco_vi
 """
 
 import argparse
-import math
-import os
 
 import torch
-import torch.nn as nn
-from timm.layers import trunc_normal_
-from torch.utils.data import TensorDataset
 
-from engine_finetune import (
-    evaluate,
-    extract_features,
-    knn_evaluate,
-    logistic_regression_accuracy,
-    train_one_epoch,
-)
-from util import checkpoint, data, transforms
+from engine_finetune import knn_evaluate, logistic_regression_accuracy
+from engine_probe import LINEAR_PROTOCOLS, linear_probe
+from util import data, transforms
 from util.architectures import DIGITS_MODEL, default_model
-from util.dist import get_world_size, wrap_ddp
+from util.dist import get_world_size
 from util.errors import InputError, run_main
-from util.features import backbone_fingerprint, frozen_backbone
-from util.lars import lars
-from util.logging import (
-    add_run_args,
-    log_json,
-    run_header,
-    setup_run,
-    summarize,
-    tensorboard_writer,
-)
-from util.lr_sched import absolute_lr, cosine_lr_scheduler, total_batch_size, updates_per_epoch
+from util.features import frozen_backbone
+from util.logging import add_run_args, run_header, setup_run, summarize
+from util.lr_sched import absolute_lr, total_batch_size
 
 
 def get_args_parser():
@@ -46,9 +30,10 @@ def get_args_parser():
     p.add_argument_group('Protocol').add_argument(
         '--protocol',
         default='linear',
-        choices=['linear', 'logreg', 'knn'],
-        help='linear probe (MAE), few-shot logistic regression (Layer Grafted), '
-        'weighted kNN (DINO)',
+        choices=list(LINEAR_PROTOCOLS) + ['logreg', 'knn'],
+        help="linear probe: MAE's (linear), MoCo v3's main_lincls.py (lincls_mocov3), Layer "
+        "Grafted's 70-head sweep (lincls_grafted); few-shot logistic regression (logreg, Layer "
+        'Grafted); weighted kNN (DINO)',
     )
     model = p.add_argument_group('Model')
     model.add_argument(
@@ -76,19 +61,25 @@ def get_args_parser():
     )
 
     # MAE's linear probe: LARS, blr 0.1, no weight decay, 90 epochs, 10 warm-up, total batch 16384.
-    linear = p.add_argument_group('Linear probe (--protocol linear)')
+    linear = p.add_argument_group('Linear probe (--protocol linear, lincls_mocov3, lincls_grafted)')
     linear.add_argument('--epochs', default=90, type=int, help='linear probe epochs')
-    linear.add_argument('--warmup_epochs', default=10, type=int, help='linear probe warm-up epochs')
+    linear.add_argument(
+        '--warmup_epochs',
+        default=None,
+        type=int,
+        help='warm-up epochs of --protocol linear (default 10; the lincls protocols have none)',
+    )
     linear.add_argument(
         '--optimizer',
         default='lars',
         choices=['lars', 'sgd'],
-        help='lars (MAE) or momentum sgd (MoCo v3)',
+        help='lars (MAE); sgd is now --protocol lincls_mocov3',
     )
     linear.add_argument(
         '--blr',
         type=float,
-        help='base lr per 256 images (default 0.1 as MAE; 32 with LARS on digits)',
+        help='base lr per 256 images (default 0.1 as MAE, 32 with LARS on digits; 3 for '
+        'lincls_mocov3, as MoCo v3 for ViTs)',
     )
     linear.add_argument(
         '--lr', default=None, type=float, help='absolute lr (default: blr * total batch / 256)'
@@ -106,6 +97,18 @@ def get_args_parser():
     )
     linear.add_argument(
         '--crop_min', default=0.08, type=float, help='RandomResizedCrop min scale (no cache)'
+    )
+    linear.add_argument(
+        '--sweep_holdout',
+        default=0.1,
+        type=float,
+        help='lincls_grafted: fraction of train held out (seeded by --seed) to choose the head on',
+    )
+    linear.add_argument(
+        '--select_on_val',
+        action='store_true',
+        help='lincls_grafted: choose the best head on val, as the Layer Grafted code (the val '
+        'accuracy is then optimistic)',
     )
 
     logreg = p.add_argument_group(
@@ -138,185 +141,17 @@ def get_args_parser():
     return p
 
 
-class FrozenProbe(nn.Module):
-    """Frozen backbone (always in eval(), no grad) + trainable head, for images augmented anew
-    each epoch."""
-
-    def __init__(self, backbone, head):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.backbone.eval()  # no dropout / drop path / BN updates in the frozen part
-        return self
-
-    def forward(self, images):
-        with torch.no_grad():
-            features = self.backbone(images)  # (B, D)
-        return self.head(features.float())
-
-
-def linear_head(dim: int, num_classes: int) -> nn.Sequential:
-    """MAE's probe head: BatchNorm without affine (a per-feature standardisation) + Linear."""
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
-    trunc_normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
-    return head
-
-
-def check_probe_checkpoint(backbone_id: float, args):
-    """The `validate` of checkpoint.resume: only a linear probe of this backbone may be resumed."""
-
-    def validate(path, saved):
-        saved_args = saved.get('args') or {}
-        if saved_args.get('protocol') != 'linear':
-            raise InputError(
-                f'{path} was written by another script (pre-training or fine-tuning), '
-                f'not by a linear probe: give main_linprobe.py its own --output_dir'
-            )
-        saved_id = saved.get('backbone_fingerprint')
-        # A tolerance, not ==: a GPU's reduction order may differ in the last bits from one card
-        # to another.
-        if saved_id is None or not math.isclose(saved_id, backbone_id, rel_tol=1e-9):
-            other = saved_args.get('checkpoint')
-            if other == args.checkpoint:
-                which = f'of {other} with other weights (the file or --seed changed)'
-            else:
-                which = f'of another backbone ({other}), not of {args.checkpoint}'
-            raise InputError(
-                f'{path} is a linear probe {which}: use a fresh --output_dir or delete that file'
-            )
-
-    return validate
-
-
-def cached_features(backbone, dataset, device, args) -> TensorDataset:
-    """The features of a data set without augmentation, extracted once (on the CPU)."""
-    features, labels = extract_features(backbone, dataset, device, args)
-    return TensorDataset(features.cpu(), labels.cpu())
-
-
-def probe_optimizer(head, args):
-    """LARS (MAE's probe) or SGD with momentum 0.9 (MoCo v3's) on the head's parameters."""
-    if args.optimizer == 'lars':
-        groups = [{'params': list(head.parameters()), 'weight_decay': args.weight_decay}]
-        return lars(groups, args.lr)
-    return torch.optim.SGD(
-        head.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay
-    )
-
-
-def probe_model(backbone, head, train_set, val_set, device, args) -> tuple:
-    """(model, train loader, val loader): the head alone on cached features (--cache_features),
-    else the head behind the frozen backbone (FrozenProbe) on images."""
-    if args.cache_features:
-        # Without augmentation the features are the same every epoch: computed once; tensors
-        # need no loader workers.
-        train_set = cached_features(backbone, train_set, device, args)
-        val_set = cached_features(backbone, val_set, device, args)
-        model = head
-        loader_args = argparse.Namespace(**vars(args))
-        loader_args.num_workers = 0
-    else:
-        model = FrozenProbe(backbone, head).to(device)
-        loader_args = args
-    random_samples = not args.cache_features
-    loader = data.build_loader(train_set, loader_args, is_train=True, random_samples=random_samples)
-    val_loader = data.build_loader(val_set, loader_args, is_train=False)
-    return model, loader, val_loader
-
-
-def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dict:
-    """Trains the head, saved with optimizer, scaler and RNG each epoch (checkpoint-last.pth),
-    resumed exactly. Returns the last epoch's val acc1 and acc5 (%) and the best acc1."""
-    backbone_id = backbone_fingerprint(backbone)
-    head = linear_head(backbone.num_features, num_classes).to(device)
-    model, loader, val_loader = probe_model(backbone, head, train_set, val_set, device, args)
-    train_model = model
-    if args.distributed:
-        # BatchNorm statistics over the whole batch (SyncBatchNorm runs on CUDA only).
-        if device.type == 'cuda':
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        train_model = wrap_ddp(model, device, args.gpu)
-    optimizer = probe_optimizer(head, args)
-    updates = updates_per_epoch(len(loader), accum_iter=1)
-    lr_scheduler = cosine_lr_scheduler(
-        optimizer, args.epochs, args.warmup_epochs, args.min_lr, updates
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    resumed = checkpoint.resume(
-        args,
-        head,
-        optimizer,
-        scaler,
-        validate=check_probe_checkpoint(backbone_id, args),
-        same_run=checkpoint.SCRIPT_SAME_RUN['main_linprobe.py'],
-    )
-    start_epoch = checkpoint.start_epoch(resumed, args.start_epoch)
-    best = 0.0
-    if resumed:
-        best = resumed['best_acc1']
-    log_writer = tensorboard_writer(args.log_dir)
-    total_batch = total_batch_size(args.batch_size, 1, get_world_size())
-    features_from = 'images through the frozen backbone'
-    if args.cache_features:
-        features_from = 'cached features'
-    print(
-        f'linear probe: lr {args.lr:.3g} ({args.optimizer}, total batch {total_batch}), '
-        f'{features_from}, epochs {start_epoch}..{args.epochs - 1}'
-    )
-    stats = {}
-    for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(
-            train_model,
-            nn.CrossEntropyLoss(),
-            loader,
-            optimizer,
-            lr_scheduler,
-            scaler,
-            device,
-            epoch,
-            amp=args.amp,
-            print_freq=args.print_freq,
-            log_writer=log_writer,
-        )
-        stats = evaluate(model, val_loader, device, args.amp, args.print_freq)
-        best = max(best, stats['acc1'])
-        state = checkpoint.training_state(
-            args,
-            epoch,
-            head,
-            optimizer,
-            scaler,
-            acc1=stats['acc1'],
-            best_acc1=best,
-            backbone_fingerprint=backbone_id,
-        )
-        checkpoint.save_checkpoint(state, os.path.join(args.output_dir, 'checkpoint-last.pth'))
-        if log_writer is not None:
-            log_writer.add_scalar('test/acc1', stats['acc1'], epoch)
-        logged = {f'train_{name}': value for name, value in train_stats.items()}
-        logged.update({f'test_{name}': value for name, value in stats.items()})
-        logged['epoch'] = epoch
-        log_json(args.output_dir, logged)
-    if log_writer is not None:
-        log_writer.close()
-    if not stats:  # resumed from the last epoch: nothing left to train, report the head as it is
-        stats = evaluate(model, val_loader, device, args.amp, args.print_freq)
-    return {'acc1': stats['acc1'], 'acc5': stats['acc5'], 'best_acc1': best}
-
-
 def default_blr(args, digits: bool) -> float:
-    """0.1 as MAE, but 32 with LARS on digits.
+    """0.1 as MAE, but 32 with LARS on digits; 3 for lincls_mocov3 (MoCo v3's CONFIG.md for ViTs:
+    --lr 3 at batch 1024, lr 12).
 
     LARS moves a weight by lr x 0.001 of its norm per step, so the head moves with
     epochs x N x blr / 256: digits' 1,437 images need a far larger blr (demo MoCo v3, 90 epochs:
     blr 0.1 -> 34 %, 8 -> 96 %, 32 -> 95 %).
     """
-    if digits and args.optimizer == 'lars':
+    if args.protocol == 'lincls_mocov3':
+        return 3.0
+    if digits:
         return 32.0
     return 0.1
 
@@ -329,30 +164,57 @@ def check_knn_args(args) -> None:
         )
 
 
+def check_probe_args(args) -> None:
+    """The flags a linear-probe protocol takes: the official lincls files have no warm-up, the
+    sweep its own lr and weight decay grid."""
+    if args.optimizer == 'sgd':
+        raise InputError(
+            "--optimizer sgd is now --protocol lincls_mocov3 (MoCo v3's main_lincls.py: no BN, "
+            'no warm-up, cosine per epoch): use that'
+        )
+    lincls = args.protocol in LINEAR_PROTOCOLS and args.protocol != 'linear'
+    if lincls and args.warmup_epochs:
+        raise InputError(
+            f'--warmup_epochs: --protocol {args.protocol} has no warm-up, as its official code; '
+            f'drop the flag or use --protocol linear'
+        )
+    sweep_flags = args.blr is not None or args.lr is not None or args.weight_decay
+    if args.protocol == 'lincls_grafted' and sweep_flags:
+        raise InputError(
+            '--blr, --lr and --weight_decay: --protocol lincls_grafted trains one head per lr '
+            'and weight decay of its grid; drop them'
+        )
+
+
 def resolve_args(args, digits: bool) -> None:
-    """The defaults that depend on the data and the protocol: feature cache, blr, lr."""
+    """The defaults that depend on the data and the protocol: feature cache, blr, lr, warm-up."""
+    check_probe_args(args)
+    check_knn_args(args)
     if args.cache_features is None:
         args.cache_features = digits
-    if args.blr is None:
+    if args.warmup_epochs is None:
+        args.warmup_epochs = 0
+        if args.protocol == 'linear':
+            args.warmup_epochs = 10
+    if args.blr is None and args.protocol != 'lincls_grafted':
         args.blr = default_blr(args, digits)
-    if args.protocol == 'linear':
+    if args.protocol in ('linear', 'lincls_mocov3'):
         total_batch = total_batch_size(args.batch_size, 1, get_world_size())
         args.lr = absolute_lr(args.lr, args.blr, total_batch)
     if args.checkpoint == 'random':
         args.model = default_model(args.model, None)
-    check_knn_args(args)
 
 
 def main(args):
     device = setup_run(args)
     digits = data.dataset_name(args) == 'digits'
     resolve_args(args, digits)
-    linear = args.protocol == 'linear'
+    linear = args.protocol in LINEAR_PROTOCOLS
     # The data first, for the run header; their transforms once the backbone's input size is known.
     train_set = data.build_dataset(args, is_train=True, transform=None)
     val_set = data.build_dataset(args, is_train=False, transform=None)
     total_batch = None
-    if linear:
+    if linear and args.protocol != 'lincls_grafted':  # the sweep's lrs: engine_probe prints them
         total_batch = total_batch_size(args.batch_size, 1, get_world_size())
     run_header(args, 'main_linprobe.py', len(train_set), len(val_set), total_batch)
     backbone = frozen_backbone(
@@ -362,10 +224,15 @@ def main(args):
     args.input_size = backbone.patch_embed.img_size[0]
     args.global_pool = backbone.global_pool == 'avg'
 
+    # MAE's resizes are bicubic, the official lincls files' (torchvision's default) bilinear.
     val_set.transform = transforms.eval_transform(args)
     train_set.transform = transforms.eval_transform(args)
     if linear and not args.cache_features and not digits:
-        train_set.transform = transforms.mae_linprobe_view(args)
+        if args.protocol == 'linear':
+            train_set.transform = transforms.mae_linprobe_view(args)
+        else:
+            interpolation = transforms.eval_interpolation(args)
+            train_set.transform = transforms.crop_flip_view(args, interpolation)
     train_set = data.label_subset(train_set, args)
     num_classes = len(val_set.classes)
     if linear:

@@ -17,7 +17,7 @@ $LAUNCH main_pretrain.py --method mocov3 --model vit_base_patch16_224 \
     --data_path "$DATA" --batch_size 512 --grad_ckpt --epochs 300 --warmup_epochs 40 \
     --blr 1.5e-4 --weight_decay 0.1 --moco_t 0.2 --moco_m 0.99 --output_dir "$OUT"
 
-# Linear probe (MAE's protocol; the paper's 76.7 comes from an SGD sweep: --optimizer sgd).
+# Linear probe (MAE's protocol; the paper's 76.7 comes from main_lincls.py: --protocol lincls_mocov3).
 $LAUNCH main_linprobe.py --checkpoint "$OUT/checkpoint-last.pth" \
     --data_path "$DATA" --batch_size 2048 --epochs 90 --warmup_epochs 10 --blr 0.1 \
     --output_dir "$OUT/linear"

@@ -16,8 +16,8 @@ $LAUNCH main_pretrain.py --method mocov3 --model mocov3_vit_small \
     --data_path "$DATA" --batch_size 128 --epochs 300 --warmup_epochs 40 \
     --blr 1.5e-4 --weight_decay 0.1 --moco_t 0.2 --moco_m 0.99 --output_dir "$OUT"
 
-# Linear probe (MAE's protocol: LARS, blr 0.1, total batch 16384, 90 epochs); paper: 73.2 (SGD sweep,
-# --optimizer sgd with --blr/--weight_decay to reproduce it that way).
+# Linear probe (MAE's protocol: LARS, blr 0.1, total batch 16384, 90 epochs); paper: 73.2 (MoCo v3's
+# main_lincls.py: --protocol lincls_mocov3, lr 3 per 256, to reproduce it that way).
 $LAUNCH main_linprobe.py --checkpoint "$OUT/checkpoint-last.pth" \
     --data_path "$DATA" --batch_size 2048 --epochs 90 --warmup_epochs 10 --blr 0.1 \
     --output_dir "$OUT/linear"

@@ -12,6 +12,7 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from timm.models.vision_transformer import VisionTransformer
 
+import engine_probe
 import main_finetune
 import main_linprobe
 from util import backbones, data, features, transforms
@@ -210,12 +211,10 @@ def test_linear_probe_leaves_backbone_identical(tmp_path):
             'random',
             '--epochs',
             '8',
-            '--warmup_epochs',
-            '0',
-            '--optimizer',
-            'sgd',
+            '--protocol',
+            'lincls_mocov3',
             '--blr',
-            '2',
+            '0.5',
             '--num_workers',
             '0',
             '--no-cache_features',
@@ -238,8 +237,9 @@ def test_linear_probe_leaves_backbone_identical(tmp_path):
         data.build_dataset(args, True, transforms.eval_transform(args)), args
     )
     val_set = data.build_dataset(args, False, transforms.eval_transform(args))
-    metrics = main_linprobe.linear_probe(backbone, train_set, val_set, 10, device, args)
-    assert not backbone.training and metrics['acc1'] > 25, metrics  # the head did learn
+    metrics = engine_probe.linear_probe(backbone, train_set, val_set, 10, device, args)
+    # The head did learn: chance is 10 %; 20-23 % measured at blr 0.1 to 2 (random backbone).
+    assert not backbone.training and metrics['acc1'] > 15, metrics
     assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
 
 
@@ -247,7 +247,7 @@ def test_lars_adapts_weights_at_zero_weight_decay():
     """MAE's probe (LARS, weight decay 0): the weight's first step is lr * 0.001 |w| / |g| * g, the
     bias's plain lr * g; timm's Lars on its own would take the plain SGD step for both."""
     torch.manual_seed(0)
-    head = main_linprobe.linear_head(16, 10)
+    head = engine_probe.linear_head(16, 10)
     head[1].bias.data.normal_()
     weight, bias = head[1].weight.detach().clone(), head[1].bias.detach().clone()
     optimizer = lars([{'params': list(head.parameters()), 'weight_decay': 0.0}], lr=6.4)
@@ -344,25 +344,15 @@ def test_finetune_reads_official_mocov3_format(tmp_path):
     assert args.input_size == 32 and model.pos_embed.shape == (1, 1 + 64, 96)
     assert torch.equal(model.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 96)
-    metrics = run(
-        main_finetune,
-        '--finetune',
-        path,
-        '--eval',
-        '--cls_token',
-        '--num_workers',
-        0,
-        '--output_dir',
-        tmp_path / 'eval',
-    )
-    assert 0 <= metrics['acc1'] <= 100 and metrics['eval_only']
+    # A pre-training file holds no classifier: --eval would score a fresh random head.
+    with pytest.raises(InputError, match='holds no classifier'):
+        run(main_finetune, '--finetune', path, '--eval', '--output_dir', tmp_path / 'eval')
     with pytest.raises(InputError, match='projector'):
         run(
             main_finetune,
             '--finetune',
             plain,
             '--init_from_projector',
-            '--eval',
             '--num_workers',
             0,
             '--output_dir',

@@ -137,11 +137,11 @@ def test_linear_probe_resume_equals_uninterrupted(tmp_path, monkeypatch):
     """The linear probe (a 90-epoch run at full scale) stopped after epoch 1 and resumed from its
     checkpoint-last.pth:
     the same head, optimizer state and accuracy as the run that never stopped."""
-    import main_linprobe
+    import engine_probe
 
     whole_metrics = run_linear_probe(tmp_path / 'whole')
     split_metrics = die_then_resume(
-        monkeypatch, main_linprobe, run_linear_probe, tmp_path / 'split', epoch=2
+        monkeypatch, engine_probe, run_linear_probe, tmp_path / 'split', epoch=2
     )
     whole = checkpoint.load_file(str(tmp_path / 'whole' / 'checkpoint-last.pth'))
     resumed = checkpoint.load_file(str(tmp_path / 'split' / 'checkpoint-last.pth'))

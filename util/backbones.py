@@ -17,7 +17,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from util.architectures import build_mlp, default_model  # registers our ViT names with timm
-from util.checkpoint import load_file
+from util.checkpoint import fit_problems, load_file
 from util.errors import InputError
 from util.pos_embed import resample_pos_embed, sincos_pos_embed
 
@@ -147,7 +147,8 @@ def read_backbone(path: str) -> tuple:
 
     info: 'format' (the file's origin, see above), 'num_heads' and 'model' (None where the file
     does not tell), 'prefix' of the ViT's keys in the file, 'skipped' (its keys left out of the
-    backbone: heads, decoder, mask token) and 'outside' (the top-level names of the rest). Raises
+    backbone: heads, decoder, mask token), 'outside' (the top-level names of the rest) and
+    'classifier' ({'weight' (C, D), 'bias' (C,)} of a Linear head, else None). Raises
     InputError for a file that holds no ViT with absolute position embeddings.
     """
     checkpoint = load_file(path)
@@ -173,8 +174,11 @@ def read_backbone(path: str) -> tuple:
             f'which is what these scripts load: use a MoCo v3, DINO, MAE, DeiT or timm vit_* file'
         )
     projector = {k[5:]: v for k, v in backbone.items() if k.startswith('head.') and v.ndim >= 1}
+    classifier = None
     if not any(k.endswith('running_mean') for k in projector):
         projector = None  # a classifier or nothing, not a MoCo v3 projector
+        if set(backbone) >= {'head.weight', 'head.bias'} and backbone['head.weight'].ndim == 2:
+            classifier = {'weight': backbone['head.weight'], 'bias': backbone['head.bias']}
     # Without `norm`, fc_norm is the final norm of a global-pool fine-tuned file (MAE's, ours).
     keep_fc_norm = 'norm.weight' not in backbone
     skipped = sorted(k for k in backbone if _is_dropped(k, keep_fc_norm))
@@ -190,7 +194,7 @@ def read_backbone(path: str) -> tuple:
             info['num_heads'] = 12
         elif layout == 'MAE':
             info['format'] = 'MAE encoder'
-    info.update(prefix=prefix, skipped=skipped, outside=outside)
+    info.update(prefix=prefix, skipped=skipped, outside=outside, classifier=classifier)
     return backbone, projector, info
 
 
@@ -254,24 +258,6 @@ def _check_heads(model: VisionTransformer, info: dict, path: str, flag: str) -> 
     )
 
 
-def _fit_problems(state_dict: dict, expected: dict) -> list:
-    """Why `state_dict` does not load into a model of state dict `expected`: shape mismatches (the
-    first 3; pos_embed is resampled later), missing and unexpected keys (the first 4 of each)."""
-    wrong = [
-        f'{k} {tuple(state_dict[k].shape)} in the file vs {tuple(expected[k].shape)} in the model'
-        for k in expected
-        if k in state_dict and k != 'pos_embed' and state_dict[k].shape != expected[k].shape
-    ]
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    problems = wrong[:3]
-    if missing:
-        problems.append(f'missing {", ".join(missing[:4])}')
-    if unexpected:
-        problems.append(f'unexpected {", ".join(unexpected[:4])}')
-    return problems
-
-
 def _check_fit(
     state_dict: dict, model: VisionTransformer, info: dict, path: str, flag: str
 ) -> None:
@@ -279,7 +265,8 @@ def _check_fit(
     _check_heads(model, info, path, flag)
     if 'fc_norm.weight' in state_dict:
         move_norm_after_pooling(model)
-    problems = _fit_problems(state_dict, model.state_dict())
+    # pos_embed is resampled to the model's grid after this check.
+    problems = fit_problems(state_dict, model.state_dict(), resampled=('pos_embed',))
     if problems:
         found = vit_kwargs(state_dict, {'num_heads': None})
         raise InputError(

@@ -4,6 +4,7 @@ ViT backbones of any origin are read by util/backbones.py.
 """
 
 import argparse
+import errno
 import os
 import pickle
 import random
@@ -65,12 +66,39 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+# Why a write fails, in words, by errno.
+WRITE_FAILURES = {
+    errno.ENOSPC: 'the disk is full',
+    errno.EDQUOT: 'the disk quota is used up',
+    errno.EACCES: 'the folder is not writable',
+    errno.EPERM: 'the folder is not writable',
+    errno.EROFS: 'the file system is read-only',
+}
+
+
 def save_checkpoint(state: dict, path: str) -> None:
-    """Write whole or not at all: a temporary file in the same folder, then an atomic rename."""
-    if is_main_process():
-        tmp = f'{path}.tmp.{os.getpid()}'
+    """Write whole or not at all: a temporary file in the same folder, then an atomic rename.
+
+    A failed write (disk full, folder not writable) leaves no temporary file and `path` as it was
+    (the last good checkpoint, which a rerun resumes from); raises InputError saying what failed.
+    """
+    if not is_main_process():
+        return
+    tmp = f'{path}.tmp.{os.getpid()}'
+    try:
         torch.save(state, tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = WRITE_FAILURES.get(e.errno, e.strerror or str(e))
+        kept = 'no checkpoint was there yet'
+        if os.path.isfile(path):
+            kept = f'the last good one, {path}, is kept and a rerun resumes from it'
+        raise InputError(
+            f'could not save checkpoint {path}: {reason} (errno {errno.errorcode.get(e.errno)}); '
+            f'{kept}: free space or fix the folder (--output_dir), then rerun'
+        ) from None
 
 
 def _as_tuples(values) -> tuple:
@@ -225,6 +253,55 @@ def check_same_run(path: str, checkpoint: dict, args, flags: tuple = ()) -> None
         )
 
 
+def strip_ddp_prefix(state_dict: dict) -> dict:
+    """The state dict without the `module.` that DistributedDataParallel puts before every key
+    (a model saved wrapped), as the backbone loaders read such files (util/backbones.py)."""
+    if state_dict and all(key.startswith('module.') for key in state_dict):
+        return {key.removeprefix('module.'): value for key, value in state_dict.items()}
+    return state_dict
+
+
+def fit_problems(state_dict: dict, expected: dict, resampled: tuple = ()) -> list:
+    """Why `state_dict` does not load into a model of state dict `expected`: shape mismatches (the
+    first 3; not of the `resampled` keys), missing and unexpected keys (the first 4 of each)."""
+    wrong = [
+        f'{k} {tuple(state_dict[k].shape)} in the file vs {tuple(expected[k].shape)} in the model'
+        for k in expected
+        if k in state_dict and k not in resampled and state_dict[k].shape != expected[k].shape
+    ]
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    problems = wrong[:3]
+    if missing:
+        problems.append(f'missing {", ".join(missing[:4])}')
+    if unexpected:
+        problems.append(f'unexpected {", ".join(unexpected[:4])}')
+    return problems
+
+
+def load_model_state(path: str, model, state_dict: dict) -> None:
+    """model.load_state_dict of a resumed file (a DDP `module.` prefix stripped); InputError naming
+    the keys and shapes that do not fit, and the fix."""
+    state_dict = strip_ddp_prefix(state_dict)
+    expected = model.state_dict()
+    problems = fit_problems(state_dict, expected)
+    if not problems:
+        model.load_state_dict(state_dict)
+        return
+    head_differs = any(
+        k.startswith('head.') and k in state_dict and state_dict[k].shape != v.shape
+        for k, v in expected.items()
+    )
+    if head_differs:
+        fix = (
+            "the file's classifier has another class count than the data: resume it on the data "
+            'it was trained on, or start a new fine-tune from it with --finetune'
+        )
+    else:
+        fix = 'resume with the flags of the run that wrote it (its args are saved in the file)'
+    raise InputError(f'{path} does not fit this model: {"; ".join(problems)}: {fix}')
+
+
 def checkpoint_to_resume(args) -> str:
     """--resume, else output_dir/checkpoint-last.pth if it exists, else '' (a fresh start)."""
     if args.resume:
@@ -259,13 +336,7 @@ def resume(
         validate(path, checkpoint)
     if not args.resume:
         check_same_run(path, checkpoint, args, same_run)
-    try:
-        model.load_state_dict(checkpoint['model'])
-    except RuntimeError as e:
-        raise InputError(
-            f'{path} does not fit this model ({str(e).splitlines()[0]}): resume with '
-            f'the flags of the run that wrote it (its args are saved in the file)'
-        ) from None
+    load_model_state(path, model, checkpoint['model'])
     if optimizer is not None:
         optimizer.load_state_dict(checkpoint['optimizer'])
     if scaler is not None and 'scaler' in checkpoint:

@@ -89,7 +89,7 @@ def _image_folder(data_path: str, is_train: bool, transform) -> Dataset:
         raise InputError(f'data folder {root} does not exist: {LAYOUT}')
     try:
         if is_train:
-            return datasets.ImageFolder(root, transform=transform, loader=load_image)
+            return TrainImageFolder(root, transform=transform, loader=load_image)
         # An empty val/ is allowed here to be refused below with the layout it needs.
         dataset = ValImageFolder(
             root, train_root, transform=transform, loader=load_image, allow_empty=True
@@ -99,6 +99,28 @@ def _image_folder(data_path: str, is_train: bool, transform) -> Dataset:
     if not dataset.samples:
         raise InputError(f'no images in {root}: {LAYOUT}')
     return dataset
+
+
+def find_classes(directory: str, say_skipped: bool = True) -> tuple:
+    """torchvision's find_classes (sorted class folders, their indices) without hidden folders:
+    `.ipynb_checkpoints`, `.git` or `.Trash` are no classes. The skipped ones are printed once."""
+    folders = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
+    hidden = [name for name in folders if name.startswith('.')]
+    classes = [name for name in folders if not name.startswith('.')]
+    if hidden and say_skipped:
+        print(
+            f'{directory}: skipped {len(hidden)} hidden folder(s), no classes: {", ".join(hidden)}'
+        )
+    if not classes:
+        raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+    return classes, {name: index for index, name in enumerate(classes)}
+
+
+class TrainImageFolder(datasets.ImageFolder):
+    """train/: torchvision's ImageFolder without hidden folders (find_classes)."""
+
+    def find_classes(self, directory: str) -> tuple:
+        return find_classes(directory)
 
 
 class ValImageFolder(datasets.ImageFolder):
@@ -111,8 +133,9 @@ class ValImageFolder(datasets.ImageFolder):
         super().__init__(root, **kwargs)
 
     def find_classes(self, directory: str) -> tuple:
-        classes, class_to_idx = datasets.folder.find_classes(self.train_root)
-        val_classes = datasets.folder.find_classes(directory)[0]
+        # train/'s hidden folders were said when train/ was read.
+        classes, class_to_idx = find_classes(self.train_root, say_skipped=False)
+        val_classes = find_classes(directory)[0]
         unknown = sorted(set(val_classes) - set(classes))
         if unknown:
             shown = ', '.join(unknown[:5])

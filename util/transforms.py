@@ -18,8 +18,9 @@ BICUBIC = T.InterpolationMode.BICUBIC
 BILINEAR = T.InterpolationMode.BILINEAR
 
 # The frozen-feature protocols whose official code resizes bilinearly (torchvision's default):
-# Layer Grafted's few-shot logistic regression (main_lincls_sweep.py). MAE and DINO: bicubic.
-BILINEAR_PROTOCOLS = ('logreg',)
+# Layer Grafted's few-shot logistic regression and linear sweep (main_lincls_sweep.py), MoCo v3's
+# main_lincls.py. MAE and DINO: bicubic.
+BILINEAR_PROTOCOLS = ('logreg', 'lincls_mocov3', 'lincls_grafted')
 
 
 # Stateless: one for every view.
@@ -77,11 +78,13 @@ def byol_view(args, blur_p: float, solarize_p: float) -> T.Compose:
     return T.Compose(steps + TO_TENSOR + [NORMALIZE])
 
 
-def crop_flip_view(args) -> T.Compose:
-    """MimCo/MAE: RandomResizedCrop + flip only."""
+def crop_flip_view(args, interpolation=BICUBIC) -> T.Compose:
+    """MimCo/MAE: RandomResizedCrop + flip only (MoCo v3's main_lincls.py: bilinear)."""
     return T.Compose(
         [
-            T.RandomResizedCrop(args.input_size, scale=(args.crop_min, 1.0), interpolation=BICUBIC),
+            T.RandomResizedCrop(
+                args.input_size, scale=(args.crop_min, 1.0), interpolation=interpolation
+            ),
             T.RandomHorizontalFlip(),
             *TO_TENSOR,
             NORMALIZE,
