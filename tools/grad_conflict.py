@@ -186,14 +186,17 @@ def flat_grad(term: torch.Tensor, params: list) -> list:
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
-def sample_cosines(model: models_mtl.MTL, batch: tuple, rows: dict) -> torch.Tensor:
-    """C(x) per sample and row (B, rows): the cosine between the gradients of sample x's MIM term
-    and of its CL term w.r.t. the row's parameters, two backward passes per sample."""
+def sample_cosines(
+    model: models_mtl.MTL, batch: tuple, rows: dict, count: int = None
+) -> torch.Tensor:
+    """C(x) per sample and row (count, rows) of the batch's first `count` samples (default all B):
+    the cosine between the gradients of sample x's MIM term and of its CL term w.r.t. the row's
+    parameters, two backward passes per sample; the whole batch gives the CL negatives."""
     mim, cl = sample_terms(model, *batch)
     params = [p for row in rows.values() for p in row]
     sizes = [len(row) for row in rows.values()]
     cosines = []
-    for i in range(mim.shape[0]):
+    for i in range(count or mim.shape[0]):
         g_mim = flat_grad(mim[i], params)
         g_cl = flat_grad(cl[i], params)
         per_row = []
@@ -215,11 +218,12 @@ def conflict(model: models_mtl.MTL, loader, num_samples: int, device) -> torch.T
     seen = 0
     for inputs, _ in loader:
         batch = tuple(t.to(device) for t in inputs)
-        cosines.append(sample_cosines(model, batch, rows))
-        seen += inputs[0].shape[0]
-        if seen >= num_samples:
+        count = min(num_samples - seen, inputs[0].shape[0])
+        cosines.append(sample_cosines(model, batch, rows, count))
+        seen += count
+        if seen == num_samples:
             break
-    return torch.cat(cosines)[:num_samples]
+    return torch.cat(cosines)
 
 
 def summary(cosines: torch.Tensor, names: list) -> list:
