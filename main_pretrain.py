@@ -1,5 +1,6 @@
-"""Pre-training: MimCo, MAE, MoCo v3 (and the teachers MimCo learns from), chosen by --method;
-Layer Grafted Pre-training is MAE, then MoCo v3 with --graft_pretrained and --lr_layer_wise.
+"""Pre-training: MimCo, MAE, MoCo v3 (and the teachers MimCo learns from), and MTL (MAE + MoCo v3 on
+one encoder), chosen by --method; Layer Grafted Pre-training is MAE, then MoCo v3 with
+--graft_pretrained and --lr_layer_wise (the reverse cascade: MoCo v3, then --method mae).
 
 One process:  python main_pretrain.py --method mocov3 --epochs 100
 Grafting:     python main_pretrain.py --method mocov3 --graft_pretrained mae.pth \\
