@@ -1,5 +1,5 @@
 """MTL: MAE and MoCo v3 trained jointly on one encoder, the baseline of Layer Grafted Pre-training
-(Jiang et al., ICLR 2023, Sec. 3.1 and Table 1). The official repository released no MTL code: the
+(Jiang et al., ICLR 2023, Table 1). The official repository released no MTL code: the
 views and the loss weight are our reading (docs/methods.md)."""
 
 import torch

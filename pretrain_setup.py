@@ -285,8 +285,8 @@ def is_l1_pulled(name: str, blocks: int) -> bool:
 
 
 def build_mae(args) -> tuple:
-    """MAE with its uniform mask noise generator; for the reverse cascade (Layer Grafted, Sec.
-    4.2: CL, then MIM), its encoder grafted from --graft_pretrained. No teacher."""
+    """MAE with its uniform mask noise generator; for the reverse cascade (Layer Grafted, Table 1:
+    CL, then MIM), its encoder grafted from --graft_pretrained. No teacher."""
     model = models_mae.MAE(
         create_vit(args),
         args.decoder_embed_dim,

@@ -56,7 +56,7 @@ ORDERINGS = [
     ('grafted', '>', 'mae', 'logreg1'),
     ('grafted', '>', 'mocov3', 'logreg1'),
 ]
-# Layer Grafted's (Table 1, Sec. 4.2): MTL is not above the better parent on 1 %; the reverse
+# Layer Grafted's (Table 1 and its text): MTL is not above the better parent on 1 %; the reverse
 # cascade falls below MTL; freezing the MIM blocks is below the small-lr cascade, which beats MTL
 # and both parents.
 STUDY_ORDERINGS = [

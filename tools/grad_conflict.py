@@ -1,5 +1,5 @@
 """Gradient conflict between MIM and contrastive learning, per training sample and per block, as the
-Layer Grafted paper measures it (Jiang et al., ICLR 2023, Sec. 1 and its box-plot figure): for each
+Layer Grafted paper measures it (Jiang et al., ICLR 2023, its introduction, box plot): for each
 sample x, C(x) = <g_MIM(x), g_CL(x)> / (|g_MIM(x)| |g_CL(x)|), the gradients of x's MAE loss and of
 x's MoCo v3 loss with respect to one block's parameters; its distribution per block. The official
 repository released no code for it: how a per-sample CL gradient is defined is our reading
@@ -180,10 +180,11 @@ def sample_terms(model: models_mtl.MTL, view1, view2, mim_view, noise) -> tuple:
     return mim, cl
 
 
-def flat_grad(term: torch.Tensor, params: list) -> list:
-    """The gradient of `term` w.r.t. each parameter (zeros where none flows)."""
+def flat_grad(term: torch.Tensor, params: list) -> torch.Tensor:
+    """The gradient of `term` w.r.t. `params` as one vector (zeros where none flows)."""
     grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    return torch.cat([g.flatten() for g in grads])
 
 
 def sample_cosines(
@@ -194,20 +195,14 @@ def sample_cosines(
     parameters, two backward passes per sample; the whole batch gives the CL negatives."""
     mim, cl = sample_terms(model, *batch)
     params = [p for row in rows.values() for p in row]
-    sizes = [len(row) for row in rows.values()]
+    row_sizes = [sum(p.numel() for p in row) for row in rows.values()]
     cosines = []
     for i in range(count or mim.shape[0]):
-        g_mim = flat_grad(mim[i], params)
-        g_cl = flat_grad(cl[i], params)
-        per_row = []
-        start = 0
-        for size in sizes:
-            a = torch.cat([g.flatten() for g in g_mim[start : start + size]])
-            b = torch.cat([g.flatten() for g in g_cl[start : start + size]])
-            per_row.append(F.cosine_similarity(a, b, dim=0))
-            start += size
+        g_mim = flat_grad(mim[i], params).split(row_sizes)
+        g_cl = flat_grad(cl[i], params).split(row_sizes)
+        per_row = [F.cosine_similarity(a, b, dim=0) for a, b in zip(g_mim, g_cl)]
         cosines.append(torch.stack(per_row))
-    return torch.stack(cosines).cpu()  # (B, rows)
+    return torch.stack(cosines).cpu()  # (count, rows)
 
 
 def conflict(model: models_mtl.MTL, loader, num_samples: int, device) -> torch.Tensor:

@@ -96,7 +96,7 @@ class Views:
 
 def pretrain_transform(args, mask_generator=None) -> Views:
     """The tuple of tensors one pre-training step takes for `args.method`: MTL's are MoCo v3's two
-    views, then MAE's minimally augmented one (Layer Grafted, Sec. 3.1) and its mask noise."""
+    views, then MAE's minimally augmented one (Layer Grafted, Table 1) and its mask noise."""
     if args.method == 'mocov3':
         return Views(*contrastive_views(args))
     if args.method == 'mtl':
