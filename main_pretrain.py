@@ -5,6 +5,7 @@ one encoder), chosen by --method; Layer Grafted Pre-training is MAE, then MoCo v
 One process:  python main_pretrain.py --method mocov3 --epochs 100
 Grafting:     python main_pretrain.py --method mocov3 --graft_pretrained mae.pth \\
                   --lr_layer_wise 0.1,0.1,1
+Joint (MTL):  python main_pretrain.py --method mtl --mtl_cl_weight 1
 Many GPUs:    torchrun --nproc_per_node 8 main_pretrain.py --method mimco \\
                   --teacher mocov3_vits.pth ...
 """
