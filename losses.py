@@ -7,14 +7,17 @@ from models_vit import gather_tokens
 from util.dist import all_gather, get_rank
 
 
-def moco_infonce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+def moco_infonce(
+    q: torch.Tensor, k: torch.Tensor, temperature: float, reduction: str = 'mean'
+) -> torch.Tensor:
     """MoCo v3's InfoNCE (Chen et al., 2021, Alg. 1): q (B, D) against the keys k of the *global*
-    batch; the positive of row i is key i of this rank. Scaled by 2T as in the paper's code."""
+    batch; the positive of row i is key i of this rank. Scaled by 2T as in the paper's code.
+    `reduction` 'none': each query's term (B,), whose mean is the loss."""
     q = F.normalize(q, dim=1)
     k = all_gather(F.normalize(k, dim=1), keep_local_grad=False)  # (B * world, D)
     logits = q @ k.t() / temperature  # (B, B * world)
     labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * get_rank()
-    return F.cross_entropy(logits, labels) * (2 * temperature)
+    return F.cross_entropy(logits, labels, reduction=reduction) * (2 * temperature)
 
 
 def patch_infonce(

@@ -120,10 +120,10 @@ class MAE(nn.Module):
         std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
         return (target - mean) / std, (mean, std)
 
-    def predict(self, images: torch.Tensor, noise: torch.Tensor = None) -> tuple:
-        """(loss, prediction (B, N, p*p*C) in the target's space, mask (B, N) with 1 = masked).
-        `noise` (B, N), drawn here when not given, picks the masked patches (the lowest
-        1 - mask_ratio are kept)."""
+    def patch_errors(self, images: torch.Tensor, noise: torch.Tensor = None) -> tuple:
+        """(squared error per patch (B, N), prediction (B, N, p*p*C) in the target's space, mask
+        (B, N) with 1 = masked). `noise` (B, N), drawn here when not given, picks the masked
+        patches (the lowest 1 - mask_ratio are kept)."""
         B = images.shape[0]
         N = self.encoder.patch_embed.num_patches
         ids_keep, ids_restore, mask = random_masking_indices(
@@ -132,8 +132,18 @@ class MAE(nn.Module):
         pred = self.forward_decoder(self.forward_encoder(images, ids_keep), ids_restore)
         target, _ = self.target(images)
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, N)
+        return per_patch, pred, mask
+
+    def predict(self, images: torch.Tensor, noise: torch.Tensor = None) -> tuple:
+        """(loss, prediction (B, N, p*p*C) in the target's space, mask (B, N) with 1 = masked)."""
+        per_patch, pred, mask = self.patch_errors(images, noise)
         loss = (per_patch * mask).sum() / mask.sum()  # masked patches only (Sec. 3, "as in BERT")
         return loss, pred, mask
+
+    def image_losses(self, images: torch.Tensor, noise: torch.Tensor = None) -> torch.Tensor:
+        """Each image's term of the batch loss (B,): they sum to `predict`'s loss."""
+        per_patch, _, mask = self.patch_errors(images, noise)
+        return (per_patch * mask).sum(dim=1) / mask.sum()
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor = None) -> tuple:
         return self.predict(images, noise)[0], {}

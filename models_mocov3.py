@@ -82,19 +82,26 @@ class MoCoV3(nn.Module):
         features = encoder.forward_head(tokens, pre_logits=True)  # (2B, D)
         return tuple(encoder.head(f) for f in features.chunk(2))  # 2 x (B, dim)
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor, m: float = None) -> tuple:
-        """With `m`, the momentum update first (engine_pretrain.train_one_epoch makes it before
-        the forward)."""
-        if m is not None:
-            self.update_momentum_encoder(m)  # the queries do not read the momentum encoder
+    def contrastive_loss(
+        self, view1: torch.Tensor, view2: torch.Tensor, reduction: str = 'mean'
+    ) -> torch.Tensor:
+        """The symmetrised InfoNCE of the two views (MoCo v3, Alg. 1); `reduction` 'none': each
+        image's term (B,), whose mean is the loss (the batch still gives the negatives and the
+        projector's BatchNorm statistics)."""
         z1, z2 = self.project_views(self.base_encoder, view1, view2)
         q1 = self.predictor(z1)  # (B, dim)
         q2 = self.predictor(z2)
         with torch.no_grad():
             k1, k2 = self.project_views(self.momentum_encoder, view1, view2)
-        # Symmetrised InfoNCE (MoCo v3, Alg. 1).
         t = self.temperature
-        loss = losses.moco_infonce(q1, k2, t) + losses.moco_infonce(q2, k1, t)
+        return losses.moco_infonce(q1, k2, t, reduction) + losses.moco_infonce(q2, k1, t, reduction)
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, m: float = None) -> tuple:
+        """With `m`, the momentum update first (engine_pretrain.train_one_epoch makes it before
+        the forward)."""
+        if m is not None:
+            self.update_momentum_encoder(m)  # the queries do not read the momentum encoder
+        loss = self.contrastive_loss(view1, view2)
         if self.l1_pull is None:
             return loss, {}
         pull = self.l1_pull()

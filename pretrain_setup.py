@@ -12,6 +12,7 @@ from timm.optim import param_groups_weight_decay
 import models_mae
 import models_mimco
 import models_mocov3
+import models_mtl
 from util import backbones, data
 from util.dist import get_world_size
 from util.errors import InputError
@@ -26,6 +27,7 @@ from util.lars import lars
 from util.lr_sched import absolute_lr, total_batch_size
 from util.masking import MaskNoiseGenerator, build_mask_generator, check_mask_ratio, mae_num_keep
 from util.misc import default_amp
+from util.transforms import MAE_CROP_MIN
 
 # Per-method defaults where the papers differ; a flag given on the command line always wins.
 METHOD_DEFAULTS = {
@@ -47,7 +49,18 @@ METHOD_DEFAULTS = {
         weight_decay=0.05,
         opt_betas=(0.9, 0.95),
         warmup_epochs=40,
-        crop_min=0.2,
+        crop_min=MAE_CROP_MIN,
+        drop_path=0.0,
+    ),
+    # MAE's masking and MoCo v3's optimisation and views (the MAE view keeps MAE's crop): the
+    # Layer Grafted code, where MTL would live, is MoCo v3's (our reading, docs/methods.md).
+    'mtl': dict(
+        mask_type='random',
+        mask_ratio=0.75,
+        weight_decay=0.1,
+        opt_betas=(0.9, 0.999),
+        warmup_epochs=40,
+        crop_min=0.08,
         drop_path=0.0,
     ),
 }
@@ -55,6 +68,7 @@ BACKBONE = {
     'mimco': 'student',
     'mae': 'encoder',
     'mocov3': 'base_encoder',
+    'mtl': 'base_encoder',
 }  # the ViT each method trains
 # The kNN monitor on digits, every 5 epochs and at the last: cost measured in docs/demo.md.
 DIGITS_KNN_FREQ = 5
@@ -97,7 +111,7 @@ def check_args(args) -> None:
     """Refuse flags that contradict each other or the method, each with one line that says why."""
     if getattr(args, 'mask_ratio', None) is not None:
         check_mask_ratio(args.mask_ratio)
-    if args.method == 'mae':
+    if args.method in ('mae', 'mtl'):
         check_mae_args(args)
     check_graft_args(args)
 
@@ -106,7 +120,7 @@ def check_mae_args(args) -> None:
     """MAE masks uniformly at random, and its decoder's width must split into its heads."""
     if args.mask_type != 'random':
         raise InputError(
-            '--method mae masks uniformly at random (MAE, Sec. 3): '
+            f'--method {args.method} masks uniformly at random (MAE, Sec. 3): '
             f'drop --mask_type {args.mask_type}'
         )
     if args.decoder_embed_dim % args.decoder_num_heads:
@@ -117,18 +131,25 @@ def check_mae_args(args) -> None:
 
 
 def check_graft_args(args) -> None:
-    """The Layer Grafted flags belong to --method mocov3, and act on a --graft_pretrained file."""
+    """The Layer Grafted flags belong to a cascade's second stage, --method mocov3 (MAE, then
+    MoCo v3) or mae (the reverse cascade), and act on a --graft_pretrained file."""
     graft_flags = ('graft_pretrained', 'lr_layer_wise', 'graft_freeze_blocks', 'graft_l1_weight')
     grafting = [flag for flag in graft_flags if getattr(args, flag)]
-    if grafting and args.method != 'mocov3':
+    if grafting and args.method not in ('mocov3', 'mae'):
         raise InputError(
-            f'--{grafting[0]} is for Layer Grafted stage 2: use it with --method mocov3'
+            f'--{grafting[0]} is for the second stage of a cascade: use it with --method mocov3 '
+            '(Layer Grafted) or --method mae (the reverse cascade)'
+        )
+    if args.graft_l1_weight and args.method != 'mocov3':
+        raise InputError(
+            '--graft_l1_weight is the official ViT-L pull of MoCo v3 towards the MAE weights: use '
+            'it with --method mocov3, or drop it'
         )
     acts_on_grafted = args.graft_freeze_blocks or args.graft_l1_weight
     if acts_on_grafted and not args.graft_pretrained:
         raise InputError(
             '--graft_freeze_blocks and --graft_l1_weight act on grafted weights: add '
-            '--graft_pretrained (an MAE checkpoint)'
+            "--graft_pretrained (the first stage's checkpoint)"
         )
     if args.lr_layer_wise is not None:
         parse_lr_layer_wise(args.lr_layer_wise)
@@ -136,7 +157,7 @@ def check_graft_args(args) -> None:
 
 def batch_contrast(args) -> str:
     """What in this run compares the images of a batch (negatives, BatchNorm), or '' if nothing."""
-    if args.method == 'mocov3':
+    if args.method in ('mocov3', 'mtl'):
         return "MoCo v3's InfoNCE negatives and its projector's BatchNorm"
     if args.method != 'mimco':
         return ''
@@ -155,7 +176,7 @@ def warn_accumulated_contrast(args) -> None:
     if args.accum_iter == 1 or not seen:
         return
     momentum = ''
-    if args.method == 'mocov3':
+    if args.method in ('mocov3', 'mtl'):
         momentum = (
             f', and the momentum encoder moves at every micro-batch ({args.accum_iter} times per '
             'optimizer step)'
@@ -234,7 +255,7 @@ def teacher_uses_projector(args, projector_state) -> bool:
 
 def build_model(args) -> tuple:
     """(model to train, frozen teacher or None) of --method."""
-    builders = {'mocov3': build_mocov3, 'mae': build_mae, 'mimco': build_mimco}
+    builders = {'mocov3': build_mocov3, 'mae': build_mae, 'mimco': build_mimco, 'mtl': build_mtl}
     return builders[args.method](args)
 
 
@@ -264,7 +285,8 @@ def is_l1_pulled(name: str, blocks: int) -> bool:
 
 
 def build_mae(args) -> tuple:
-    """MAE with its uniform mask noise generator. No teacher."""
+    """MAE with its uniform mask noise generator; for the reverse cascade (Layer Grafted, Table 1:
+    CL, then MIM), its encoder grafted from --graft_pretrained. No teacher."""
     model = models_mae.MAE(
         create_vit(args),
         args.decoder_embed_dim,
@@ -273,9 +295,23 @@ def build_mae(args) -> tuple:
         args.mask_ratio,
         args.norm_pix_loss,
     )
+    if args.graft_pretrained:
+        graft_encoder(args.graft_pretrained, model.encoder, args.graft_freeze_blocks)
     grid_size = model.encoder.patch_embed.grid_size
     mae_num_keep(grid_size[0] * grid_size[1], args.mask_ratio)  # refuses a ratio keeping none
     model.mask_generator = MaskNoiseGenerator(grid_size)
+    return model, None
+
+
+def build_mtl(args) -> tuple:
+    """MTL (Layer Grafted's joint baseline): MAE's decoder and MoCo v3's heads and momentum
+    encoder around one encoder, which takes MoCo v3's initialisation (and --stop_grad_conv1), as
+    both encoders of MoCo v3 do. No teacher."""
+    mae, _ = build_mae(args)
+    models_mocov3.mocov3_init(mae.encoder, args.stop_grad_conv1)
+    moco = models_mocov3.MoCoV3(mae.encoder, args.moco_dim, args.moco_mlp_dim, args.moco_t)
+    model = models_mtl.MTL(mae, moco, args.mtl_cl_weight)
+    model.mask_generator = mae.mask_generator
     return model, None
 
 
@@ -306,7 +342,7 @@ def build_mimco(args) -> tuple:
 
 def build_momentum_schedule(args):
     """MoCo v3's key-encoder momentum by epoch progress (--moco_m, --moco_m_cos); else None."""
-    if args.method != 'mocov3':
+    if args.method not in ('mocov3', 'mtl'):
         return None
     return functools.partial(
         models_mocov3.moco_momentum, base_m=args.moco_m, epochs=args.epochs, cosine=args.moco_m_cos
@@ -322,7 +358,7 @@ def build_optimizer(args, model):
         groups = graft_param_groups(model, multipliers, args.weight_decay, no_weight_decay)
         listed = ', '.join(f'group {g} x{m:g}' for g, m in enumerate(multipliers))
         print(f'lr multipliers per group of blocks (Layer Grafted): {listed}')
-    elif args.method == 'mocov3':
+    elif args.method in ('mocov3', 'mtl'):
         # MoCo v3 decays every parameter (AdamW(model.parameters())); lars() exempts the 1-D
         # ones, as its LARS does.
         trained = [p for p in model.parameters() if p.requires_grad]

@@ -47,29 +47,11 @@ LINEAR_EPOCHS=${LINEAR_EPOCHS:-90}
 WARMUP=${WARMUP:-}                # empty: about a tenth of each stage's epochs
 
 START=$(date +%s)
-STAGE=0
-stage() {
-  STAGE=$((STAGE + 1))
-  echo "[demo $(date +%H:%M:%S), $(( $(date +%s) - START )) s] stage $STAGE/9: $*"
-}
-warmup() { echo "${WARMUP:-$(( ($1 + 9) / 10 ))}"; }
+NAME=demo
+STAGES=9
+source scripts/lib/miniature.sh  # stage, warmup, pretrain, evaluate
 epochs() { if [ "$1" = 1 ]; then echo "1 epoch"; else echo "$1 epochs"; fi; }
-pretrain() {  # pretrain <folder> <epochs> <flags...>: quiet, the log goes to <folder>/console.txt
-  local dir="$OUT/$1" epochs="$2"; shift 2
-  mkdir -p "$dir"
-  "$PYTHON" main_pretrain.py --epochs "$epochs" --warmup_epochs "$(warmup "$epochs")" \
-      --batch_size 64 --num_workers "$WORKERS" --print_freq 100 --output_dir "$dir" "$@" > "$dir/console.txt" 2>&1 \
-    || { tail -20 "$dir/console.txt"; exit 1; }
-  echo "    $(grep -o 'training time.*' "$dir/console.txt")"
-}
-evaluate() {  # evaluate <row> <checkpoint>
-  mkdir -p "$OUT/eval/$1"
-  "$PYTHON" -m tools.eval_all --checkpoint "$2" --output_dir "$OUT/eval/$1" --num_workers "$WORKERS" \
-      --linear_epochs "$LINEAR_EPOCHS" --finetune_epochs "$FT_EPOCHS" \
-      --finetune_warmup "$(warmup "$FT_EPOCHS")" --finetune_blr 2e-3 > "$OUT/eval/$1/console.txt" 2>&1 \
-    || { tail -20 "$OUT/eval/$1/console.txt"; exit 1; }
-  echo "    $(grep '\[eval_all\] .*: knn ' "$OUT/eval/$1/console.txt" | sed 's/^\[[0-9:]*\] //')"
-}
+FINETUNE=(--finetune_epochs "$FT_EPOCHS" --finetune_warmup "$(warmup "$FT_EPOCHS")" --finetune_blr 2e-3)
 
 rm -rf "$OUT/mocov3" "$OUT/mimco" "$OUT/mae" "$OUT/grafted" "$OUT/eval" "$OUT/results.md"
 mkdir -p "$OUT"
@@ -89,10 +71,10 @@ pretrain grafted "$GRAFT_EPOCHS" "${MOCO[@]}" \
     --graft_pretrained "$OUT/mae/checkpoint-last.pth" --lr_layer_wise 0.1,0.1,1
 
 stage "evaluate random init (kNN, linear, 1 %, 10 %, fine-tune from scratch)"
-evaluate random random
+evaluate random random "${FINETUNE[@]}"
 for row in mocov3 mimco mae grafted; do
   stage "evaluate $row (kNN, linear, 1 %, 10 %, fine-tune)"
-  evaluate "$row" "$OUT/$row/checkpoint-last.pth"
+  evaluate "$row" "$OUT/$row/checkpoint-last.pth" "${FINETUNE[@]}"
 done
 
 echo "[demo] done in $(( $(date +%s) - START )) s"

@@ -2,7 +2,6 @@
 
 import math
 import os
-import re
 
 import pytest
 import timm
@@ -16,7 +15,6 @@ import models_mocov3
 import pretrain_setup as pretrain
 from engine_pretrain import train_one_epoch
 from tests.conftest import FAST, epoch_losses
-from tools import grad_conflict
 from util import backbones, data, graft, transforms
 from util.errors import InputError
 from util.masking import random_masking_indices
@@ -208,7 +206,7 @@ def test_graft_bad_multipliers_and_depth_are_named(official_mae_path):
     with pytest.raises(InputError, match='divisible by 3'):
         graft.graft_param_groups(models_mocov3.MoCoV3(encoder, 16, 32), [1, 1, 1], 0.1)
     with pytest.raises(InputError, match='--method mocov3'):
-        main_pretrain.main(parse(MAE + ['--graft_pretrained', str(official_mae_path)]))
+        main_pretrain.main(parse(MAE + ['--method', 'mtl', '--lr_layer_wise', '1,1,1']))
 
 
 def test_graft_build_freezes_and_pulls(official_mae_path):
@@ -364,35 +362,3 @@ def test_grafted_training_steps_under_each_precision(mae_dir, amp):
     )
     if amp == 'fp16':  # the scaler is on and made steps (the tracker counts unskipped ones)
         assert scaler.is_enabled() and scaler.state_dict()['_growth_tracker'] > 0
-
-
-# ------------------------------------------------------------ gradient conflict
-
-
-def test_grad_conflict_prints_one_row_per_block(mae_dir, tmp_path, capsys):
-    args = grad_conflict.get_args_parser().parse_args(
-        [
-            '--checkpoint',
-            str(mae_dir / 'checkpoint-last.pth'),
-            '--num_batches',
-            '1',
-            '--batch_size',
-            '64',
-            '--num_workers',
-            '0',
-            '--moco_mlp_dim',
-            '256',
-            '--output',
-            str(tmp_path / 'conflict.png'),
-        ]
-    )
-    cosines = grad_conflict.main(args)
-    out = capsys.readouterr().out
-    rows = [
-        m.groups() for m in re.finditer(r'^(?:\[[\d:]+\] )?\s*(\d+)\s+(-?\d+\.\d+)\s', out, re.M)
-    ]
-    assert [int(r[0]) for r in rows] == list(range(6))
-    assert [float(r[1]) for r in rows] == pytest.approx(cosines, abs=1e-4)
-    assert all(-1 <= c <= 1 and c != 0 for c in cosines)
-    assert 'trained heads from the file: MAE decoder' in out
-    assert os.path.getsize(tmp_path / 'conflict.png') > 1000

@@ -63,7 +63,9 @@ def die_then_resume(monkeypatch, script, run, out, epoch):
     return run(out)
 
 
-@pytest.mark.parametrize('method', ['mocov3', 'mimco', 'mae'])
+@pytest.mark.parametrize(
+    'method', ['mocov3', 'mimco', 'mae', pytest.param('mtl', marks=pytest.mark.slow)]
+)  # mtl: 60 s on 2 shared cores
 def test_resume_equals_uninterrupted(method, tmp_path, teacher_path):
     """Stopped after epoch 0 (its checkpoint is all that is left) and resumed: the same weights,
     optimizer state and RNG stream as the run that never stopped, with loader workers (which start
@@ -73,6 +75,8 @@ def test_resume_equals_uninterrupted(method, tmp_path, teacher_path):
         argv = MOCO + argv
     elif method == 'mae':
         argv = TINY_MAE + ['--num_workers', '0'] + argv
+    elif method == 'mtl':  # MAE and MoCo v3 on one encoder: both heads small
+        argv = MOCO + TINY_MAE[2:] + ['--method', 'mtl'] + argv
     else:
         argv = MIMCO + argv + ['--teacher', os.path.join(teacher_path, 'checkpoint-last.pth')]
     argv += ['--num_workers', '2']

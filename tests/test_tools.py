@@ -51,7 +51,9 @@ def script_commands(path: str) -> list:
 
 
 FULL_SCALE = sorted(
-    p for p in glob.glob(os.path.join(ROOT, 'scripts', '*.sh')) if not p.endswith('demo.sh')
+    p
+    for p in glob.glob(os.path.join(ROOT, 'scripts', '*.sh'))
+    if not p.endswith(('demo.sh', 'graft_study.sh'))  # the miniatures on digits
 )
 
 

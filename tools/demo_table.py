@@ -1,4 +1,5 @@
-"""The table of scripts/demo.sh, in the shape of the papers' tables, from each run's JSON lines in
+"""The table of scripts/demo.sh (and of scripts/graft_study.sh, --layout graft_study), in the
+shape of the papers' tables, from each run's JSON lines in
 its output_dir/log.txt (never from console text): rows are backbones with their pre-training epochs,
 columns the evaluations, val top-1 (%). The Markdown goes to stdout and to output_dir/results.md.
 python -m tools.demo_table --output_dir output/demo --command "scripts/demo.sh" --wall_time 812"""
@@ -26,7 +27,26 @@ COLUMNS = {
     'logreg10': '10 % logreg',
     'finetune': 'fine-tune',
 }
-STAGE_NAMES = {'mocov3': 'MoCo v3', 'mimco': 'MimCo', 'mae': 'MAE', 'grafted': 'grafted MoCo v3'}
+# The layout of scripts/graft_study.sh: Layer Grafted's Table 1 in miniature.
+STUDY_ROWS = [
+    ('MAE', ['mae'], 'mae'),
+    ('MoCo v3', ['mocov3'], 'mocov3'),
+    ('MTL: MAE + MoCo v3 on one encoder', ['mtl'], 'mtl'),
+    ('reverse cascade: MoCo v3 → MAE (0.1,0.1,1)', ['mocov3', 'reverse'], 'reverse'),
+    ('MAE → MoCo v3, blocks 0-3 frozen', ['mae', 'frozen'], 'frozen'),
+    ('MAE → MoCo v3 (1,1,1)', ['mae', 'grafted_111'], 'grafted_111'),
+    ('Layer Grafted: MAE → MoCo v3 (0.1,0.1,1)', ['mae', 'grafted'], 'grafted'),
+]
+STAGE_NAMES = {
+    'mocov3': 'MoCo v3',
+    'mimco': 'MimCo',
+    'mae': 'MAE',
+    'grafted': 'grafted MoCo v3',
+    'mtl': 'MTL',
+    'reverse': 'MAE on MoCo v3 (reverse)',
+    'frozen': 'MoCo v3 (blocks 0-3 frozen)',
+    'grafted_111': 'MoCo v3 (1,1,1)',
+}
 # The papers' orderings (row, is at least / beats, row, column): MimCo's student at least equals
 # its teacher (MimCo, Zhou et al. 2022); the grafted model beats both parents on 1 % labels (Layer
 # Grafted, Table 1).
@@ -36,7 +56,20 @@ ORDERINGS = [
     ('grafted', '>', 'mae', 'logreg1'),
     ('grafted', '>', 'mocov3', 'logreg1'),
 ]
-RELATIONS = {'≥': operator.ge, '>': operator.gt}
+# Layer Grafted's (Table 1 and its text): MTL is not above the better parent on 1 %; the reverse
+# cascade falls below MTL; freezing the MIM blocks is below the small-lr cascade, which beats MTL
+# and both parents.
+STUDY_ORDERINGS = [
+    ('mtl', '≤', 'mae', 'logreg1'),
+    ('mtl', '≤', 'mocov3', 'logreg1'),
+    ('reverse', '<', 'mtl', 'logreg1'),
+    ('frozen', '<', 'grafted', 'logreg1'),
+    ('grafted', '>', 'mtl', 'logreg1'),
+    ('grafted', '>', 'mae', 'logreg1'),
+    ('grafted', '>', 'mocov3', 'logreg1'),
+]
+LAYOUTS = {'demo': (ROWS, ORDERINGS), 'graft_study': (STUDY_ROWS, STUDY_ORDERINGS)}
+RELATIONS = {'≥': operator.ge, '>': operator.gt, '≤': operator.le, '<': operator.lt}
 
 
 def read_log(*folders: str) -> list:
@@ -72,7 +105,7 @@ def top1_cell(value) -> str:
     return f'{value:.1f}'
 
 
-def table(output_dir: str) -> tuple:
+def table(output_dir: str, rows: list = ROWS) -> tuple:
     """(Markdown table, {eval folder: {column folder: top-1 or None}}): each stage's epochs from the
     per-epoch lines of its log, each evaluation's top-1 from the last summary line of its log."""
     lines = [
@@ -80,7 +113,7 @@ def table(output_dir: str) -> tuple:
         '|---|' + '---:|' * len(COLUMNS),
     ]
     values = {}
-    for label, stages, row in ROWS:
+    for label, stages, row in rows:
         if stages:
             trained = [f'{STAGE_NAMES[s]} {stage_epochs(output_dir, s)} ep' for s in stages]
             label += ': ' + ' → '.join(trained)
@@ -90,10 +123,10 @@ def table(output_dir: str) -> tuple:
     return '\n'.join(lines), values
 
 
-def ordering_lines(values: dict) -> list:
-    """A line for each of ORDERINGS whose two cells were measured: does it hold in this run."""
+def ordering_lines(values: dict, orderings: list = ORDERINGS) -> list:
+    """A line for each of `orderings` whose two cells were measured: does it hold in this run."""
     shown = []
-    for a, relation, b, column in ORDERINGS:
+    for a, relation, b, column in orderings:
         x = values[a][column]
         y = values[b][column]
         if x is None or y is None:
@@ -109,7 +142,8 @@ def ordering_lines(values: dict) -> list:
 
 
 def main(args):
-    text, values = table(args.output_dir)
+    rows, orderings = LAYOUTS[args.layout]
+    text, values = table(args.output_dir, rows)
     result = f'Measured {datetime.date.today().isoformat()}'
     if args.command:
         result += f' by `{args.command}`'
@@ -118,7 +152,7 @@ def main(args):
     result += '. Val top-1 (%) on the 360 val digits; 1 % = 1 labelled image per class, 10 % = 14.'
     # A blank line before the table (Markdown).
     result += '\n\n' + text + '\n'
-    shown = ordering_lines(values)
+    shown = ordering_lines(values, orderings)
     if shown:
         result += "\nThe papers' orderings in this run:\n" + '\n'.join(shown) + '\n'
     pathlib.Path(args.output_dir, 'results.md').write_text(result)
@@ -130,6 +164,12 @@ def get_args_parser():
     p = argparse.ArgumentParser('the table of scripts/demo.sh', add_help=False)
     p.add_argument('--output_dir', default='output/demo', help="the demo's output folder")
     p.add_argument('--command', default='', help='the command that made the runs, for the header')
+    p.add_argument(
+        '--layout',
+        default='demo',
+        choices=list(LAYOUTS),
+        help='rows and orderings: scripts/demo.sh or scripts/graft_study.sh',
+    )
     p.add_argument(
         '--wall_time', default=None, type=float, help='seconds the demo took, for the header'
     )

@@ -1,13 +1,16 @@
-"""Gradient conflict between MIM and contrastive learning, block by block (the Layer Grafted
-paper's motivating observation, Jiang et al., 2023, Sec. 1): the cosine similarity between the
-gradients of the MAE loss and of the MoCo v3 loss on the *same* encoder weights. The decoder (MAE)
-and the projector and predictor (MoCo v3) come from the checkpoint when it holds them (ours,
-official MAE, official MoCo v3), else they are freshly initialised; the output says which.
-python -m tools.grad_conflict --checkpoint output/mae/checkpoint-last.pth"""
+"""Gradient conflict between MIM and contrastive learning, per training sample and per block, as the
+Layer Grafted paper measures it (Jiang et al., ICLR 2023, its introduction, box plot): for each
+sample x, C(x) = <g_MIM(x), g_CL(x)> / (|g_MIM(x)| |g_CL(x)|), the gradients of x's MAE loss and of
+x's MoCo v3 loss with respect to one block's parameters; its distribution per block. The official
+repository released no code for it: how a per-sample CL gradient is defined is our reading
+(docs/methods.md): the gradient of sample x's term of the batch loss, the batch supplying the
+negatives and the projector's BatchNorm statistics. Each loss sees the views MTL trains it on (MoCo
+v3's two, MAE's masked minimal view). The heads come from the file when it holds them (our MTL
+checkpoints hold all; MAE and MoCo v3 files their own), else they are fresh; the output says which.
+python -m tools.grad_conflict --checkpoint output/mtl/checkpoint-last.pth --num_samples 256"""
 
 import argparse
 import copy
-import itertools
 import os
 
 import torch
@@ -17,8 +20,10 @@ from matplotlib.figure import Figure  # no pyplot: files only, no window
 import main_pretrain
 import models_mae
 import models_mocov3
+import models_mtl
 from util import backbones, checkpoint, data, transforms
 from util.errors import InputError, one_line, run_main
+from util.masking import MaskNoiseGenerator
 
 HEAD_FLAGS = ('decoder_embed_dim', 'decoder_depth', 'decoder_num_heads', 'moco_dim', 'moco_mlp_dim')
 # The heads' sizes: the checkpoint's (our saved args), else main_pretrain.py's defaults (= the
@@ -27,19 +32,26 @@ HEAD_SIZES = {a.dest: a for a in main_pretrain.get_args_parser()._actions if a.d
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('MIM vs CL gradient conflict per block', add_help=False)
+    p = argparse.ArgumentParser('MIM vs CL gradient conflict per sample and block', add_help=False)
     p.add_argument(
         '--checkpoint',
-        default=None,
-        type=str,
-        help='encoder weights (any format util/backbones '
-        'reads; default: none, a randomly initialised encoder, the baseline)',
+        nargs='+',
+        default=['random'],
+        help='one or more files, one panel each: an MTL checkpoint of ours, or any backbone '
+        'util/backbones reads; random: a randomly initialised encoder (the baseline, default)',
     )
     p.add_argument(
         '--model', help="timm name of the encoder (default: the file's, else vit_digits_patch4_16)"
     )
-    p.add_argument('--batch_size', default=128, type=int, help='images per batch')
-    p.add_argument('--num_batches', default=4, type=int, help='batches whose gradients are summed')
+    p.add_argument(
+        '--num_samples', default=256, type=int, help='training images, one cosine per block each'
+    )
+    p.add_argument(
+        '--batch_size',
+        default=64,
+        type=int,
+        help='the batch that gives the CL negatives and BatchNorm statistics',
+    )
     for name, action in HEAD_SIZES.items():
         p.add_argument(
             f'--{name}',
@@ -57,7 +69,7 @@ def get_args_parser():
     )
     data.add_data_args(p, subsets=False)
     p.add_argument('--num_workers', default=2, type=int, help='data loader workers')
-    p.add_argument('--output', default='output_dir/grad_conflict.png', type=str, help='the plot')
+    p.add_argument('--output', default='output_dir/grad_conflict.png', help='the box plot')
     p.add_argument('--seed', default=0, type=int, help='random seed (heads, masks, augmentations)')
     p.add_argument(
         '--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu'
@@ -82,27 +94,46 @@ def read_file(path: str) -> tuple:
 
 def resolve_args(args, saved: dict, input_size: int) -> argparse.Namespace:
     """A copy of `args` with what the run needs: each head's size (the flag's, else the saved
-    args', else main_pretrain.py's default), and the data of MoCo v3's two views (MIM takes the
-    first) at the encoder's `input_size`."""
+    args', else main_pretrain.py's default), and MTL's views at the encoder's `input_size`."""
     resolved = dict(vars(args))
     for name, action in HEAD_SIZES.items():
         resolved[name] = getattr(args, name) or saved.get(name, action.default)
-    resolved.update(method='mocov3', crop_min=0.08, input_size=input_size)
+    resolved.update(method='mtl', crop_min=0.08, input_size=input_size)
     return argparse.Namespace(**resolved)
 
 
-def load_heads(state: dict, mae: models_mae.MAE, moco: models_mocov3.MoCoV3, path: str) -> list:
+def build_mtl(encoder, args) -> models_mtl.MTL:
+    """MTL's MAE decoder and MoCo v3 heads around `encoder`, whose weights stay as given."""
+    weights = copy.deepcopy(encoder.state_dict())
+    mae = models_mae.MAE(
+        encoder,
+        args.decoder_embed_dim,
+        args.decoder_depth,
+        args.decoder_num_heads,
+        args.mask_ratio,
+        args.norm_pix_loss,
+    )
+    encoder.load_state_dict(weights)  # MAE's own initialisation must not replace the weights
+    moco = models_mocov3.MoCoV3(encoder, args.moco_dim, args.moco_mlp_dim, args.moco_t)
+    return models_mtl.MTL(mae, moco)
+
+
+def load_heads(state: dict, saved: dict, model: models_mtl.MTL, path: str) -> list:
     """Load each head the file holds, strictly (every key, every shape); returns the names of those
-    loaded. InputError (with the flags to give) when a head's sizes differ from the file's."""
+    loaded. An MTL checkpoint of ours loads whole (its momentum encoder too). InputError (with the
+    flags to give) when a head's sizes differ from the file's."""
+    if saved.get('method') == 'mtl':
+        model.load_state_dict(state)
+        return ['all (MTL checkpoint: decoder, projector, predictor, momentum encoder)']
     loaded = []
-    # {name: (module, the prefix of its keys in the file)}
+    # {name: (module, the prefix of its keys in the file)}; MAE's decoder keys have no prefix, as
+    # in the official MAE files.
     heads = {
-        'MAE decoder': (mae, ''),
-        'MoCo v3 projector': (moco.base_encoder.head, 'base_encoder.head.'),
-        'MoCo v3 predictor': (moco.predictor, 'predictor.'),
+        'MAE decoder': (model.mae, ''),
+        'MoCo v3 projector': (model.moco.base_encoder.head, 'base_encoder.head.'),
+        'MoCo v3 predictor': (model.moco.predictor, 'predictor.'),
     }
     for what, (module, prefix) in heads.items():
-        # The MAE's keys have no prefix: its decoder's keys, named as in official MAE files.
         starts = prefix or ('decoder', 'mask_token')
         found = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(starts)}
         if not found:
@@ -119,80 +150,160 @@ def load_heads(state: dict, mae: models_mae.MAE, moco: models_mocov3.MoCoV3, pat
                 f'--decoder_num_heads, --moco_dim/--moco_mlp_dim)'
             ) from None
         loaded.append(what)
-    # The momentum (key) encoder and projector start as the loaded ones, as in MoCo v3's training.
-    moco.momentum_encoder.load_state_dict(moco.base_encoder.state_dict())
+    # The momentum (key) encoder starts as the loaded one, as in MoCo v3's training.
+    model.moco.momentum_encoder.load_state_dict(model.moco.base_encoder.state_dict())
     return loaded
 
 
-def block_gradients(vit) -> list:
-    """Each block's gradient as one flat vector."""
-    return [torch.cat([p.grad.flatten() for p in block.parameters()]) for block in vit.blocks]
+def encoder_rows(encoder) -> dict:
+    """{row name: parameters}: 'embed' (patch and position embeddings, CLS token), each block, and
+    'norm' (the final norm), every parameter of each, frozen ones too (set to require gradients
+    here: the statistic is about the loss surface, not about what a run updates)."""
+    rows = {'embed': [], **{f'block {i}': [] for i in range(len(encoder.blocks))}, 'norm': []}
+    for name, param in encoder.named_parameters():
+        if name.startswith('head.'):
+            continue  # the MoCo v3 projector, not the backbone
+        param.requires_grad_(True)
+        if name.startswith('blocks.'):
+            rows[f'block {name.split(".")[1]}'].append(param)
+        elif name.startswith('norm.'):
+            rows['norm'].append(param)
+        else:
+            rows['embed'].append(param)
+    return {row: params for row, params in rows.items() if params}
 
 
-def per_block_cosine(mae, moco, loader, num_batches: int, device) -> tuple:
-    """(cosines, |g_MIM|, |g_CL|) per block, gradients summed over `num_batches` batches."""
-    mae.train()
-    moco.train()
-    for (view1, view2), _ in itertools.islice(loader, num_batches):
-        view1 = view1.to(device)
-        view2 = view2.to(device)
-        mae(view1)[0].backward()  # MIM gradients accumulate in mae.encoder
-        moco(view1, view2, m=1.0)[0].backward()  # m = 1: the key encoder stays the loaded weights
-    g_mim = block_gradients(mae.encoder)
-    g_cl = block_gradients(moco.base_encoder)
-    cosines = [F.cosine_similarity(a, b, dim=0).item() for a, b in zip(g_mim, g_cl)]
-    return cosines, [g.norm().item() for g in g_mim], [g.norm().item() for g in g_cl]
+def sample_terms(model: models_mtl.MTL, view1, view2, mim_view, noise) -> tuple:
+    """(MIM terms (B,), CL terms (B,)): each sample's term of MTL's two batch losses."""
+    mim = model.mae.image_losses(mim_view, noise)
+    cl = model.moco.contrastive_loss(view1, view2, reduction='none')
+    return mim, cl
 
 
-def plot(cosines: list, source: str, output: str) -> None:
-    """A bar per block, red where the two gradients conflict (negative cosine), to `output`."""
-    ax = Figure(figsize=(5, 3)).subplots()
-    colors = ['tab:red' if c < 0 else 'tab:blue' for c in cosines]
-    ax.bar(range(len(cosines)), cosines, color=colors)
-    ax.axhline(0, color='black', linewidth=0.8)
-    ax.set(xlabel='block', ylabel='cos(grad MIM, grad CL)')
-    ax.set_title(f'MIM vs CL gradient per block\n{os.path.basename(source)}', fontsize=9)
-    ax.figure.tight_layout()
+def flat_grad(term: torch.Tensor, params: list) -> torch.Tensor:
+    """The gradient of `term` w.r.t. `params` as one vector (zeros where none flows)."""
+    grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    return torch.cat([g.flatten() for g in grads])
+
+
+def sample_cosines(
+    model: models_mtl.MTL, batch: tuple, rows: dict, count: int = None
+) -> torch.Tensor:
+    """C(x) per sample and row (count, rows) of the batch's first `count` samples (default all B):
+    the cosine between the gradients of sample x's MIM term and of its CL term w.r.t. the row's
+    parameters, two backward passes per sample; the whole batch gives the CL negatives."""
+    mim, cl = sample_terms(model, *batch)
+    params = [p for row in rows.values() for p in row]
+    row_sizes = [sum(p.numel() for p in row) for row in rows.values()]
+    cosines = []
+    for i in range(count or mim.shape[0]):
+        g_mim = flat_grad(mim[i], params).split(row_sizes)
+        g_cl = flat_grad(cl[i], params).split(row_sizes)
+        per_row = [F.cosine_similarity(a, b, dim=0) for a, b in zip(g_mim, g_cl)]
+        cosines.append(torch.stack(per_row))
+    return torch.stack(cosines).cpu()  # (count, rows)
+
+
+def conflict(model: models_mtl.MTL, loader, num_samples: int, device) -> torch.Tensor:
+    """C(x) of the first `num_samples` training images, per row: (num_samples, rows)."""
+    model.train()  # as in training: the projector's BatchNorm on batch statistics
+    rows = encoder_rows(model.base_encoder)
+    cosines = []
+    seen = 0
+    for inputs, _ in loader:
+        batch = tuple(t.to(device) for t in inputs)
+        count = min(num_samples - seen, inputs[0].shape[0])
+        cosines.append(sample_cosines(model, batch, rows, count))
+        seen += count
+        if seen == num_samples:
+            break
+    return torch.cat(cosines)
+
+
+def summary(cosines: torch.Tensor, names: list) -> list:
+    """Per row: (name, median, first quartile, third quartile, share of negatives in %)."""
+    q = torch.quantile(cosines, torch.tensor([0.5, 0.25, 0.75]), dim=0)  # (3, rows)
+    negative = (cosines < 0).float().mean(dim=0) * 100
+    return [
+        (name, q[0, r].item(), q[1, r].item(), q[2, r].item(), negative[r].item())
+        for r, name in enumerate(names)
+    ]
+
+
+def median_slope(table: list) -> float:
+    """The slope of the least-squares line through the blocks' medians (per block)."""
+    medians = torch.tensor([row[1] for row in table if row[0].startswith('block')])
+    blocks = torch.arange(len(medians), dtype=torch.float32)
+    blocks = blocks - blocks.mean()
+    return float((blocks * (medians - medians.mean())).sum() / (blocks**2).sum())
+
+
+def plot(panels: list, output: str) -> None:
+    """One box plot per checkpoint (a box per row), with the blocks' medians' linear fit."""
+    fig = Figure(figsize=(4 * len(panels), 3.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, names, cosines, table) in zip(axes, panels):
+        ax.boxplot(cosines.numpy(), showfliers=False)
+        ax.set_xticks(range(1, len(names) + 1), [n.removeprefix('block ') for n in names])
+        blocks = [i + 1 for i, n in enumerate(names) if n.startswith('block')]
+        medians = torch.tensor([row[1] for row in table if row[0].startswith('block')])
+        slope = median_slope(table)
+        centre = sum(blocks) / len(blocks)
+        fit = [medians.mean().item() + slope * (b - centre) for b in blocks]
+        ax.plot(blocks, fit, color='tab:red', linewidth=1, label=f'median fit {slope:+.3f}/block')
+        ax.axhline(0, color='black', linewidth=0.6)
+        ax.set(xlabel='row (embed, block, norm)', ylabel='cos(g_MIM(x), g_CL(x))')
+        ax.set_title(title, fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
     os.makedirs(os.path.dirname(output) or '.', exist_ok=True)
-    ax.figure.savefig(output, dpi=120)
+    fig.savefig(output, dpi=100)
 
 
-def main(args) -> list:
+def measure(path: str, args) -> tuple:
+    """(row names, cosines (num_samples, rows), heads loaded) of the checkpoint at `path`."""
     torch.manual_seed(args.seed)
-    state, saved = read_file(args.checkpoint)
-    encoder = backbones.build_backbone(args.checkpoint, args.model)
-    args = resolve_args(args, saved, encoder.patch_embed.img_size[0])
-    mae = models_mae.MAE(
-        copy.deepcopy(encoder),
-        args.decoder_embed_dim,
-        args.decoder_depth,
-        args.decoder_num_heads,
-        args.mask_ratio,
-        args.norm_pix_loss,
-    )
-    mae.encoder.load_state_dict(encoder.state_dict())  # MAE's own init must not replace the weights
-    moco = models_mocov3.MoCoV3(
-        copy.deepcopy(encoder), args.moco_dim, args.moco_mlp_dim, args.moco_t
-    )
-    loaded = load_heads(state, mae, moco, args.checkpoint)
-    mae.to(args.device)
-    moco.to(args.device)
-    dataset = data.build_dataset(args, True, transforms.pretrain_transform(args))
-    loader = data.build_loader(dataset, args, True)
-    cosines, norm_mim, norm_cl = per_block_cosine(mae, moco, loader, args.num_batches, args.device)
-    source = args.checkpoint or 'random initialisation'
-    heads = ', '.join(loaded) or 'none (all fresh)'
-    print(f'encoder: {source}; trained heads from the file: {heads}')
-    print(f'{"block":>5}  {"cos(MIM, CL)":>12}  {"|g_MIM|":>9}  {"|g_CL|":>9}')
-    for i, (c, a, b) in enumerate(zip(cosines, norm_mim, norm_cl)):
-        print(f'{i:>5}  {c:>12.4f}  {a:>9.3e}  {b:>9.3e}')
-    plot(cosines, source, args.output)
+    state, saved = read_file(path)
+    encoder = backbones.build_backbone(path, args.model)
+    run = resolve_args(args, saved, encoder.patch_embed.img_size[0])
+    model = build_mtl(encoder, run)
+    loaded = load_heads(state, saved, model, path)
+    model.to(args.device)
+    noise = MaskNoiseGenerator(encoder.patch_embed.grid_size)
+    dataset = data.build_dataset(run, True, transforms.pretrain_transform(run, noise))
+    loader = data.build_loader(dataset, run, True)
+    cosines = conflict(model, loader, args.num_samples, args.device)
+    return list(encoder_rows(model.base_encoder)), cosines, loaded
+
+
+def main(args) -> dict:
+    """Prints per checkpoint and row the median, quartiles and share of negative C(x); returns
+    {checkpoint: its summary rows}."""
+    panels = []
+    tables = {}
+    for path in args.checkpoint:
+        if path == 'random':
+            path = None
+        names, cosines, loaded = measure(path, args)
+        table = summary(cosines, names)
+        source = path or 'random initialisation'
+        heads = ', '.join(loaded) or 'none (all fresh)'
+        print(f'encoder: {source}; heads from the file: {heads}; {len(cosines)} samples')
+        print(f'{"row":>8}  {"median":>7}  {"q1":>7}  {"q3":>7}  {"neg %":>6}')
+        for name, median, q1, q3, negative in table:
+            print(f'{name:>8}  {median:>7.3f}  {q1:>7.3f}  {q3:>7.3f}  {negative:>6.1f}')
+        print(f"slope of the blocks' medians: {median_slope(table):+.4f} per block")
+        title = os.path.join(*source.split(os.sep)[-2:])
+        panels.append((title, names, cosines, table))
+        tables[source] = table
+    plot(panels, args.output)
     print(f'plot: {args.output}')
-    return cosines
+    return tables
 
 
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(
-        'MIM vs CL gradient conflict per block', parents=[get_args_parser()]
+        'MIM vs CL gradient conflict per sample and block', parents=[get_args_parser()]
     )
     run_main(main, parser.parse_args())

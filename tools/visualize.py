@@ -117,7 +117,8 @@ def method_pictures(path: str, name: str, backbone, images, args) -> list:
     if run.get('method') not in figures.MASKING_NAMES:
         return []
     if run['method'] == 'mae':
-        mae = pretrain_setup.build_model(argparse.Namespace(**run))[0]
+        # The weights come from the file: a reverse cascade's first stage need not be read again.
+        mae = pretrain_setup.build_model(argparse.Namespace(**{**run, 'graft_pretrained': None}))[0]
         mae.load_state_dict(saved['model'])
         masker = dict(mae=mae.to(images.device).eval())
     else:

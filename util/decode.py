@@ -164,7 +164,7 @@ def resolve_backend(args, device: torch.device) -> str:
             f'already, using pil'
         )
         return 'pil'
-    if backend == 'nvjpeg' and args.method == 'mocov3':
+    if backend == 'nvjpeg' and args.method in ('mocov3', 'mtl'):
         raise InputError(
             "--data_backend nvjpeg makes MimCo's and MAE's crop + flip views; MoCo v3's BYOL "
             'views need --data_backend pil or torchvision'

@@ -21,6 +21,8 @@ BILINEAR = T.InterpolationMode.BILINEAR
 # Layer Grafted's few-shot logistic regression and linear sweep (main_lincls_sweep.py), MoCo v3's
 # main_lincls.py. MAE and DINO: bicubic.
 BILINEAR_PROTOCOLS = ('logreg', 'lincls_mocov3', 'lincls_grafted')
+# MAE's RandomResizedCrop min scale (its main_pretrain.py), also the MAE view of --method mtl.
+MAE_CROP_MIN = 0.2
 
 
 # Stateless: one for every view.
@@ -78,12 +80,15 @@ def byol_view(args, blur_p: float, solarize_p: float) -> T.Compose:
     return T.Compose(steps + TO_TENSOR + [NORMALIZE])
 
 
-def crop_flip_view(args, interpolation=BICUBIC) -> T.Compose:
-    """MimCo/MAE: RandomResizedCrop + flip only (MoCo v3's main_lincls.py: bilinear)."""
+def crop_flip_view(args, interpolation=BICUBIC, crop_min: float = None) -> T.Compose:
+    """MimCo/MAE: RandomResizedCrop (min scale `crop_min`, default --crop_min) + flip only
+    (MoCo v3's main_lincls.py: bilinear)."""
+    if crop_min is None:
+        crop_min = args.crop_min
     return T.Compose(
         [
             T.RandomResizedCrop(
-                args.input_size, scale=(args.crop_min, 1.0), interpolation=interpolation
+                args.input_size, scale=(crop_min, 1.0), interpolation=interpolation
             ),
             T.RandomHorizontalFlip(),
             *TO_TENSOR,
@@ -158,8 +163,9 @@ def eval_transform(args) -> T.Compose:
 
 class Views:
     """The tuple of tensors one pre-training step takes from an image: each view of it (MoCo v3's
-    two, MimCo's and MAE's one), then, for MimCo, its patch mask, made here in the loader's workers
-    (seeded with the sample's augmentations by SeededSamples)."""
+    two, MimCo's and MAE's one, MTL's three), then, for MimCo, its patch mask (MAE, MTL: its mask
+    noise), made here in the loader's workers (seeded with the sample's augmentations by
+    SeededSamples)."""
 
     def __init__(self, *views, mask_generator=None):
         self.views = views
@@ -173,20 +179,32 @@ class Views:
 
 
 def pretrain_transform(args, mask_generator=None) -> Views:
-    """The tuple of tensors one pre-training step takes for `args.method`."""
-    digits = dataset_name(args) == 'digits'
+    """The tuple of tensors one pre-training step takes for `args.method`: MTL's are MoCo v3's two
+    views, then MAE's minimally augmented one (Layer Grafted, Table 1) and its mask noise."""
     if args.method == 'mocov3':
-        if digits:
-            return Views(digits_view(args), digits_view(args))
-        # BYOL's asymmetric pair: the first view always blurred, the second sometimes solarized.
+        return Views(*contrastive_views(args))
+    if args.method == 'mtl':
         return Views(
-            byol_view(args, blur_p=1.0, solarize_p=0.0), byol_view(args, blur_p=0.1, solarize_p=0.2)
+            *contrastive_views(args),
+            masked_view(args, crop_min=MAE_CROP_MIN),
+            mask_generator=mask_generator,
         )
-    if digits:
-        view = digits_view(args)
-    else:
-        view = crop_flip_view(args)
-    return Views(view, mask_generator=mask_generator)
+    return Views(masked_view(args), mask_generator=mask_generator)
+
+
+def contrastive_views(args) -> tuple:
+    """MoCo v3's two views: BYOL's asymmetric pair (the first always blurred, the second sometimes
+    solarized), or two digits jitters."""
+    if dataset_name(args) == 'digits':
+        return digits_view(args), digits_view(args)
+    return byol_view(args, blur_p=1.0, solarize_p=0.0), byol_view(args, blur_p=0.1, solarize_p=0.2)
+
+
+def masked_view(args, crop_min: float = None) -> T.Compose:
+    """The view that MimCo and MAE mask: crop + flip, or the digits jitter."""
+    if dataset_name(args) == 'digits':
+        return digits_view(args)
+    return crop_flip_view(args, crop_min)
 
 
 def finetune_view(args):
