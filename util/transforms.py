@@ -204,7 +204,7 @@ def masked_view(args, crop_min: float = None) -> T.Compose:
     """The view that MimCo and MAE mask: crop + flip, or the digits jitter."""
     if dataset_name(args) == 'digits':
         return digits_view(args)
-    return crop_flip_view(args, crop_min)
+    return crop_flip_view(args, crop_min=crop_min)
 
 
 def finetune_view(args):
