@@ -19,7 +19,7 @@ from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 
 from engine_finetune import evaluate, train_one_epoch
-from util import backbones, checkpoint, data, transforms
+from util import backbones, checkpoint, data, subsets, transforms
 from util.architectures import DIGITS_MODEL, default_model
 from util.dist import get_world_size, wrap_ddp
 from util.errors import InputError, run_main
@@ -248,6 +248,9 @@ def test_stats(model, model_ema, val_loader, device, args) -> dict:
 
 
 def main(args):
+    draws = subsets.draw_count(args, few_shot=not args.eval)
+    if draws > 1:  # each draw one fine-tune, in output_dir/draw<k>
+        return subsets.over_draws(main, args, draws, 'finetune', args.finetune or 'from scratch')
     device = setup_run(args)
     set_dataset_defaults(args)
     args.model = default_model(args.model, args.finetune)
@@ -266,7 +269,7 @@ def main(args):
 
     train_set.transform = transforms.finetune_view(args)
     val_set.transform = transforms.eval_transform(args)
-    train_set = data.label_subset(train_set, args)
+    train_set = subsets.label_subset(train_set, args)
     num_classes = len(val_set.classes)
     model = add_classifier(model, args, num_classes)
     loader = data.build_loader(train_set, args, is_train=True)

@@ -18,13 +18,14 @@ from timm.layers import trunc_normal_
 from torch.utils.data import TensorDataset
 
 from engine_finetune import (
+    check_knn_args,
     evaluate,
     extract_features,
     knn_evaluate,
     logistic_regression_accuracy,
     train_one_epoch,
 )
-from util import checkpoint, data, transforms
+from util import checkpoint, data, subsets, transforms
 from util.architectures import DIGITS_MODEL, default_model
 from util.dist import get_world_size, wrap_ddp
 from util.errors import InputError, run_main
@@ -321,14 +322,6 @@ def default_blr(args, digits: bool) -> float:
     return 0.1
 
 
-def check_knn_args(args) -> None:
-    if args.knn_k < 1 or args.knn_t <= 0 or args.knn_chunk < 1:
-        raise InputError(
-            f'--knn_k {args.knn_k}, --knn_t {args.knn_t}, --knn_chunk {args.knn_chunk}: '
-            f'k and the chunk must be at least 1 and the temperature positive'
-        )
-
-
 def resolve_args(args, digits: bool) -> None:
     """The defaults that depend on the data and the protocol: feature cache, blr, lr."""
     if args.cache_features is None:
@@ -344,6 +337,9 @@ def resolve_args(args, digits: bool) -> None:
 
 
 def main(args):
+    draws = subsets.draw_count(args, few_shot=args.protocol == 'logreg')
+    if draws > 1:  # each draw one run of main, in output_dir/draw<k>
+        return subsets.over_draws(main, args, draws, args.protocol, args.checkpoint)
     device = setup_run(args)
     digits = data.dataset_name(args) == 'digits'
     resolve_args(args, digits)
@@ -366,7 +362,7 @@ def main(args):
     train_set.transform = transforms.eval_transform(args)
     if linear and not args.cache_features and not digits:
         train_set.transform = transforms.crop_flip_view(args)
-    train_set = data.label_subset(train_set, args)
+    train_set = subsets.label_subset(train_set, args)
     num_classes = len(val_set.classes)
     if linear:
         before = {name: value.clone() for name, value in backbone.state_dict().items()}
