@@ -1,12 +1,17 @@
 """scripts/demo.sh --quick: the whole miniature pipeline end to end, and its table."""
 
+import argparse
+import json
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT
+
+from tools import demo_table
 
 ROWS = [
     'random init',
@@ -48,3 +53,99 @@ def test_demo_quick(tmp_path):
     assert len(orderings) == 4 and all(
         re.search(r': (yes|no) \(\d+\.\d vs \d+\.\d\)$', line) for line in orderings
     ), written
+
+
+def fake_demo(root, tops: dict, epochs: int = 3):
+    """A demo's output folder without running it: each stage's per-epoch log lines and each
+    evaluation's summary line, top-1 tops[(row, column)]."""
+    for stage in demo_table.STAGE_NAMES:
+        lines = [json.dumps({'epoch': e, 'train_loss': 1.0}) for e in range(epochs)]
+        os.makedirs(root / stage)
+        (root / stage / 'log.txt').write_text('\n'.join(lines) + '\n')
+    for (row, column), top1 in tops.items():
+        os.makedirs(root / 'eval' / row / column)
+        summary = {'summary': column, 'acc1': top1, 'args': {}}
+        (root / 'eval' / row / column / 'log.txt').write_text(json.dumps(summary) + '\n')
+
+
+def test_demo_table_over_seeds(tmp_path, capsys):
+    """Three seeds: each cell the mean ± sample std, each ordering the mean difference ± its
+    std and the seeds where it holds; a second call on the same folders gives the same table."""
+    rng = np.random.default_rng(0)
+    tops = []
+    for seed in range(3):
+        cells = {}
+        for _, _, row in demo_table.ROWS:
+            for column in demo_table.COLUMNS:
+                cells[(row, column)] = float(rng.uniform(20, 95))
+        tops.append(cells)
+        fake_demo(tmp_path / f'seed{seed}', cells)
+    (tmp_path / 'seed9.txt').write_text('not a seed folder')
+    args = argparse.Namespace(output_dir=str(tmp_path), command='SEEDS=3 x', wall_time=61)
+    values = demo_table.main(args)
+    printed = capsys.readouterr().out
+    assert printed == (tmp_path / 'results.md').read_text()
+    assert 'Mean ± sample std over 3 pre-training seeds' in printed
+    knn = [tops[s][('mimco', 'knn')] for s in range(3)]
+    assert values['mimco']['knn'] == knn
+    row = next(line for line in printed.splitlines() if line.startswith('| MimCo'))
+    assert row.split(' | ')[0] == '| MimCo ← MoCo v3 teacher: MoCo v3 3 ep → MimCo 3 ep'
+    assert row.split(' | ')[1] == f'{np.mean(knn):.1f} ± {np.std(knn, ddof=1):.1f}'
+    orderings = [line for line in printed.splitlines() if line.startswith('- ')]
+    assert len(orderings) == 4
+    for line, (a, relation, b, column) in zip(orderings, demo_table.ORDERINGS):
+        x = np.array([tops[s][(a, column)] for s in range(3)])
+        y = np.array([tops[s][(b, column)] for s in range(3)])
+        holds = int((x > y).sum())
+        if relation == '≥':
+            holds = int((x >= y).sum())
+        expected = f'{np.mean(x - y):+.1f} ± {np.std(x - y, ddof=1):.1f}, holds in {holds} of 3'
+        assert line.endswith(expected + ' seeds'), (line, expected)
+    demo_table.main(args)
+    assert capsys.readouterr().out == printed
+
+
+def test_demo_table_one_seed_and_missing_cells(tmp_path, capsys):
+    fake_demo(tmp_path, {('mimco', 'knn'): 92.84, ('mocov3', 'knn'): 91.43})
+    args = argparse.Namespace(output_dir=str(tmp_path), command='', wall_time=None)
+    demo_table.main(args)
+    printed = capsys.readouterr().out
+    assert '- MimCo ≥ MoCo v3 on kNN: yes (92.8 vs 91.4)' in printed
+    assert len([line for line in printed.splitlines() if line.startswith('- ')]) == 1
+    assert '± ' not in printed and '| 92.8 | – |' in printed
+
+
+def test_demo_seeds_run_the_pipeline_per_seed(tmp_path):
+    """SEEDS=2: every stage of every seed runs with its --seed into seed<s>/ (a stand-in for
+    python records the commands; the table is the real tools.demo_table)."""
+    fake = tmp_path / 'python'
+    calls = tmp_path / 'calls.txt'
+    fake.write_text(
+        '#!/usr/bin/env bash\n'
+        f'if [ "$1 $2" = "-m tools.demo_table" ]; then exec {sys.executable} "$@"; fi\n'
+        f'echo "$*" >> {calls}\n'
+        'echo "training time 0:00:01"\n'
+    )
+    fake.chmod(0o755)
+    out = tmp_path / 'demo'
+    env = dict(os.environ, PYTHON=str(fake), SEEDS='2')
+    script = os.path.join(ROOT, 'scripts', 'demo.sh')
+    run = subprocess.run(
+        ['bash', script, '--quick', '--output_dir', str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    commands = calls.read_text().splitlines()
+    assert len(commands) == 2 * 9
+    for seed in range(2):
+        mine = [c for c in commands if f'{out}/seed{seed}/' in c]
+        assert len(mine) == 9 and all(f'--seed {seed} ' in c for c in mine), mine
+    assert 'seed 1, stage 9/9' in run.stdout
+    assert 'by `SEEDS=2 scripts/demo.sh --quick --output_dir' in (out / 'results.md').read_text()
+    bad = subprocess.run(
+        ['bash', script, '--seeds', '0'], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith('error: SEEDS=0')

@@ -1,6 +1,9 @@
 """The table of scripts/demo.sh, in the shape of the papers' tables, from each run's JSON lines in
 its output_dir/log.txt (never from console text): rows are backbones with their pre-training epochs,
 columns the evaluations, val top-1 (%). The Markdown goes to stdout and to output_dir/results.md.
+With seed folders (output_dir/seed<s>, `SEEDS=3 scripts/demo.sh`) each cell is the mean ± sample
+std over the seeds, and each of the papers' orderings its mean difference ± std and in how many
+seeds it holds.
 python -m tools.demo_table --output_dir output/demo --command "scripts/demo.sh" --wall_time 812"""
 
 import argparse
@@ -8,6 +11,9 @@ import datetime
 import json
 import operator
 import pathlib
+import re
+
+import numpy as np
 
 # (row label, pre-training folders in order, folder of its evaluations): the layout of
 # scripts/demo.sh.
@@ -65,16 +71,47 @@ def last_top1(output_dir: str, row: str, column: str):
     return acc1[-1]
 
 
-def top1_cell(value) -> str:
-    """A table cell: the top-1 to one decimal, '–' where the evaluation did not run."""
-    if value is None:
+def seed_folders(output_dir: str) -> list:
+    """The seed folders output_dir/seed<s> in seed order; [output_dir] itself if there are none."""
+    found = []
+    for path in pathlib.Path(output_dir).glob('seed*'):
+        matched = re.fullmatch(r'seed(\d+)', path.name)
+        if matched and path.is_dir():
+            found.append((int(matched.group(1)), str(path)))
+    if not found:
+        return [output_dir]
+    return [path for _, path in sorted(found)]
+
+
+def mean_std(values: list) -> tuple:
+    """(mean, sample std with ddof 1) of the measured values (None skipped); std None below two,
+    both None for none."""
+    measured = [v for v in values if v is not None]
+    if not measured:
+        return None, None
+    if len(measured) == 1:
+        return measured[0], None
+    return float(np.mean(measured)), float(np.std(measured, ddof=1))
+
+
+def spread_cell(values: list, signed: bool = False) -> str:
+    """A table cell: the mean to one decimal, ± the sample std over seeds where there are two or
+    more, '–' where the evaluation did not run."""
+    mean, std = mean_std(values)
+    if mean is None:
         return '–'
-    return f'{value:.1f}'
+    cell = f'{mean:.1f}'
+    if signed:
+        cell = f'{mean:+.1f}'
+    if std is not None:
+        cell += f' ± {std:.1f}'
+    return cell
 
 
-def table(output_dir: str) -> tuple:
-    """(Markdown table, {eval folder: {column folder: top-1 or None}}): each stage's epochs from the
-    per-epoch lines of its log, each evaluation's top-1 from the last summary line of its log."""
+def table(folders: list) -> tuple:
+    """(Markdown table, {eval folder: {column folder: [top-1 or None, one per seed folder]}}):
+    each stage's epochs from the per-epoch lines of the first folder's logs, each evaluation's top-1
+    from the last summary line of its log."""
     lines = [
         '| backbone (pre-training epochs) | ' + ' | '.join(COLUMNS.values()) + ' |',
         '|---|' + '---:|' * len(COLUMNS),
@@ -82,45 +119,67 @@ def table(output_dir: str) -> tuple:
     values = {}
     for label, stages, row in ROWS:
         if stages:
-            trained = [f'{STAGE_NAMES[s]} {stage_epochs(output_dir, s)} ep' for s in stages]
+            trained = [f'{STAGE_NAMES[s]} {stage_epochs(folders[0], s)} ep' for s in stages]
             label += ': ' + ' → '.join(trained)
-        values[row] = {column: last_top1(output_dir, row, column) for column in COLUMNS}
-        cells = [top1_cell(v) for v in values[row].values()]
+        values[row] = {}
+        for column in COLUMNS:
+            values[row][column] = [last_top1(folder, row, column) for folder in folders]
+        cells = [spread_cell(v) for v in values[row].values()]
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines), values
 
 
+def ordering_line(a: str, relation: str, b: str, column: str, xs: list, ys: list) -> str:
+    """One of the papers' orderings over the seeds where both cells were measured: for one seed,
+    does it hold (x vs y); for several, the mean difference ± its sample std and the seeds where it
+    holds. None where no seed measured both."""
+    pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
+    if not pairs:
+        return None
+    claim = f'- {STAGE_NAMES[a]} {relation} {STAGE_NAMES[b]} on {COLUMNS[column]}: '
+    holds = [RELATIONS[relation](x, y) for x, y in pairs]
+    if len(pairs) == 1:
+        x, y = pairs[0]
+        answer = 'no'
+        if holds[0]:
+            answer = 'yes'
+        return claim + f'{answer} ({x:.1f} vs {y:.1f})'
+    differences = [x - y for x, y in pairs]
+    return (
+        claim + f'difference {spread_cell(differences, signed=True)}, '
+        f'holds in {sum(holds)} of {len(pairs)} seeds'
+    )
+
+
 def ordering_lines(values: dict) -> list:
-    """A line for each of ORDERINGS whose two cells were measured: does it hold in this run."""
+    """A line for each of ORDERINGS that was measured (ordering_line)."""
     shown = []
     for a, relation, b, column in ORDERINGS:
-        x = values[a][column]
-        y = values[b][column]
-        if x is None or y is None:
-            continue
-        answer = 'no'
-        if RELATIONS[relation](x, y):
-            answer = 'yes'
-        shown.append(
-            f'- {STAGE_NAMES[a]} {relation} {STAGE_NAMES[b]} on {COLUMNS[column]}: '
-            f'{answer} ({x:.1f} vs {y:.1f})'
-        )
+        line = ordering_line(a, relation, b, column, values[a][column], values[b][column])
+        if line is not None:
+            shown.append(line)
     return shown
 
 
 def main(args):
-    text, values = table(args.output_dir)
+    folders = seed_folders(args.output_dir)
+    text, values = table(folders)
     result = f'Measured {datetime.date.today().isoformat()}'
     if args.command:
         result += f' by `{args.command}`'
     if args.wall_time:
         result += f', wall time {datetime.timedelta(seconds=int(args.wall_time))}'
-    result += '. Val top-1 (%) on the 360 val digits; 1 % = 1 labelled image per class, 10 % = 14.'
+    result += '. Val top-1 (%) on the 360 val digits; 1 % = 1 labelled image per class, 10 % = 14'
+    result += ' (logreg: the mean over the subset draws of each run, --subset_draws).'
+    which = "The papers' orderings in this run:"
+    if len(folders) > 1:
+        result += f' Mean ± sample std over {len(folders)} pre-training seeds.'
+        which = "The papers' orderings: the mean difference ± its sample std over the seeds:"
     # A blank line before the table (Markdown).
     result += '\n\n' + text + '\n'
     shown = ordering_lines(values)
     if shown:
-        result += "\nThe papers' orderings in this run:\n" + '\n'.join(shown) + '\n'
+        result += f'\n{which}\n' + '\n'.join(shown) + '\n'
     pathlib.Path(args.output_dir, 'results.md').write_text(result)
     print(result, end='')
     return values
