@@ -23,22 +23,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROOT_OUT=output/demo
-QUICK=0
-COMMAND="scripts/demo.sh${*:+ $*}"
-if [ "${SEEDS:-1}" != 1 ]; then COMMAND="SEEDS=$SEEDS $COMMAND"; fi
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --quick) QUICK=1 ;;
-    --output_dir) ROOT_OUT="$2"; shift ;;
-    --seeds) SEEDS="$2"; shift ;;
-    *) echo "usage: scripts/demo.sh [--quick] [--output_dir DIR] [--seeds N]" >&2; exit 2 ;;
-  esac
-  shift
-done
-STAGES=9
 source scripts/demo_lib.sh
-check_seeds
+parse_args scripts/demo.sh output/demo "$@"
+settings
+STAGES=9
 
 demo_seed() {  # demo_seed <seed>: the whole pipeline, pre-training and evaluation, into $OUT
   SEED=$1

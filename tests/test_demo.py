@@ -115,30 +115,40 @@ def test_demo_table_one_seed_and_missing_cells(tmp_path, capsys):
     assert '± ' not in printed and '| 92.8 | – |' in printed
 
 
-def test_demo_seeds_run_the_pipeline_per_seed(tmp_path):
-    """SEEDS=2: every stage of every seed runs with its --seed into seed<s>/ (a stand-in for
-    python records the commands; the table is the real tools.demo_table)."""
+def fake_python(tmp_path):
+    """A stand-in for python that records each command line in calls.txt and prints what the
+    scripts grep, but runs the table tools (tools.demo_table, tools.study_table) for real."""
     fake = tmp_path / 'python'
     calls = tmp_path / 'calls.txt'
     fake.write_text(
         '#!/usr/bin/env bash\n'
-        f'if [ "$1 $2" = "-m tools.demo_table" ]; then exec {sys.executable} "$@"; fi\n'
+        'case "$1 $2" in "-m tools.demo_table"|"-m tools.study_table")\n'
+        f'  exec {sys.executable} "$@" ;;\n'
+        'esac\n'
         f'echo "$*" >> {calls}\n'
         'echo "training time 0:00:01"\n'
     )
     fake.chmod(0o755)
-    out = tmp_path / 'demo'
-    env = dict(os.environ, PYTHON=str(fake), SEEDS='2')
-    script = os.path.join(ROOT, 'scripts', 'demo.sh')
+    return str(fake), calls
+
+
+def run_script(script: str, tmp_path, *argv, **env):
+    fake, calls = fake_python(tmp_path)
     run = subprocess.run(
-        ['bash', script, '--quick', '--output_dir', str(out)],
-        env=env,
+        ['bash', os.path.join(ROOT, 'scripts', script), *argv],
+        env=dict(os.environ, PYTHON=fake, **env),
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    commands = calls.read_text().splitlines()
+    return run, calls.read_text().splitlines()
+
+
+def test_demo_seeds_run_the_pipeline_per_seed(tmp_path):
+    """SEEDS=2: every stage of every seed runs with its --seed into seed<s>/."""
+    out = tmp_path / 'demo'
+    run, commands = run_script('demo.sh', tmp_path, '--quick', '--output_dir', str(out), SEEDS='2')
     assert len(commands) == 2 * 9
     for seed in range(2):
         mine = [c for c in commands if f'{out}/seed{seed}/' in c]
@@ -146,6 +156,34 @@ def test_demo_seeds_run_the_pipeline_per_seed(tmp_path):
     assert 'seed 1, stage 9/9' in run.stdout
     assert 'by `SEEDS=2 scripts/demo.sh --quick --output_dir' in (out / 'results.md').read_text()
     bad = subprocess.run(
-        ['bash', script, '--seeds', '0'], env=env, capture_output=True, text=True, timeout=60
+        ['bash', os.path.join(ROOT, 'scripts', 'demo.sh'), '--seeds', '0'],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert bad.returncode == 2 and bad.stderr.startswith('error: SEEDS=0')
+
+
+def test_mimco_study_runs_each_ablation(tmp_path):
+    """The study's 7 pre-trainings with their ablation flags, evaluated by kNN, linear and 1 %,
+    the Fisher ratios by tools.visualize, and the table with a row for each backbone."""
+    out = tmp_path / 'study'
+    run, commands = run_script('mimco_study.sh', tmp_path, '--quick', '--output_dir', str(out))
+    pretrain = [c for c in commands if c.startswith('main_pretrain.py')]
+    flags = {c.split('--output_dir ')[1].split()[0].split('/')[-1]: c for c in pretrain}
+    assert sorted(flags) == sorted(['mocov3', 'mae', *STUDENTS])
+    assert '--patch_loss l1' in flags['mimco_l1'] and '--img_loss none' in flags['mimco_noimg']
+    assert '--patch_loss smoothl1' in flags['mimco_smoothl1']
+    assert '--patch_loss' not in flags['mimco'] and '--img_loss' not in flags['mimco']
+    assert f'--teacher {out}/mae/checkpoint-last.pth' in flags['mimco_mae']
+    assert f'--teacher {out}/mocov3/checkpoint-last.pth' in flags['mimco_l1']
+    evaluations = [c for c in commands if c.startswith('-m tools.eval_all')]
+    assert len(evaluations) == 7
+    assert all('--protocols knn linear logreg1' in c for c in evaluations)
+    assert len([c for c in commands if c.startswith('-m tools.visualize')]) == 1
+    assert 'stage 8/8' in run.stdout
+    rows = [line for line in (out / 'results.md').read_text().splitlines() if line.startswith('| ')]
+    assert len(rows) == 1 + 7  # the header and a row per backbone
+
+
+STUDENTS = ['mimco', 'mimco_l1', 'mimco_smoothl1', 'mimco_noimg', 'mimco_mae']

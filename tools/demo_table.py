@@ -94,17 +94,18 @@ def mean_std(values: list) -> tuple:
     return float(np.mean(measured)), float(np.std(measured, ddof=1))
 
 
-def spread_cell(values: list, signed: bool = False) -> str:
-    """A table cell: the mean to one decimal, ± the sample std over seeds where there are two or
-    more, '–' where the evaluation did not run."""
+def spread_cell(values: list, signed: bool = False, decimals: int = 1) -> str:
+    """A table cell: the mean to `decimals` places (with its sign if `signed`), ± the sample std
+    over seeds where there are two or more, '–' where the evaluation did not run."""
     mean, std = mean_std(values)
     if mean is None:
         return '–'
-    cell = f'{mean:.1f}'
+    sign = ''
     if signed:
-        cell = f'{mean:+.1f}'
+        sign = '+'
+    cell = f'{mean:{sign}.{decimals}f}'
     if std is not None:
-        cell += f' ± {std:.1f}'
+        cell += f' ± {std:.{decimals}f}'
     return cell
 
 
@@ -129,46 +130,50 @@ def table(folders: list) -> tuple:
     return '\n'.join(lines), values
 
 
-def ordering_line(a: str, relation: str, b: str, column: str, xs: list, ys: list) -> str:
-    """One of the papers' orderings over the seeds where both cells were measured: for one seed,
-    does it hold (x vs y); for several, the mean difference ± its sample std and the seeds where it
-    holds. None where no seed measured both."""
+def ordering_line(claim: str, relation: str, xs: list, ys: list, decimals: int = 1) -> str:
+    """`- claim: ...` over the seeds where both values were measured (xs, ys: one per seed): for one
+    seed, does x `relation` y hold (x vs y); for several, the mean difference x - y ± its sample
+    std and the seeds where it holds. None where no seed measured both."""
     pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
     if not pairs:
         return None
-    claim = f'- {STAGE_NAMES[a]} {relation} {STAGE_NAMES[b]} on {COLUMNS[column]}: '
     holds = [RELATIONS[relation](x, y) for x, y in pairs]
     if len(pairs) == 1:
         x, y = pairs[0]
         answer = 'no'
         if holds[0]:
             answer = 'yes'
-        return claim + f'{answer} ({x:.1f} vs {y:.1f})'
+        return f'- {claim}: {answer} ({x:.{decimals}f} vs {y:.{decimals}f})'
     differences = [x - y for x, y in pairs]
-    return (
-        claim + f'difference {spread_cell(differences, signed=True)}, '
-        f'holds in {sum(holds)} of {len(pairs)} seeds'
-    )
+    spread = spread_cell(differences, signed=True, decimals=decimals)
+    return f'- {claim}: difference {spread}, holds in {sum(holds)} of {len(pairs)} seeds'
 
 
 def ordering_lines(values: dict) -> list:
     """A line for each of ORDERINGS that was measured (ordering_line)."""
     shown = []
     for a, relation, b, column in ORDERINGS:
-        line = ordering_line(a, relation, b, column, values[a][column], values[b][column])
+        claim = f'{STAGE_NAMES[a]} {relation} {STAGE_NAMES[b]} on {COLUMNS[column]}'
+        line = ordering_line(claim, relation, values[a][column], values[b][column])
         if line is not None:
             shown.append(line)
     return shown
 
 
+def measured_by(command: str, wall_time: float) -> str:
+    """`Measured <date> by `command`, wall time h:mm:ss`, each part where it is known."""
+    result = f'Measured {datetime.date.today().isoformat()}'
+    if command:
+        result += f' by `{command}`'
+    if wall_time:
+        result += f', wall time {datetime.timedelta(seconds=int(wall_time))}'
+    return result
+
+
 def main(args):
     folders = seed_folders(args.output_dir)
     text, values = table(folders)
-    result = f'Measured {datetime.date.today().isoformat()}'
-    if args.command:
-        result += f' by `{args.command}`'
-    if args.wall_time:
-        result += f', wall time {datetime.timedelta(seconds=int(args.wall_time))}'
+    result = measured_by(args.command, args.wall_time)
     result += '. Val top-1 (%) on the 360 val digits; 1 % = 1 labelled image per class, 10 % = 14'
     result += ' (logreg: the mean over the subset draws of each run, --subset_draws).'
     which = "The papers' orderings in this run:"
@@ -187,7 +192,11 @@ def main(args):
 
 def get_args_parser():
     p = argparse.ArgumentParser('the table of scripts/demo.sh', add_help=False)
-    p.add_argument('--output_dir', default='output/demo', help="the demo's output folder")
+    p.add_argument(
+        '--output_dir',
+        default='output/demo',
+        help="the runs' output folder (seed<s>/ folders: one per seed)",
+    )
     p.add_argument('--command', default='', help='the command that made the runs, for the header')
     p.add_argument(
         '--wall_time', default=None, type=float, help='seconds the demo took, for the header'
