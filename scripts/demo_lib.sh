@@ -38,6 +38,8 @@ settings() {  # the epochs (1 a stage with --quick) and the tools
   FT_EPOCHS=${FT_EPOCHS:-5}         # ~5 s/epoch; each of the 5 rows' evaluations takes ~45 s in all
   LINEAR_EPOCHS=${LINEAR_EPOCHS:-90}
   WARMUP=${WARMUP:-}                # empty: about a tenth of each stage's epochs
+  DRAWS=${DRAWS:-}                  # draws of the 1 % / 10 % subsets; empty: main_linprobe.py's (10 on digits)
+  if [ "$QUICK" = 1 ]; then DRAWS=${DRAWS:-2}; fi
 }
 
 # The demo's recipes: MoCo v3 (also the grafted stage 2), the MimCo student (besides --teacher), MAE.
@@ -68,6 +70,7 @@ pretrain() {  # pretrain <folder> <epochs> <flags...>: quiet, the log goes to $O
 evaluate() {  # evaluate <row> <checkpoint> [eval_all flags...]
   local dir="$OUT/eval/$1" checkpoint="$2"; shift 2
   mkdir -p "$dir"
+  if [ -n "$DRAWS" ]; then set -- --subset_draws "$DRAWS" "$@"; fi
   "$PYTHON" -m tools.eval_all --checkpoint "$checkpoint" --output_dir "$dir" --num_workers "$WORKERS" \
       --linear_epochs "$LINEAR_EPOCHS" --finetune_epochs "$FT_EPOCHS" --seed "$SEED" \
       --finetune_warmup "$(warmup "$FT_EPOCHS")" --finetune_blr 2e-3 "$@" > "$dir/console.txt" 2>&1 \

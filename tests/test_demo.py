@@ -180,6 +180,7 @@ def test_mimco_study_runs_each_ablation(tmp_path):
     evaluations = [c for c in commands if c.startswith('-m tools.eval_all')]
     assert len(evaluations) == 7
     assert all('--protocols knn linear logreg1' in c for c in evaluations)
+    assert all('--subset_draws 2 ' in c for c in evaluations)  # --quick: 2 draws, not 10
     assert len([c for c in commands if c.startswith('-m tools.visualize')]) == 1
     assert 'stage 8/8' in run.stdout
     rows = [line for line in (out / 'results.md').read_text().splitlines() if line.startswith('| ')]

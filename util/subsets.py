@@ -15,8 +15,9 @@ from util.errors import InputError
 from util.logging import summarize
 
 # Draws of the labelled subset a few-shot evaluation on digits averages by default: one labelled
-# image per class moves logistic regression's top-1 by several points from draw to draw
-# (docs/evaluation.md: the measured spread).
+# image per class moves logistic regression's top-1 by several points from draw to draw (20 draws on
+# a 6-epoch MoCo v3: 41.5 ± 5.1 at 1 %, 78.6 ± 2.2 at 10 %); 10 draws bring the mean's standard
+# error to ~1.6 points at 1 %, at ~1.5 s a draw (docs/evaluation.md).
 DIGITS_DRAWS = 10
 # Draw k of the subset is seeded by --seed + DRAW_STRIDE * k: draw 0 is the --seed draw (one draw,
 # as before --subset_draws), and a prime stride keeps the draws of nearby --seed values apart.
