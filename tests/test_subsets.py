@@ -3,10 +3,13 @@ sample std; draw 0 is the single draw of --seed that runs made before the flag e
 
 import argparse
 import json
+import os
+import subprocess
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, TORCHRUN
 
 import main_finetune
 import main_linprobe
@@ -117,3 +120,17 @@ def test_finetune_draws(tmp_path):
     assert (out / 'draw0' / 'subset.txt').read_text() != (out / 'draw1' / 'subset.txt').read_text()
     with pytest.raises(InputError, match='--resume'):
         main_finetune.main(parse(main_finetune, f'{argv} --resume {out}/draw0/x.pth'))
+
+
+@pytest.mark.slow
+def test_draws_under_torchrun(tmp_path):
+    """Two processes run the draws one after the other in one process group (initialised once)."""
+    argv = '--checkpoint random --protocol logreg --shots_per_class 1 --subset_draws 2'
+    cmd = TORCHRUN + ['main_linprobe.py'] + argv.split()
+    cmd += ['--num_workers', '0', '--output_dir', str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = summaries(tmp_path / 'log.txt')[-1]
+    per_draw = [summaries(tmp_path / f'draw{k}' / 'log.txt')[-1]['acc1'] for k in range(2)]
+    assert summary['draws'] == 2 and summary['acc1_draws'] == per_draw
