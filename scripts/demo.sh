@@ -5,7 +5,9 @@
 #   a short fine-tune (tools/eval_all.py); one Markdown table at the end (tools/demo_table.py), also
 #   written to <output_dir>/results.md.
 #
-#   scripts/demo.sh                        # about 16 min on 2 idle CPU cores (15 min 33 s, 2026-11-30)
+#   scripts/demo.sh                        # about 16 min on 2 idle CPU cores (15 min 33 s, 2026-11-30),
+#                                          # before the 10 subset draws of each 1 % / 10 % evaluation (~1.5 s a
+#                                          # draw on 2 loaded cores: ~2.5 min more; DRAWS=1 for the old single draw)
 #   scripts/demo.sh --quick                # 1 epoch a stage: an end-to-end check (about 4 min on 2 cores)
 #   scripts/demo.sh --output_dir DIR       # default output/demo; the demo's sub-folders are replaced
 #   SEEDS=3 scripts/demo.sh                # (or --seeds 3) the whole pipeline for pre-training seeds 0, 1, 2
