@@ -8,6 +8,7 @@ from timm.utils import accuracy
 from torch.utils.data import TensorDataset, default_collate
 
 from util import data, transforms
+from util.errors import InputError
 from util.features import center_normalize, knn_scores, logistic_regression, topk_accuracy
 from util.logging import MetricLogger, SmoothedValue, epoch_stats
 from util.misc import (
@@ -144,6 +145,15 @@ def knn_evaluate(
     scores = knn_scores(train_x, train_y, val_x, num_classes, k, t, chunk)
     top1, top5 = topk_accuracy(scores, val_y, topk=(1, min(5, num_classes)))
     return {'acc1': top1, 'acc5': top5}
+
+
+def check_knn_args(args) -> None:
+    """InputError unless --knn_k and --knn_chunk are at least 1 and --knn_t positive."""
+    if args.knn_k < 1 or args.knn_t <= 0 or args.knn_chunk < 1:
+        raise InputError(
+            f'--knn_k {args.knn_k}, --knn_t {args.knn_t}, --knn_chunk {args.knn_chunk}: '
+            f'k and the chunk must be at least 1 and the temperature positive'
+        )
 
 
 def knn_datasets(args, dataset) -> tuple:

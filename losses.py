@@ -41,6 +41,15 @@ def patch_smoothl1(
     return F.smooth_l1_loss(pred, F.layer_norm(gather_tokens(target, positions), target.shape[-1:]))
 
 
+def patch_l1(
+    pred: torch.Tensor, target: torch.Tensor, positions: torch.Tensor, temperature: float = None
+) -> torch.Tensor:
+    """Ablation, the regression baseline MimCo compares its contrastive loss with: the mean
+    absolute difference to the teacher's tokens at the masked positions, as they are (no layer
+    norm of the targets, no negatives). pred (B, K, D), target (B, N, D), positions (B, K)."""
+    return F.l1_loss(pred, gather_tokens(target, positions))
+
+
 def patch_cosine(
     pred: torch.Tensor, target: torch.Tensor, positions: torch.Tensor, temperature: float = None
 ) -> torch.Tensor:
@@ -73,5 +82,10 @@ def img_cosine(
     return 1 - F.cosine_similarity(student, teacher, dim=-1).mean()
 
 
-PATCH_LOSSES = {'infonce': patch_infonce, 'smoothl1': patch_smoothl1, 'cosine': patch_cosine}
+PATCH_LOSSES = {
+    'infonce': patch_infonce,
+    'smoothl1': patch_smoothl1,
+    'l1': patch_l1,
+    'cosine': patch_cosine,
+}
 IMG_LOSSES = {'infonce': img_infonce, 'cosine': img_cosine}

@@ -19,7 +19,7 @@ from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 
 from engine_finetune import evaluate, train_one_epoch
-from util import backbones, checkpoint, classifiers, data, transforms
+from util import backbones, checkpoint, classifiers, data, subsets, transforms
 from util.architectures import DIGITS_MODEL, default_model
 from util.dist import get_world_size, wrap_ddp
 from util.errors import InputError, run_main
@@ -256,6 +256,9 @@ def test_stats(model, model_ema, val_loader, device, args) -> dict:
 
 
 def main(args):
+    draws = subsets.draw_count(args, few_shot=not args.eval)
+    if draws > 1:  # each draw one fine-tune, in output_dir/draw<k>
+        return subsets.over_draws(main, args, draws, 'finetune', args.finetune or 'from scratch')
     device = setup_run(args)
     set_dataset_defaults(args)
     # --eval of a classifier file (DeiT's release, a --finetune file): its own head and pooling.
@@ -279,7 +282,7 @@ def main(args):
 
     train_set.transform = transforms.finetune_view(args)
     val_set.transform = transforms.eval_transform(args)
-    train_set = data.label_subset(train_set, args)
+    train_set = subsets.label_subset(train_set, args)
     num_classes = len(val_set.classes)
     classifier = None
     if scored:

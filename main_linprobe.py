@@ -14,9 +14,9 @@ import argparse
 
 import torch
 
-from engine_finetune import knn_evaluate, logistic_regression_accuracy
+from engine_finetune import check_knn_args, knn_evaluate, logistic_regression_accuracy
 from engine_probe import LINEAR_PROTOCOLS, linear_probe
-from util import data, transforms
+from util import data, subsets, transforms
 from util.architectures import DIGITS_MODEL, default_model
 from util.dist import get_world_size
 from util.errors import InputError, run_main
@@ -156,14 +156,6 @@ def default_blr(args, digits: bool) -> float:
     return 0.1
 
 
-def check_knn_args(args) -> None:
-    if args.knn_k < 1 or args.knn_t <= 0 or args.knn_chunk < 1:
-        raise InputError(
-            f'--knn_k {args.knn_k}, --knn_t {args.knn_t}, --knn_chunk {args.knn_chunk}: '
-            f'k and the chunk must be at least 1 and the temperature positive'
-        )
-
-
 def check_probe_args(args) -> None:
     """The flags a linear-probe protocol takes: the official lincls files have no warm-up, the
     sweep its own lr and weight decay grid."""
@@ -206,6 +198,9 @@ def resolve_args(args, digits: bool) -> None:
 
 
 def main(args):
+    draws = subsets.draw_count(args, few_shot=args.protocol == 'logreg')
+    if draws > 1:  # each draw one run of main, in output_dir/draw<k>
+        return subsets.over_draws(main, args, draws, args.protocol, args.checkpoint)
     device = setup_run(args)
     digits = data.dataset_name(args) == 'digits'
     resolve_args(args, digits)
@@ -233,7 +228,7 @@ def main(args):
         else:
             interpolation = transforms.eval_interpolation(args)
             train_set.transform = transforms.crop_flip_view(args, interpolation)
-    train_set = data.label_subset(train_set, args)
+    train_set = subsets.label_subset(train_set, args)
     num_classes = len(val_set.classes)
     if linear:
         before = {name: value.clone() for name, value in backbone.state_dict().items()}

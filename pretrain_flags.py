@@ -53,8 +53,9 @@ def add_mimco_args(group) -> None:
     group.add_argument(
         '--patch_loss',
         default='infonce',
-        choices=['infonce', 'smoothl1', 'cosine'],
-        help='patch-level loss: intra-image InfoNCE, or the regression ablations',
+        choices=['infonce', 'smoothl1', 'l1', 'cosine'],
+        help='patch-level loss: intra-image InfoNCE, or the regression ablations (l1: plain L1 '
+        "to the teacher's tokens, the paper's baseline)",
     )
     group.add_argument(
         '--img_loss',

@@ -35,6 +35,7 @@ METHOD_DEFAULTS = {
         mask_type='block',
         mask_ratio=0.4,
         weight_decay=0.05,
+        # Assumed (BEiT's and iBOT's ViT-S values), not read from the MimCo paper: docs/methods.md.
         opt_betas=(0.9, 0.98),
         warmup_epochs=10,
         crop_min=0.2,

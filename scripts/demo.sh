@@ -5,9 +5,13 @@
 #   a short fine-tune (tools/eval_all.py); one Markdown table at the end (tools/demo_table.py), also
 #   written to <output_dir>/results.md.
 #
-#   scripts/demo.sh                        # about 16 min on 2 idle CPU cores (15 min 33 s, 2026-11-30)
+#   scripts/demo.sh                        # about 16 min on 2 idle CPU cores (15 min 33 s, 2026-11-30),
+#                                          # before the 10 subset draws of each 1 % / 10 % evaluation (~1.5 s a
+#                                          # draw on 2 loaded cores: ~2.5 min more; DRAWS=1 for the old single draw)
 #   scripts/demo.sh --quick                # 1 epoch a stage: an end-to-end check (about 4 min on 2 cores)
 #   scripts/demo.sh --output_dir DIR       # default output/demo; the demo's sub-folders are replaced
+#   SEEDS=3 scripts/demo.sh                # (or --seeds 3) the whole pipeline for pre-training seeds 0, 1, 2
+#                                          # in output/demo/seed<s>; the table: mean ± std over the seeds
 #   MIMCO_EPOCHS=60 MAE_EPOCHS=100 GRAFT_EPOCHS=40 scripts/demo.sh   # the design prototype's sizes (docs/demo.md)
 #
 # One MoCo v3 run is both MimCo's teacher and the MoCo v3 row, trained for as many epochs as the grafted
@@ -21,64 +25,48 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-OUT=output/demo
-QUICK=0
-COMMAND="scripts/demo.sh${*:+ $*}"
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --quick) QUICK=1 ;;
-    --output_dir) OUT="$2"; shift ;;
-    *) echo "usage: scripts/demo.sh [--quick] [--output_dir DIR]" >&2; exit 2 ;;
-  esac
-  shift
-done
-
-PYTHON=${PYTHON:-python}
-WORKERS=${WORKERS:-0}  # 1 worker saved only ~10 % of a MoCo v3 epoch on 2 cores (measured); 0 keeps one process
-if [ "$QUICK" = 1 ]; then
-  MIMCO_EPOCHS=1 MAE_EPOCHS=1 GRAFT_EPOCHS=1 FT_EPOCHS=1 LINEAR_EPOCHS=2 WARMUP=0
-fi
-GRAFT_EPOCHS=${GRAFT_EPOCHS:-20}  # ~9 s/epoch on 2 cores (the design prototype: 40)
-MOCO_EPOCHS=$GRAFT_EPOCHS         # MimCo's teacher and the MoCo v3 row: the grafted stage 2's epochs
-MIMCO_EPOCHS=${MIMCO_EPOCHS:-30}  # ~5 s/epoch (prototype: 60)
-MAE_EPOCHS=${MAE_EPOCHS:-60}      # ~2.8 s/epoch (prototype: 100)
-FT_EPOCHS=${FT_EPOCHS:-5}         # ~5 s/epoch; each of the 5 rows' evaluations takes ~45 s in all
-LINEAR_EPOCHS=${LINEAR_EPOCHS:-90}
-WARMUP=${WARMUP:-}                # empty: about a tenth of each stage's epochs
-
-START=$(date +%s)
-NAME=demo
+source scripts/demo_lib.sh
+parse_args scripts/demo.sh output/demo "$@"
+settings
 STAGES=9
-source scripts/lib/miniature.sh  # stage, warmup, pretrain, evaluate
-epochs() { if [ "$1" = 1 ]; then echo "1 epoch"; else echo "$1 epochs"; fi; }
-FINETUNE=(--finetune_epochs "$FT_EPOCHS" --finetune_warmup "$(warmup "$FT_EPOCHS")" --finetune_blr 2e-3)
 
-rm -rf "$OUT/mocov3" "$OUT/mimco" "$OUT/mae" "$OUT/grafted" "$OUT/eval" "$OUT/results.md"
-mkdir -p "$OUT"
-echo "[demo] digits, CPU; output in $OUT; epochs: MoCo v3 $MOCO_EPOCHS, MimCo $MIMCO_EPOCHS, MAE $MAE_EPOCHS," \
-     "grafted $GRAFT_EPOCHS, fine-tune $FT_EPOCHS"
+demo_seed() {  # demo_seed <seed>: the whole pipeline, pre-training and evaluation, into $OUT
+  SEED=$1
+  STAGE=0
+  rm -rf "$OUT/mocov3" "$OUT/mimco" "$OUT/mae" "$OUT/grafted" "$OUT/eval" "$OUT/results.md"
+  mkdir -p "$OUT"
+  echo "[demo] digits, CPU; seed $SEED; output in $OUT; epochs: MoCo v3 $MOCO_EPOCHS, MimCo $MIMCO_EPOCHS," \
+       "MAE $MAE_EPOCHS, grafted $GRAFT_EPOCHS, fine-tune $FT_EPOCHS"
 
-stage "MoCo v3, $(epochs $MOCO_EPOCHS) (MimCo's teacher; as many epochs as the grafted stage 2)"
-MOCO=(--method mocov3 --moco_mlp_dim 512 --moco_m 0.8 --blr 3e-3)
-pretrain mocov3 "$MOCO_EPOCHS" "${MOCO[@]}"
-stage "MimCo student of that teacher, $(epochs $MIMCO_EPOCHS)"
-pretrain mimco "$MIMCO_EPOCHS" --method mimco --teacher "$OUT/mocov3/checkpoint-last.pth" --batch_size 128 \
-    --blr 2e-3 --drop_path 0 --opt_betas 0.9 0.999 --head_dim 256
-stage "MAE, $(epochs $MAE_EPOCHS) (Layer Grafted stage 1)"
-pretrain mae "$MAE_EPOCHS" --method mae --decoder_embed_dim 64 --decoder_depth 2 --decoder_num_heads 4 --blr 1e-3
-stage "grafted MoCo v3 from the MAE, $(epochs $GRAFT_EPOCHS), --lr_layer_wise 0.1,0.1,1 (stage 2)"
-pretrain grafted "$GRAFT_EPOCHS" "${MOCO[@]}" \
-    --graft_pretrained "$OUT/mae/checkpoint-last.pth" --lr_layer_wise 0.1,0.1,1
+  stage "MoCo v3, $(epochs $MOCO_EPOCHS) (MimCo's teacher; as many epochs as the grafted stage 2)"
+  pretrain mocov3 "$MOCO_EPOCHS" "${MOCO[@]}"
+  stage "MimCo student of that teacher, $(epochs $MIMCO_EPOCHS)"
+  pretrain mimco "$MIMCO_EPOCHS" "${MIMCO[@]}" --teacher "$OUT/mocov3/checkpoint-last.pth"
+  stage "MAE, $(epochs $MAE_EPOCHS) (Layer Grafted stage 1)"
+  pretrain mae "$MAE_EPOCHS" "${MAE[@]}"
+  stage "grafted MoCo v3 from the MAE, $(epochs $GRAFT_EPOCHS), --lr_layer_wise 0.1,0.1,1 (stage 2)"
+  pretrain grafted "$GRAFT_EPOCHS" "${MOCO[@]}" \
+      --graft_pretrained "$OUT/mae/checkpoint-last.pth" --lr_layer_wise 0.1,0.1,1
 
-stage "evaluate random init (kNN, linear, 1 %, 10 %, fine-tune from scratch)"
-evaluate random random "${FINETUNE[@]}"
-for row in mocov3 mimco mae grafted; do
-  stage "evaluate $row (kNN, linear, 1 %, 10 %, fine-tune)"
-  evaluate "$row" "$OUT/$row/checkpoint-last.pth" "${FINETUNE[@]}"
+  stage "evaluate random init (kNN, linear, 1 %, 10 %, fine-tune from scratch)"
+  evaluate random random
+  for row in mocov3 mimco mae grafted; do
+    stage "evaluate $row (kNN, linear, 1 %, 10 %, fine-tune)"
+    evaluate "$row" "$OUT/$row/checkpoint-last.pth"
+  done
+}
+
+for seed in $(seq 0 $((SEEDS - 1))); do
+  OUT=$(seed_folder "$ROOT_OUT" "$seed")
+  demo_seed "$seed"
+  if [ "$SEEDS" != 1 ]; then  # each seed's own table, in its folder
+    "$PYTHON" -m tools.demo_table --output_dir "$OUT" --command "$COMMAND (seed $seed)" > /dev/null
+  fi
 done
 
 echo "[demo] done in $(( $(date +%s) - START )) s"
-"$PYTHON" -m tools.demo_table --output_dir "$OUT" --command "$COMMAND" --wall_time "$(( $(date +%s) - START ))"
-echo "[demo] table in $OUT/results.md; pictures: $PYTHON -m tools.visualize --checkpoints random" \
+"$PYTHON" -m tools.demo_table --output_dir "$ROOT_OUT" --command "$COMMAND" --wall_time "$(( $(date +%s) - START ))"
+OUT=$(seed_folder "$ROOT_OUT" 0)
+echo "[demo] table in $ROOT_OUT/results.md; pictures: $PYTHON -m tools.visualize --checkpoints random" \
      "$OUT/mocov3/checkpoint-last.pth $OUT/mimco/checkpoint-last.pth $OUT/mae/checkpoint-last.pth" \
      "$OUT/grafted/checkpoint-last.pth --output_dir $OUT/pictures"

@@ -13,10 +13,11 @@ OUT=${OUT:-output/mimco_vits_100ep}
 LAUNCH=${LAUNCH:-torchrun --nproc_per_node 8}
 
 # Pre-training: total batch 2048 (8 x 256), AdamW (0.9, 0.98), blr 1.5e-4, wd 0.05, 10 warm-up
-# epochs, drop path 0.1, block masks of 40 %; patch and image InfoNCE (T 0.1 / 0.2). The heads are ours
+# epochs, drop path 0.1, block masks of 40 %; patch and image InfoNCE (T 0.1 / 0.2). The drop path and
+# the betas are assumed (BEiT's and iBOT's ViT-S values), not read from the MimCo paper. The heads are ours
 # (docs/methods.md, "our reading"): Linear-BN-ReLU-Linear, 2048 wide, as MoCo v3's projector, with
 # SyncBatchNorm across the 8 GPUs; on digits they were worth 11 kNN points over GELU MLP heads at an
-# equal budget, and the paper's drop path and betas equalled the demo's (kNN 88.1 vs 87.8).
+# equal budget, and the assumed drop path and betas equalled the demo's (kNN 88.1 vs 87.8).
 $LAUNCH main_pretrain.py --method mimco --model vit_small_patch16_224 \
     --teacher "$TEACHER" --data_path "$DATA" --batch_size 256 --epochs 100 --warmup_epochs 10 \
     --blr 1.5e-4 --weight_decay 0.05 --opt_betas 0.9 0.98 --drop_path 0.1 \

@@ -15,7 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 import engine_probe
 import main_finetune
 import main_linprobe
-from util import backbones, data, features, transforms
+from util import backbones, data, features, subsets, transforms
 from util.architectures import build_mlp
 from util.digits import Digits
 from util.errors import InputError
@@ -97,6 +97,7 @@ def subset_args(tmp_path, **kwargs):
         subset_file=None,
         train_fraction=None,
         shots_per_class=None,
+        subset_draw_index=0,
         seed=0,
         output_dir=str(tmp_path),
     )
@@ -105,30 +106,32 @@ def subset_args(tmp_path, **kwargs):
 
 def test_train_fraction_is_stratified_seeded_and_saved(tmp_path):
     digits = Digits(train=True)
-    subset = data.label_subset(digits, subset_args(tmp_path, train_fraction=0.1))
+    subset = subsets.label_subset(digits, subset_args(tmp_path, train_fraction=0.1))
     counts, full = (
         np.bincount(subset.targets, minlength=10),
         np.bincount(digits.targets, minlength=10),
     )
     assert (np.abs(counts - 0.1 * full) <= 0.5).all() and counts.sum() == len(subset.indices)
     assert (
-        data.label_subset(digits, subset_args(tmp_path / 'b', train_fraction=0.1)).indices
+        subsets.label_subset(digits, subset_args(tmp_path / 'b', train_fraction=0.1)).indices
         == subset.indices
     )
     assert (
-        data.label_subset(digits, subset_args(tmp_path / 'c', train_fraction=0.1, seed=1)).indices
+        subsets.label_subset(
+            digits, subset_args(tmp_path / 'c', train_fraction=0.1, seed=1)
+        ).indices
         != subset.indices
     )
     # The saved list repeats the run.
     saved = tmp_path / 'subset.txt'
-    again = data.label_subset(digits, subset_args(tmp_path / 'd', subset_file=str(saved)))
+    again = subsets.label_subset(digits, subset_args(tmp_path / 'd', subset_file=str(saved)))
     assert again.indices == subset.indices and saved.read_text().splitlines()[0].startswith(
         'digits_'
     )
-    shots = data.label_subset(digits, subset_args(tmp_path / 'e', shots_per_class=3))
+    shots = subsets.label_subset(digits, subset_args(tmp_path / 'e', shots_per_class=3))
     assert (np.bincount(shots.targets) == 3).all()
     with pytest.raises(InputError, match='only one'):
-        data.label_subset(digits, subset_args(tmp_path, train_fraction=0.1, shots_per_class=3))
+        subsets.label_subset(digits, subset_args(tmp_path, train_fraction=0.1, shots_per_class=3))
 
 
 def image_folder(root, size: int = 8, per_class: int = 4):
@@ -151,13 +154,13 @@ def test_subset_file_reads_simclr_list(tmp_path):
     args = subset_args(
         tmp_path / 'out', subset_file=str(listing), data_path=str(root), dataset='auto'
     )
-    subset = data.label_subset(data.build_dataset(args, True, None), args)
+    subset = subsets.label_subset(data.build_dataset(args, True, None), args)
     names = [os.path.basename(subset.dataset.samples[i][0]) for i in subset.indices]
     assert names == ['n001_2.JPEG', 'n002_0.JPEG', 'n002_3.JPEG'] and subset.targets == [0, 1, 1]
     assert (tmp_path / 'out' / 'subset.txt').read_text().split() == names
     listing.write_text('n001_2.JPEG\nn009_1.JPEG\n')
     with pytest.raises(InputError, match='n009_1.JPEG'):
-        data.label_subset(data.build_dataset(args, True, None), args)
+        subsets.label_subset(data.build_dataset(args, True, None), args)
 
 
 # ------------------------------------------------------------ real runs on digits
@@ -233,7 +236,7 @@ def test_linear_probe_leaves_backbone_identical(tmp_path):
     )
     args.input_size = backbone.patch_embed.img_size[0]  # as main_linprobe.main records it
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    train_set = data.label_subset(
+    train_set = subsets.label_subset(
         data.build_dataset(args, True, transforms.eval_transform(args)), args
     )
     val_set = data.build_dataset(args, False, transforms.eval_transform(args))

@@ -82,6 +82,23 @@ def test_patch_regressions_match_loop(tokens):
     )
 
 
+def test_patch_l1_matches_loop_on_raw_targets(tokens):
+    """--patch_loss l1, the paper's regression baseline: |pred - teacher token| element by
+    element, averaged, against the teacher's tokens as they are (no layer norm)."""
+    pred, target, positions = tokens
+    B, K, D = pred.shape
+    total = 0.0
+    for b in range(B):
+        for k in range(K):
+            for d in range(D):
+                total += abs(float(pred[b, k, d]) - float(target[b, positions[b, k], d]))
+    got = losses.patch_l1(pred, target, positions).item()
+    assert got == pytest.approx(total / (B * K * D), rel=1e-9)
+    # Scaled targets change it (a layer norm of the targets would hide the scale).
+    assert losses.patch_l1(pred, 3 * target, positions).item() != pytest.approx(got, rel=1e-3)
+    assert losses.PATCH_LOSSES['l1'] is losses.patch_l1
+
+
 def test_img_and_moco_losses_match_loop():
     g = torch.Generator().manual_seed(1)
     student, teacher = torch.randn(2, 6, 5, generator=g, dtype=torch.float64)
@@ -103,7 +120,7 @@ def test_perfect_prediction_beats_shuffled(tokens):
         :, torch.randperm(perfect.shape[1], generator=torch.Generator().manual_seed(3))
     ]
     shuffled = torch.roll(shuffled, 1, dims=1)  # every prediction at a wrong position
-    for loss in (losses.patch_infonce, losses.patch_cosine, losses.patch_smoothl1):
+    for loss in (losses.patch_infonce, losses.patch_cosine, losses.patch_smoothl1, losses.patch_l1):
         assert loss(perfect, target, positions, 0.1) < loss(shuffled, target, positions, 0.1)
     images = target[:, 0]
     for loss in (losses.img_infonce, losses.img_cosine, losses.moco_infonce):

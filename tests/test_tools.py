@@ -3,6 +3,7 @@ and the full-scale scripts' command lines."""
 
 import argparse
 import glob
+import json
 import os
 import re
 import shlex
@@ -50,10 +51,12 @@ def script_commands(path: str) -> list:
     return commands
 
 
+# The miniature's scripts run on digits (tests/test_demo.py); the others are full scale.
+MINIATURE = {'demo.sh', 'demo_lib.sh', 'mimco_study.sh', 'graft_study.sh'}
 FULL_SCALE = sorted(
     p
     for p in glob.glob(os.path.join(ROOT, 'scripts', '*.sh'))
-    if not p.endswith(('demo.sh', 'graft_study.sh'))  # the miniatures on digits
+    if os.path.basename(p) not in MINIATURE
 )
 
 
@@ -165,7 +168,9 @@ def test_visualize(teacher_path, mae_path, tmp_path, capsys):
         'attention.png': (4 * 150, 4 * 150),
         'mae_reconstruction_mae.png': (4 * 150, 3 * 150),
     }
-    assert sorted(os.path.basename(p) for p in written) == sorted(expected)
+    assert sorted(os.path.basename(p) for p in written) == sorted(
+        list(expected) + ['separability.json']
+    )
     for name, size in expected.items():
         path = os.path.join(out, name)
         assert os.path.getsize(path) > 5000 and png_size(path) == size, name
@@ -175,6 +180,10 @@ def test_visualize(teacher_path, mae_path, tmp_path, capsys):
     )
     scores = {name: (float(acc), float(fisher)) for name, acc, fisher in printed}
     assert set(scores) == {'random', 'mocov3', 'mae'}
+    with open(os.path.join(out, 'separability.json')) as f:
+        saved = json.load(f)
+    for name, (acc, fisher) in scores.items():  # the printed values, to their printed places
+        assert round(saved[name]['logreg'], 1) == acc and round(saved[name]['fisher'], 3) == fisher
     # A few epochs of MoCo v3 already separate the classes better than random weights do.
     assert (
         scores['mocov3'][0] > scores['random'][0] and scores['mocov3'][1] > scores['random'][1]

@@ -2,6 +2,9 @@
 shape of the papers' tables, from each run's JSON lines in
 its output_dir/log.txt (never from console text): rows are backbones with their pre-training epochs,
 columns the evaluations, val top-1 (%). The Markdown goes to stdout and to output_dir/results.md.
+With seed folders (output_dir/seed<s>, `SEEDS=3 scripts/demo.sh`) each cell is the mean ± sample
+std over the seeds, and each of the papers' orderings its mean difference ± std and in how many
+seeds it holds.
 python -m tools.demo_table --output_dir output/demo --command "scripts/demo.sh" --wall_time 812"""
 
 import argparse
@@ -9,6 +12,9 @@ import datetime
 import json
 import operator
 import pathlib
+import re
+
+import numpy as np
 
 # (row label, pre-training folders in order, folder of its evaluations): the layout of
 # scripts/demo.sh.
@@ -98,16 +104,48 @@ def last_top1(output_dir: str, row: str, column: str):
     return acc1[-1]
 
 
-def top1_cell(value) -> str:
-    """A table cell: the top-1 to one decimal, '–' where the evaluation did not run."""
-    if value is None:
+def seed_folders(output_dir: str) -> list:
+    """The seed folders output_dir/seed<s> in seed order; [output_dir] itself if there are none."""
+    found = []
+    for path in pathlib.Path(output_dir).glob('seed*'):
+        matched = re.fullmatch(r'seed(\d+)', path.name)
+        if matched and path.is_dir():
+            found.append((int(matched.group(1)), str(path)))
+    if not found:
+        return [output_dir]
+    return [path for _, path in sorted(found)]
+
+
+def mean_std(values: list) -> tuple:
+    """(mean, sample std with ddof 1) of the measured values (None skipped); std None below two,
+    both None for none."""
+    measured = [v for v in values if v is not None]
+    if not measured:
+        return None, None
+    if len(measured) == 1:
+        return measured[0], None
+    return float(np.mean(measured)), float(np.std(measured, ddof=1))
+
+
+def spread_cell(values: list, signed: bool = False, decimals: int = 1) -> str:
+    """A table cell: the mean to `decimals` places (with its sign if `signed`), ± the sample std
+    over seeds where there are two or more, '–' where the evaluation did not run."""
+    mean, std = mean_std(values)
+    if mean is None:
         return '–'
-    return f'{value:.1f}'
+    sign = ''
+    if signed:
+        sign = '+'
+    cell = f'{mean:{sign}.{decimals}f}'
+    if std is not None:
+        cell += f' ± {std:.{decimals}f}'
+    return cell
 
 
-def table(output_dir: str, rows: list = ROWS) -> tuple:
-    """(Markdown table, {eval folder: {column folder: top-1 or None}}): each stage's epochs from the
-    per-epoch lines of its log, each evaluation's top-1 from the last summary line of its log."""
+def table(folders: list, rows: list = ROWS) -> tuple:
+    """(Markdown table, {eval folder: {column folder: [top-1 or None, one per seed folder]}}):
+    each stage's epochs from the per-epoch lines of the first folder's logs, each evaluation's top-1
+    from the last summary line of its log."""
     lines = [
         '| backbone (pre-training epochs) | ' + ' | '.join(COLUMNS.values()) + ' |',
         '|---|' + '---:|' * len(COLUMNS),
@@ -115,46 +153,72 @@ def table(output_dir: str, rows: list = ROWS) -> tuple:
     values = {}
     for label, stages, row in rows:
         if stages:
-            trained = [f'{STAGE_NAMES[s]} {stage_epochs(output_dir, s)} ep' for s in stages]
+            trained = [f'{STAGE_NAMES[s]} {stage_epochs(folders[0], s)} ep' for s in stages]
             label += ': ' + ' → '.join(trained)
-        values[row] = {column: last_top1(output_dir, row, column) for column in COLUMNS}
-        cells = [top1_cell(v) for v in values[row].values()]
+        values[row] = {}
+        for column in COLUMNS:
+            values[row][column] = [last_top1(folder, row, column) for folder in folders]
+        cells = [spread_cell(v) for v in values[row].values()]
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines), values
 
 
+def ordering_line(claim: str, relation: str, xs: list, ys: list, decimals: int = 1) -> str:
+    """`- claim: ...` over the seeds where both values were measured (xs, ys: one per seed): for one
+    seed, does x `relation` y hold (x vs y); for several, the mean difference x - y ± its sample
+    std and the seeds where it holds. None where no seed measured both."""
+    pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
+    if not pairs:
+        return None
+    holds = [RELATIONS[relation](x, y) for x, y in pairs]
+    if len(pairs) == 1:
+        x, y = pairs[0]
+        answer = 'no'
+        if holds[0]:
+            answer = 'yes'
+        return f'- {claim}: {answer} ({x:.{decimals}f} vs {y:.{decimals}f})'
+    differences = [x - y for x, y in pairs]
+    spread = spread_cell(differences, signed=True, decimals=decimals)
+    return f'- {claim}: difference {spread}, holds in {sum(holds)} of {len(pairs)} seeds'
+
+
 def ordering_lines(values: dict, orderings: list = ORDERINGS) -> list:
-    """A line for each of `orderings` whose two cells were measured: does it hold in this run."""
+    """A line for each of `orderings` that was measured (ordering_line)."""
     shown = []
     for a, relation, b, column in orderings:
-        x = values[a][column]
-        y = values[b][column]
-        if x is None or y is None:
-            continue
-        answer = 'no'
-        if RELATIONS[relation](x, y):
-            answer = 'yes'
-        shown.append(
-            f'- {STAGE_NAMES[a]} {relation} {STAGE_NAMES[b]} on {COLUMNS[column]}: '
-            f'{answer} ({x:.1f} vs {y:.1f})'
-        )
+        claim = f'{STAGE_NAMES[a]} {relation} {STAGE_NAMES[b]} on {COLUMNS[column]}'
+        line = ordering_line(claim, relation, values[a][column], values[b][column])
+        if line is not None:
+            shown.append(line)
     return shown
+
+
+def measured_by(command: str, wall_time: float) -> str:
+    """`Measured <date> by `command`, wall time h:mm:ss`, each part where it is known."""
+    result = f'Measured {datetime.date.today().isoformat()}'
+    if command:
+        result += f' by `{command}`'
+    if wall_time:
+        result += f', wall time {datetime.timedelta(seconds=int(wall_time))}'
+    return result
 
 
 def main(args):
     rows, orderings = LAYOUTS[args.layout]
-    text, values = table(args.output_dir, rows)
-    result = f'Measured {datetime.date.today().isoformat()}'
-    if args.command:
-        result += f' by `{args.command}`'
-    if args.wall_time:
-        result += f', wall time {datetime.timedelta(seconds=int(args.wall_time))}'
-    result += '. Val top-1 (%) on the 360 val digits; 1 % = 1 labelled image per class, 10 % = 14.'
+    folders = seed_folders(args.output_dir)
+    text, values = table(folders, rows)
+    result = measured_by(args.command, args.wall_time)
+    result += '. Val top-1 (%) on the 360 val digits; 1 % = 1 labelled image per class, 10 % = 14'
+    result += ' (logreg: the mean over the subset draws of each run, --subset_draws).'
+    which = "The papers' orderings in this run:"
+    if len(folders) > 1:
+        result += f' Mean ± sample std over {len(folders)} pre-training seeds.'
+        which = "The papers' orderings: the mean difference ± its sample std over the seeds:"
     # A blank line before the table (Markdown).
     result += '\n\n' + text + '\n'
     shown = ordering_lines(values, orderings)
     if shown:
-        result += "\nThe papers' orderings in this run:\n" + '\n'.join(shown) + '\n'
+        result += f'\n{which}\n' + '\n'.join(shown) + '\n'
     pathlib.Path(args.output_dir, 'results.md').write_text(result)
     print(result, end='')
     return values
@@ -162,7 +226,11 @@ def main(args):
 
 def get_args_parser():
     p = argparse.ArgumentParser('the table of scripts/demo.sh', add_help=False)
-    p.add_argument('--output_dir', default='output/demo', help="the demo's output folder")
+    p.add_argument(
+        '--output_dir',
+        default='output/demo',
+        help="the runs' output folder (seed<s>/ folders: one per seed)",
+    )
     p.add_argument('--command', default='', help='the command that made the runs, for the header')
     p.add_argument(
         '--layout',

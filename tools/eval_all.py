@@ -37,6 +37,13 @@ def get_args_parser():
     )
     p.add_argument('--num_workers', default=0, type=int, help='data loader workers of every run')
     p.add_argument(
+        '--subset_draws',
+        default=None,
+        type=int,
+        help='draws of the labelled subset of the 1 %% and 10 %% runs '
+        "(default: main_linprobe.py's)",
+    )
+    p.add_argument(
         '--seed', default=0, type=int, help='seed of every run (subsets, heads, random init)'
     )
     return p
@@ -56,11 +63,14 @@ def protocol_argv(args) -> dict:
         finetune = ['--finetune', args.checkpoint]
     finetune += ['--epochs', str(args.finetune_epochs)]
     finetune += ['--warmup_epochs', str(args.finetune_warmup), '--blr', str(args.finetune_blr)]
+    logreg = ['--protocol', 'logreg'] + probe
+    if args.subset_draws is not None:
+        logreg += ['--subset_draws', str(args.subset_draws)]
     return {
         'knn': ['--protocol', 'knn'] + probe,
         'linear': linear + probe,
-        'logreg1': ['--protocol', 'logreg', '--train_fraction', '0.01'] + probe,
-        'logreg10': ['--protocol', 'logreg', '--train_fraction', '0.1'] + probe,
+        'logreg1': ['--train_fraction', '0.01'] + logreg,
+        'logreg10': ['--train_fraction', '0.1'] + logreg,
         'finetune': finetune + common,
     }
 

@@ -1,12 +1,14 @@
 """Pictures and separability of pre-trained backbones, side by side (PNG files; docs/pictures.md):
 tsne.png, t-SNE maps of the val features titled with the val top-1 of a logistic regression on the
 frozen train features and the Fisher ratio (both also printed); attention.png, the last block's CLS
-attention; mae_reconstruction_<name>.png / mimco_masks_<name>.png for our MAE / MimCo checkpoints.
+attention; mae_reconstruction_<name>.png / mimco_masks_<name>.png for our MAE / MimCo checkpoints;
+separability.json, {name: {'logreg': top-1 %, 'fisher': Fisher ratio}}.
 python -m tools.visualize --checkpoints random output/demo/mocov3/checkpoint-last.pth \
     --output_dir output/demo/pictures
 """
 
 import argparse
+import json
 import os
 
 import numpy as np
@@ -168,6 +170,7 @@ def main(args):
     panels = []
     maps = {}
     written = [os.path.join(args.output_dir, f) for f in ('tsne.png', 'attention.png')]
+    scores = {}
     for path, name in zip(args.checkpoints, names):
         torch.manual_seed(args.seed)  # the random-init baseline is the same every run
         backbone = features.frozen_backbone(path, args.model, None, False, args.seed).to(device)
@@ -178,6 +181,7 @@ def main(args):
         print(
             f'separability | {name} | logreg val top-1 {accuracy:.1f} % | Fisher ratio {fisher:.3f}'
         )
+        scores[name] = {'logreg': accuracy, 'fisher': fisher}
         title = f'{name}\nlogreg {accuracy:.1f} %, Fisher {fisher:.2f}'
         panels.append(tsne_panel(title, val_x, val_y, args))
         images = figures.sample_images(backbone_args, args.num_images).to(device)
@@ -185,6 +189,9 @@ def main(args):
         written += method_pictures(path, name, backbone, images, args)
     figures.save(figures.tsne_figure(panels), written[0])
     figures.save(figures.attention_figure(images, maps), written[1])
+    written.append(os.path.join(args.output_dir, 'separability.json'))
+    with open(written[-1], 'w') as f:
+        json.dump(scores, f, indent=1)
     print('wrote ' + ', '.join(written))
     return written
 

@@ -196,6 +196,7 @@ SAME_RUN = (
     'subset_file',
     'train_fraction',
     'shots_per_class',
+    'subset_draw_index',
     'blr',
     'lr',
     'warmup_epochs',

@@ -308,100 +308,16 @@ def add_data_args(p, subsets: bool = True) -> None:
         type=int,
         help='keep this many training images per class, seeded by --seed',
     )
-
-
-def read_subset_file(path: str, names: list) -> list:
-    """Sorted indices of the samples named in `path` (one name a line, blank lines skipped)."""
-    if not os.path.isfile(path):
-        raise InputError(
-            f'--subset_file {path} does not exist: give a SimCLR-style list of file names'
-        )
-    with open(path) as f:
-        wanted = [line.strip() for line in f if line.strip()]
-    index = {name: i for i, name in enumerate(names)}
-    if len(index) < len(names):
-        raise InputError(
-            f'--subset_file needs unique training file names, but {len(names) - len(index)} '
-            f'names repeat across class folders: use --train_fraction instead'
-        )
-    unknown = [name for name in wanted if name not in index]
-    if unknown:
-        raise InputError(
-            f'--subset_file {path}: {len(unknown)} of {len(wanted)} names are not training '
-            f'images ({", ".join(unknown[:3])} ...); check that --data_path is the set the '
-            f'list was made for (samples of sets without files are named {names[0]!r} ...)'
-        )
-    return sorted({index[name] for name in wanted})
-
-
-SUBSET_FLAGS = ('subset_file', 'train_fraction', 'shots_per_class')
-
-
-def _subset_flag(args) -> str:
-    """The one labelled-subset flag given, or None; InputError for two of them or a bad value."""
-    given = [flag for flag in SUBSET_FLAGS if getattr(args, flag, None) is not None]
-    if not given:
-        return None
-    if len(given) > 1:
-        raise InputError(
-            f'--{" and --".join(given)} both choose the labelled subset: give only one'
-        )
-    if args.train_fraction is not None and not 0 < args.train_fraction <= 1:
-        raise InputError(f'--train_fraction must be in (0, 1], got {args.train_fraction}')
-    if args.shots_per_class is not None and args.shots_per_class < 1:
-        raise InputError(f'--shots_per_class must be at least 1, got {args.shots_per_class}')
-    return given[0]
-
-
-def _sample_names(dataset) -> list:
-    """One name per sample: the file name for ImageFolder (what SimCLR's subset lists hold),
-    `<dataset>_<index>` for sets without files (digits_0, digits_1, ... in Digits' train order)."""
-    if hasattr(dataset, 'samples'):
-        return [os.path.basename(path) for path, _ in dataset.samples]
-    return [f'{type(dataset).__name__.lower()}_{i}' for i in range(len(dataset))]
-
-
-def _stratified_subset(targets: list, fraction: float, shots: int, seed: int) -> list:
-    """Sorted indices holding `shots` or round(fraction * n_c) (at least 1) images of each class c,
-    drawn without replacement by a generator seeded with `seed` alone."""
-    rng = np.random.default_rng(seed)
-    targets = np.asarray(targets)
-    chosen = []
-    for c in np.unique(targets):
-        members = np.flatnonzero(targets == c)
-        if shots is not None:
-            k = shots
-        else:
-            k = max(1, int(round(fraction * len(members))))
-        chosen.append(rng.choice(members, size=min(k, len(members)), replace=False))
-    return sorted(np.concatenate(chosen).tolist())
-
-
-def label_subset(dataset, args) -> Dataset:
-    """The labelled training subset chosen by --subset_file / --train_fraction / --shots_per_class,
-    or the whole set. Its names go to output_dir/subset.txt, which --subset_file reads back."""
-    flag = _subset_flag(args)
-    if flag is None:
-        return dataset
-    names = _sample_names(dataset)
-    if args.subset_file:
-        indices = read_subset_file(args.subset_file, names)
-    else:
-        indices = _stratified_subset(
-            dataset.targets, args.train_fraction, args.shots_per_class, args.seed
-        )
-    # Written even when read from --subset_file: every run's log folder says which images it used.
-    listed = os.path.join(args.output_dir or '.', 'subset.txt')
-    if args.output_dir and get_rank() == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(listed, 'w') as f:
-            f.writelines(f'{names[i]}\n' for i in indices)
-    print(
-        f'labelled subset: {len(indices)} of {len(dataset)} training images (--{flag}); '
-        f'names in {listed}'
+    p.add_argument(
+        '--subset_draws',
+        default=None,
+        type=int,
+        help='seeded draws of the --train_fraction / --shots_per_class subset, each evaluated, '
+        'then mean and sample std (default: 10 on digits, else 1; logreg and fine-tuning)',
     )
-    subset = torch.utils.data.Subset(dataset, indices)
-    # torch's Subset has neither; the evaluations read both.
-    subset.targets = [dataset.targets[i] for i in indices]
-    subset.classes = dataset.classes
-    return subset
+    p.add_argument(
+        '--subset_draw_index',
+        default=0,
+        type=int,
+        help='the first draw: draw k is seeded by --seed + 1000003 k (0: the --seed draw)',
+    )

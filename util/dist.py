@@ -121,9 +121,11 @@ def init_distributed_mode(args) -> None:
         torch.cuda.set_device(args.gpu)
         args.device = f'cuda:{args.gpu}'
     backend = 'nccl' if use_cuda else 'gloo'
-    dist.init_process_group(
-        backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank
-    )
+    # Once per process: --subset_draws runs a script's main once per draw.
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank
+        )
     dist.barrier()
     setup_for_distributed(args.rank == 0)
     print(f'distributed: rank {args.rank} of {args.world_size}, backend {backend}', force=True)
