@@ -121,7 +121,9 @@ def test_demo_table_over_seeds(tmp_path, capsys):
         tops.append(cells)
         fake_demo(tmp_path / f'seed{seed}', cells)
     (tmp_path / 'seed9.txt').write_text('not a seed folder')
-    args = argparse.Namespace(output_dir=str(tmp_path), command='SEEDS=3 x', wall_time=61)
+    args = argparse.Namespace(
+        output_dir=str(tmp_path), command='SEEDS=3 x', wall_time=61, layout='demo'
+    )
     values = demo_table.main(args)
     printed = capsys.readouterr().out
     assert printed == (tmp_path / 'results.md').read_text()
@@ -147,7 +149,7 @@ def test_demo_table_over_seeds(tmp_path, capsys):
 
 def test_demo_table_one_seed_and_missing_cells(tmp_path, capsys):
     fake_demo(tmp_path, {('mimco', 'knn'): 92.84, ('mocov3', 'knn'): 91.43})
-    args = argparse.Namespace(output_dir=str(tmp_path), command='', wall_time=None)
+    args = argparse.Namespace(output_dir=str(tmp_path), command='', wall_time=None, layout='demo')
     demo_table.main(args)
     printed = capsys.readouterr().out
     assert '- MimCo ≥ MoCo v3 on kNN: yes (92.8 vs 91.4)' in printed
