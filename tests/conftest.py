@@ -26,6 +26,16 @@ TINY_MAE = '--method mae --decoder_embed_dim 32 --decoder_depth 1 --decoder_num_
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    """One intra-op thread for a test module: on a shared 2-core machine two threads spin against
+    each other and the other processes (measured: a step 10x slower). Restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def parse(argv):
     return main_pretrain.get_args_parser().parse_args(argv)
 

@@ -32,14 +32,6 @@ TINY_BENCH = '--steps 2 --warmup 1 --batch_size 8 --threads 1'.split() + ['--pre
 
 
 @pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine's cores are shared: one thread is faster and steadier
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def aot_eager_compile(monkeypatch):
     """torch.compile without Inductor's C++ build (minutes per model on 2 CPU cores): Dynamo traces
     the real graphs and AOTAutograd their forward and backward, where the errors that only --compile

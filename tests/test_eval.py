@@ -22,15 +22,8 @@ from util.errors import InputError
 from util.lars import lars
 from util.logging import setup_run
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores:
-    one thread runs these tiny models several times faster than two fighting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Every test here on one torch thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def run(module, *argv):

@@ -23,14 +23,8 @@ MAE = '--method mae --decoder_embed_dim 64 --decoder_depth 2 --decoder_num_heads
 GRAFT = '--method mocov3 --moco_mlp_dim 256 --moco_dim 64 --warmup_epochs 0'.split() + FAST
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against each other and the
-    other processes (measured: a step 10x slower). Restored for the next test module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Every test here on one torch thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def parse(argv):

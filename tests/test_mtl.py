@@ -23,13 +23,8 @@ MTL = f'--method mtl {HEADS} --moco_dim 32 --drop_path 0'.split() + FAST
 MAE = f'--method mae {HEADS}'.split() + FAST
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread on the shared 2-core machine (as tests/test_mae_graft.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Every test here on one torch thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def mtl_model_and_batch(argv, n=16):

@@ -17,13 +17,8 @@ from util import data, probe, transforms
 from util.errors import InputError
 from util.features import frozen_backbone
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Every test here on one torch thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def probe_args(*argv) -> argparse.Namespace:

@@ -8,7 +8,6 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 from conftest import ROOT, TORCHRUN
 
 import main_finetune
@@ -17,13 +16,8 @@ from util import subsets
 from util.digits import Digits
 from util.errors import InputError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Every test here on one torch thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def parse(module, argv: str):
