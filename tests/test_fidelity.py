@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import MOCO, parse, save_official_mocov3
 from test_checkpoint import MakesAFile, features, tiny_vit
-from test_eval import one_thread, run  # noqa: F401  (one_thread: autouse, one intra-op thread)
+from test_eval import run
 from timm.models.beit import Beit
 
 import main_finetune
@@ -30,6 +30,9 @@ from util.pos_embed import set_sincos_pos_embed
 
 MAE = '--method mae --decoder_embed_dim 64 --decoder_depth 2 --decoder_num_heads 4'.split()
 MAE += ['--num_workers', '0']
+
+# Every test here on one torch thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def sincos_table(grid: int, dim: int, column_first: bool) -> torch.Tensor:

@@ -21,10 +21,13 @@ import main_linprobe
 import main_pretrain
 import pretrain_setup as pretrain
 from tests.conftest import ROOT, parse
-from tests.test_eval import one_thread, run  # noqa: F401  (one_thread: an autouse fixture, here too)
+from tests.test_eval import run
 from util import checkpoint, data, features
 from util.errors import InputError, run_main
 from util.misc import check_finite
+
+# Every test here on one torch thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def image_folder(root, train=('a', 'b', 'c'), val=('a', 'b', 'c'), per_class=(6, 2)):

@@ -12,13 +12,16 @@ import torch
 
 import main_finetune
 import main_linprobe
-from tests.test_eval import one_thread, run  # noqa: F401  (one_thread: an autouse fixture, here too)
+from tests.test_eval import run
 from tests.test_reported import image_folder
 from util import checkpoint, data, transforms
 from util.architectures import DIGITS_MODEL
 from util.errors import InputError, run_main
 
 FINETUNE = '--num_workers 0 --print_freq 1000 --batch_size 128 --epochs 1 --warmup_epochs 0'
+
+# Every test here on one torch thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def finetune_argv(out, *extra) -> list:
