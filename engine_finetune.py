@@ -7,69 +7,49 @@ import torch
 from timm.utils import accuracy
 from torch.utils.data import TensorDataset, default_collate
 
-from util import data, transforms
+from util import data, misc, transforms
 from util.errors import InputError
 from util.features import center_normalize, knn_scores, logistic_regression, topk_accuracy
-from util.logging import MetricLogger, SmoothedValue, epoch_stats
-from util.misc import (
-    accumulation_steps,
-    autocast,
-    gradient_sync,
-    log_step,
-    optimizer_update,
-    to_device,
-)
+from util.logging import MetricLogger, SmoothedValue, epoch_stats, training_logger
 
 
 def train_one_epoch(
     model: torch.nn.Module,
     criterion,
     data_loader,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
+    loop: misc.LoopSettings,
     epoch: int,
     *,
-    amp: str = 'none',
-    accum_iter: int = 1,
-    clip_grad: float = None,
-    print_freq: int = 20,
     mixup_fn=None,
     model_ema=None,
-    log_writer=None,
 ) -> dict:
     """One epoch of a classifier trained through `criterion`; returns the average loss and lr.
 
     `mixup_fn` (timm's Mixup) mixes each batch and its targets; `model_ema` (timm's ModelEmaV3)
-    follows the weights after each update. `accum_iter` and `lr_scheduler` as in
-    engine_pretrain.train_one_epoch.
+    follows the weights after each update. `loop` as in engine_pretrain.train_one_epoch.
     """
-    logger = MetricLogger()
-    logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.2e}'))
+    logger = training_logger()
     batches = len(data_loader)
-    steps = accumulation_steps(
-        model, data_loader, optimizer, lr_scheduler, logger, epoch, accum_iter, print_freq
-    )
+    steps = misc.accumulation_steps(model, data_loader, loop, logger, epoch)
     for step, (inputs, targets), need_update, batches_in_update in steps:
-        inputs = to_device(inputs, device)
-        targets = targets.to(device, non_blocking=True)
+        inputs = misc.to_device(inputs, loop.device)
+        targets = targets.to(loop.device, non_blocking=True)
 
         # The backward too runs under the sync context: DDP reduces the gradients in it.
-        with gradient_sync(model, need_update):
-            with autocast(device, amp):
+        with misc.gradient_sync(model, need_update):
+            with misc.autocast(loop.device, loop.amp):
                 if mixup_fn is not None:
                     inputs, targets = mixup_fn(inputs, targets)
                 loss = criterion(model(inputs), targets)
-            scaler.scale(loss / batches_in_update).backward()
+            loop.scaler.scale(loss / batches_in_update).backward()
 
         if need_update:
-            optimizer_update(model, optimizer, scaler, clip_grad)
+            misc.optimizer_update(model, loop)
             if model_ema is not None:
                 model_ema.update(model)
-        log_step(logger, optimizer, loss, {}, step, batches, print_freq, epoch)
+        misc.log_step(logger, loop, loss, {}, step, batches, epoch)
 
-    return epoch_stats(logger, epoch, log_writer)
+    return epoch_stats(logger, epoch, loop.log_writer)
 
 
 @torch.no_grad()
@@ -81,9 +61,9 @@ def evaluate(model, data_loader, device, amp: str = 'none', print_freq: int = 20
     for name in ('loss', 'acc1', 'acc5'):
         logger.meters[name] = SmoothedValue()
     for images, targets in logger.log_every(data_loader, print_freq, 'Test:'):
-        images = to_device(images, device)
+        images = misc.to_device(images, device)
         targets = targets.to(device, non_blocking=True)
-        with autocast(device, amp):
+        with misc.autocast(device, amp):
             output = model(images)
             loss = torch.nn.functional.cross_entropy(output, targets)
         top5 = min(5, output.shape[1])
@@ -111,7 +91,7 @@ def extract_features(backbone, dataset, device, loader_args) -> tuple:
     labels = [torch.empty(0, dtype=torch.long, device=device)]
     for images, targets in MetricLogger().log_every(loader, loader_args.print_freq, 'Features:'):
         images = images.to(device, non_blocking=True)
-        with autocast(device, loader_args.amp):
+        with misc.autocast(device, loader_args.amp):
             tokens = backbone.forward_features(images)
             pooled = backbone.forward_head(tokens, pre_logits=True)  # (B, D)
         features.append(pooled.float())

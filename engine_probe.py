@@ -26,6 +26,7 @@ from util.features import backbone_fingerprint
 from util.lars import lars
 from util.logging import log_json, tensorboard_writer
 from util.lr_sched import cosine_lr_scheduler, total_batch_size, updates_per_epoch
+from util.misc import LoopSettings
 from util.probe import (
     SWEEP_BASE_LRS,
     SWEEP_WEIGHT_DECAYS,
@@ -228,6 +229,16 @@ def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dic
     if resumed:
         best = resumed['best_acc1']
     log_writer = tensorboard_writer(args.log_dir)
+    # The probes take no --accum_iter and no --clip_grad.
+    loop = LoopSettings(
+        device,
+        optimizer,
+        lr_scheduler,
+        scaler,
+        amp=args.amp,
+        print_freq=args.print_freq,
+        log_writer=log_writer,
+    )
     features_from = 'images through the frozen backbone'
     if args.cache_features:
         features_from = 'cached features'
@@ -244,19 +255,7 @@ def linear_probe(backbone, train_set, val_set, num_classes, device, args) -> dic
     stats = {}
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(
-            train_model,
-            criterion,
-            loader,
-            optimizer,
-            lr_scheduler,
-            scaler,
-            device,
-            epoch,
-            amp=args.amp,
-            print_freq=args.print_freq,
-            log_writer=log_writer,
-        )
+        train_stats = train_one_epoch(train_model, criterion, loader, loop, epoch)
         stats = probe_stats(model, loaders, device, args)
         best = max(best, stats['acc1'])
         state = checkpoint.training_state(

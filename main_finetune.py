@@ -32,6 +32,7 @@ from util.logging import (
     tensorboard_writer,
 )
 from util.lr_sched import absolute_lr, cosine_lr_scheduler, total_batch_size, updates_per_epoch
+from util.misc import LoopSettings
 
 # ImageNet gets the full BEiT/MAE recipe; the 8x8 digits get their own light view (util/data.py) and
 # no Mixup/CutMix/erasing by default. A flag given on the command line always wins.
@@ -344,26 +345,13 @@ def main(args):
         f'epochs {start_epoch}..{args.epochs - 1}'
     )
     log_writer = tensorboard_writer(args.log_dir)
+    loop = LoopSettings.from_args(args, device, optimizer, lr_scheduler, scaler, log_writer)
     start = time.time()
     stats = {}
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(
-            train_model,
-            criterion,
-            loader,
-            optimizer,
-            lr_scheduler,
-            scaler,
-            device,
-            epoch,
-            amp=args.amp,
-            accum_iter=args.accum_iter,
-            clip_grad=args.clip_grad,
-            print_freq=args.print_freq,
-            mixup_fn=mixup_fn,
-            model_ema=model_ema,
-            log_writer=log_writer,
+            train_model, criterion, loader, loop, epoch, mixup_fn=mixup_fn, model_ema=model_ema
         )
         stats = test_stats(model_without_ddp, model_ema, val_loader, device, args)
         state = checkpoint.training_state(

@@ -33,6 +33,7 @@ from pretrain_setup import (
     build_model,
     build_momentum_schedule,
     build_optimizer,
+    compile_for_training,
     resolve_args,
     warn_accumulated_contrast,
 )
@@ -41,6 +42,7 @@ from util.dist import get_world_size, wrap_ddp
 from util.errors import run_main
 from util.logging import add_run_args, log_json, run_header, setup_run, tensorboard_writer
 from util.lr_sched import cosine_lr_scheduler, total_batch_size, updates_per_epoch
+from util.misc import LoopSettings
 
 
 def get_args_parser():
@@ -151,13 +153,7 @@ def main(args):
     model.to(device)
     model_without_ddp = model
     model = distributed_model(model, args, device)
-    train_model = model
-    if args.compile:
-        train_model = torch.compile(model)
-    if teacher is not None:
-        teacher = teacher.to(device)
-        if args.compile:
-            teacher = torch.compile(teacher)
+    train_model, teacher = compile_for_training(model, teacher, args, device)
 
     optimizer = build_optimizer(args, model_without_ddp)
     updates = updates_per_epoch(len(loader), args.accum_iter)
@@ -170,6 +166,7 @@ def main(args):
     resumed = checkpoint.resume(args, model_without_ddp, optimizer, scaler, same_run=same_run)
     start_epoch = checkpoint.start_epoch(resumed, args.start_epoch)
     log_writer = tensorboard_writer(args.log_dir)
+    loop = LoopSettings.from_args(args, device, optimizer, lr_scheduler, scaler, log_writer)
 
     print(
         f'training {args.method} for epochs {start_epoch}..{args.epochs - 1}, '
@@ -180,20 +177,7 @@ def main(args):
         loader.sampler.set_epoch(epoch)
         epoch_start = time.time()
         stats = train_one_epoch(
-            train_model,
-            loader,
-            optimizer,
-            lr_scheduler,
-            scaler,
-            device,
-            epoch,
-            amp=args.amp,
-            accum_iter=args.accum_iter,
-            clip_grad=args.clip_grad,
-            print_freq=args.print_freq,
-            teacher=teacher,
-            momentum_schedule=momentum_schedule,
-            log_writer=log_writer,
+            train_model, loader, loop, epoch, teacher=teacher, momentum_schedule=momentum_schedule
         )
         # The training steps alone (the kNN monitor's time is knn_seconds).
         stats['seconds'] = time.time() - epoch_start

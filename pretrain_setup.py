@@ -341,6 +341,19 @@ def build_mimco(args) -> tuple:
     return model, teacher
 
 
+def compile_for_training(model, teacher, args, device) -> tuple:
+    """(the model the loop trains, the teacher it calls), the teacher moved to `device`, both
+    compiled with --compile. The optimizer holds the uncompiled model's parameters."""
+    train_model = model
+    if args.compile:
+        train_model = torch.compile(model)
+    if teacher is not None:
+        teacher = teacher.to(device)
+        if args.compile:
+            teacher = torch.compile(teacher)
+    return train_model, teacher
+
+
 def build_momentum_schedule(args):
     """MoCo v3's key-encoder momentum by epoch progress (--moco_m, --moco_m_cos); else None."""
     if args.method not in ('mocov3', 'mtl'):

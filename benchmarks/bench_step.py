@@ -26,7 +26,7 @@ from benchmarks.timing import device_name, release_memory, timed
 from engine_pretrain import train_one_epoch
 from util import checkpoint
 from util.lr_sched import cosine_lr_scheduler
-from util.misc import autocast
+from util.misc import LoopSettings, autocast
 
 METHODS = ('mimco', 'mae', 'mocov3')
 # The speed and memory goals (docs/performance.md, as issue 17 states them).
@@ -179,36 +179,18 @@ def measure_ours(args, device: torch.device, steps: int, warmup: int) -> dict:
     batch = synthetic_batch(args, model, device)
     if args.grad_ckpt:
         getattr(model, pretrain_setup.BACKBONE[args.method]).set_grad_checkpointing(True)
-    # As main(): compile the model and the teacher, the optimizer holds the uncompiled parameters.
     model.to(device)
-    train_model = model
-    if args.compile:
-        train_model = torch.compile(model)
-    if teacher is not None:
-        teacher = teacher.to(device)
-        if args.compile:
-            teacher = torch.compile(teacher)
+    train_model, teacher = pretrain_setup.compile_for_training(model, teacher, args, device)
     optimizer = pretrain_setup.build_optimizer(args, model)
     scheduler = cosine_lr_scheduler(optimizer, args.epochs, args.warmup_epochs, args.min_lr, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     momentum = pretrain_setup.build_momentum_schedule(args)
+    loop = LoopSettings.from_args(args, device, optimizer, scheduler, scaler, log_writer=None)
 
     def run_steps(n):
         with contextlib.redirect_stdout(io.StringIO()):  # the loop's log; not for the table
             train_one_epoch(
-                train_model,
-                [batch] * n,
-                optimizer,
-                scheduler,
-                scaler,
-                device,
-                0,
-                amp=args.amp,
-                accum_iter=args.accum_iter,
-                clip_grad=args.clip_grad,
-                print_freq=args.print_freq,
-                teacher=teacher,
-                momentum_schedule=momentum,
+                train_model, [batch] * n, loop, 0, teacher=teacher, momentum_schedule=momentum
             )
 
     result = timed(run_steps, device, steps, warmup, base)

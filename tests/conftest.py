@@ -16,6 +16,7 @@ sys.path.insert(0, ROOT)
 import main_linprobe  # noqa: E402
 import main_pretrain  # noqa: E402
 from engine_pretrain import train_one_epoch  # noqa: E402
+from util.misc import LoopSettings  # noqa: E402
 
 FAST = ['--num_workers', '0', '--print_freq', '5', '--batch_size', '128']
 MOCO = ['--method', 'mocov3', '--moco_mlp_dim', '256', '--moco_dim', '64'] + FAST
@@ -58,12 +59,11 @@ def save_official_mocov3(vit, path):
     torch.save({'state_dict': state_dict, 'arch': 'vit_small', 'epoch': 300}, path)
 
 
-def train_epoch_on_cpu(model, loader, optimizer, scheduler, epoch, **options):
-    """engine_pretrain.train_one_epoch in fp32 on the CPU; `options` are its keyword arguments."""
+def train_epoch_on_cpu(model, loader, optimizer, scheduler, epoch, teacher=None, **settings):
+    """engine_pretrain.train_one_epoch in fp32 on the CPU; `settings` are LoopSettings' fields."""
     scaler = torch.amp.GradScaler('cpu', enabled=False)
-    train_one_epoch(
-        model, loader, optimizer, scheduler, scaler, torch.device('cpu'), epoch, **options
-    )
+    loop = LoopSettings(torch.device('cpu'), optimizer, scheduler, scaler, **settings)
+    train_one_epoch(model, loader, loop, epoch, teacher=teacher)
 
 
 def epoch_losses(output_dir):

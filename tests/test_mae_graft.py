@@ -18,6 +18,7 @@ from tests.conftest import FAST, epoch_losses
 from util import backbones, data, graft, transforms
 from util.errors import InputError
 from util.masking import random_masking_indices
+from util.misc import LoopSettings
 
 MAE = '--method mae --decoder_embed_dim 64 --decoder_depth 2 --decoder_num_heads 4'.split() + FAST
 GRAFT = '--method mocov3 --moco_mlp_dim 256 --moco_dim 64 --warmup_epochs 0'.split() + FAST
@@ -336,18 +337,9 @@ def test_grafted_training_steps_under_each_precision(mae_dir, amp):
     scheduler = CosineLRScheduler(optimizer, t_initial=100, t_in_epochs=False)
     scaler = torch.amp.GradScaler('cpu', enabled=amp == 'fp16')  # as main() makes it
     before = [p.detach().clone() for p in model.base_encoder.blocks.parameters()]
+    loop = LoopSettings(torch.device('cpu'), optimizer, scheduler, scaler, amp=args.amp)
     losses = [
-        train_one_epoch(
-            model,
-            loader,
-            optimizer,
-            scheduler,
-            scaler,
-            torch.device('cpu'),
-            epoch,
-            amp=args.amp,
-            momentum_schedule=lambda _: 0.99,
-        )['loss']
+        train_one_epoch(model, loader, loop, epoch, momentum_schedule=lambda _: 0.99)['loss']
         for epoch in range(4)
     ]
     assert losses[-1] < losses[0] - 0.02, losses

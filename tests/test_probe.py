@@ -16,6 +16,7 @@ from engine_finetune import extract_features, train_one_epoch
 from util import data, probe, transforms
 from util.errors import InputError
 from util.features import frozen_backbone
+from util.misc import LoopSettings
 
 # Every test here on one torch thread (conftest.one_thread).
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -50,11 +51,9 @@ def test_sweep_equals_each_head_trained_alone():
     )
     scheduler = probe.EpochCosine(optimizer, epochs, updates=len(batches))
     scaler = torch.amp.GradScaler('cpu', enabled=False)
+    loop = LoopSettings(torch.device('cpu'), optimizer, scheduler, scaler, print_freq=1000)
     for epoch in range(epochs):
-        train_one_epoch(
-            heads, probe.sweep_loss, batches, optimizer, scheduler, scaler, torch.device('cpu'),
-            epoch, print_freq=1000,
-        )  # fmt: skip
+        train_one_epoch(heads, probe.sweep_loss, batches, loop, epoch)
     lrs, wds = probe.sweep_grid(total_batch)
     assert len(lrs) == 70 and lrs[0] == 1e-5 * 32 / 256 and lrs[-1] == 90 * 32 / 256
     assert torch.equal(wds[:2], torch.tensor([0.0, 1e-6], dtype=torch.float64))

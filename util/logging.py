@@ -152,6 +152,13 @@ class MetricLogger:
         print(f'{header} total time: {total_time} ({elapsed / max(total, 1):.4f} s / it)')
 
 
+def training_logger() -> MetricLogger:
+    """The logger of a training epoch; its lr meter shows the lr of the step, not an average."""
+    logger = MetricLogger()
+    logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.2e}'))
+    return logger
+
+
 def epoch_stats(logger: MetricLogger, epoch: int, log_writer=None) -> dict:
     """An epoch's averages over every process, printed and written to TensorBoard (train/)."""
     logger.synchronize_between_processes()

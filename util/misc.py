@@ -1,6 +1,7 @@
 """Small pieces both training loops use: autocast, moving batches, gradient sync, loss checks."""
 
 import contextlib
+import dataclasses
 import math
 
 import torch
@@ -49,55 +50,79 @@ def gradient_sync(model: torch.nn.Module, update: bool):
     return model.no_sync()
 
 
-def accumulation_steps(
-    model: torch.nn.Module,
-    data_loader,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler,
-    logger,
-    epoch: int,
-    accum_iter: int,
-    print_freq: int,
-):
+@dataclasses.dataclass
+class LoopSettings:
+    """What a training loop reads besides the model and the batches: the device, how gradients
+    become updates (the optimizer, its per-update lr schedule, the AMP loss scaler, --amp,
+    --accum_iter, --clip_grad) and how the loop reports (--print_freq, a TensorBoard writer)."""
+
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object  # util.lr_sched: step_update(update index) sets the lr
+    scaler: torch.amp.GradScaler
+    amp: str = 'none'
+    accum_iter: int = 1
+    clip_grad: float = None
+    print_freq: int = 20
+    log_writer: object = None
+
+    @classmethod
+    def from_args(cls, args, device, optimizer, lr_scheduler, scaler, log_writer):
+        """From the flags --amp, --accum_iter, --clip_grad and --print_freq."""
+        return cls(
+            device,
+            optimizer,
+            lr_scheduler,
+            scaler,
+            amp=args.amp,
+            accum_iter=args.accum_iter,
+            clip_grad=args.clip_grad,
+            print_freq=args.print_freq,
+            log_writer=log_writer,
+        )
+
+
+def accumulation_steps(model: torch.nn.Module, data_loader, loop: LoopSettings, logger, epoch: int):
     """A training epoch's batches, each as (step, batch, need_update, batches_in_update).
 
     Puts the model in train mode, prints the progress through `logger`, and sets the lr at each
-    update's first batch. With `accum_iter` k, the gradients of k batches add up before each
+    update's first batch. With `loop.accum_iter` k, the gradients of k batches add up before each
     optimizer update; an epoch's last update may add up fewer, so none carries gradients into the
     next epoch: `batches_in_update` is what the loss is divided by.
     """
     model.train(True)
     batches = len(data_loader)
+    accum_iter = loop.accum_iter
     updates = updates_per_epoch(batches, accum_iter)
-    optimizer.zero_grad(set_to_none=True)
+    loop.optimizer.zero_grad(set_to_none=True)
     # For images/s; the benchmarks pass a list of batches, which has no batch size.
     batch_size = getattr(data_loader, 'batch_size', None)
-    steps = logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]', batch_size)
+    steps = logger.log_every(data_loader, loop.print_freq, f'Epoch: [{epoch}]', batch_size)
     for step, batch in enumerate(steps):
         update_index, batch_in_update = divmod(step, accum_iter)
         if batch_in_update == 0:
-            lr_scheduler.step_update(epoch * updates + update_index)
+            loop.lr_scheduler.step_update(epoch * updates + update_index)
         need_update = (step + 1) % accum_iter == 0 or step == batches - 1
         # The batches this update adds up: accum_iter, or fewer in the epoch's last update.
         batches_in_update = min(accum_iter, batches - update_index * accum_iter)
         yield step, batch, need_update, batches_in_update
 
 
-def optimizer_update(model, optimizer, scaler: torch.amp.GradScaler, clip_grad: float) -> None:
+def optimizer_update(model, loop: LoopSettings) -> None:
     """One update from the gradients added up since the last, clipped to norm --clip_grad."""
-    if clip_grad:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    if loop.clip_grad:
+        loop.scaler.unscale_(loop.optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), loop.clip_grad)
+    loop.scaler.step(loop.optimizer)
+    loop.scaler.update()
+    loop.optimizer.zero_grad(set_to_none=True)
 
 
-def log_step(logger, optimizer, loss, terms: dict, step: int, batches: int, print_freq, epoch):
+def log_step(logger, loop: LoopSettings, loss, terms: dict, step: int, batches: int, epoch: int):
     """Record a step's loss, loss terms and lr, and check the losses where log_every prints."""
-    lr = max(group['lr'] for group in optimizer.param_groups)
+    lr = max(group['lr'] for group in loop.optimizer.param_groups)
     logger.update(loss=loss.detach(), lr=lr, **terms)
-    check_losses(logger, step, batches, print_freq, epoch, terms, lr)
+    check_losses(logger, step, batches, loop.print_freq, epoch, terms, lr)
 
 
 def check_finite(values: list, first_step: int, epoch: int, terms: dict, lr: float) -> None:
