@@ -56,7 +56,7 @@ demo_seed() {  # demo_seed <seed>: the whole pipeline, pre-training and evaluati
   done
 }
 
-for seed in $(seq 0 $((SEEDS - 1))); do
+for seed in $(seq "$FIRST_SEED" $((FIRST_SEED + SEEDS - 1))); do
   OUT=$(seed_folder "$ROOT_OUT" "$seed")
   demo_seed "$seed"
   if [ "$SEEDS" != 1 ]; then  # each seed's own table, in its folder

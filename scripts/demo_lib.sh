@@ -3,11 +3,12 @@
 # the seeds, and quiet pre-training and evaluation of one backbone. A caller runs parse_args and
 # settings, sets STAGES (its number of stages), NAME, and per seed OUT (the seed's folder) and SEED.
 
-parse_args() {  # parse_args <script> <default output_dir> "$@": ROOT_OUT, QUICK, SEEDS, COMMAND
+parse_args() {  # parse_args <script> <default output_dir> "$@": ROOT_OUT, QUICK, SEEDS, FIRST_SEED, COMMAND
   local script="$1"
   ROOT_OUT="$2"
   shift 2
   QUICK=0
+  FIRST_SEED=0
   COMMAND="$script${*:+ $*}"
   if [ "${SEEDS:-1}" != 1 ]; then COMMAND="SEEDS=$SEEDS $COMMAND"; fi
   while [ $# -gt 0 ]; do
@@ -15,7 +16,8 @@ parse_args() {  # parse_args <script> <default output_dir> "$@": ROOT_OUT, QUICK
       --quick) QUICK=1 ;;
       --output_dir) ROOT_OUT="$2"; shift ;;
       --seeds) SEEDS="$2"; shift ;;
-      *) echo "usage: $script [--quick] [--output_dir DIR] [--seeds N]" >&2; exit 2 ;;
+      --seed) FIRST_SEED="$2"; shift ;;
+      *) echo "usage: $script [--quick] [--output_dir DIR] [--seeds N | --seed S]" >&2; exit 2 ;;
     esac
     shift
   done
@@ -23,6 +25,14 @@ parse_args() {  # parse_args <script> <default output_dir> "$@": ROOT_OUT, QUICK
   case "$SEEDS" in
     ''|*[!0-9]*|0) echo "error: SEEDS=$SEEDS: give a number of seeds, at least 1 (SEEDS=3)" >&2; exit 2 ;;
   esac
+  # --seed S: the one seed S in <output_dir> itself (a seed run apart, e.g. beside another job).
+  case "$FIRST_SEED" in
+    ''|*[!0-9]*) echo "error: --seed $FIRST_SEED: give a seed number (--seed 1)" >&2; exit 2 ;;
+  esac
+  if [ "$FIRST_SEED" != 0 ] && [ "$SEEDS" != 1 ]; then
+    echo "error: --seed $FIRST_SEED runs one seed: drop SEEDS=$SEEDS (or --seeds), or --seed" >&2
+    exit 2
+  fi
 }
 
 settings() {  # the epochs (1 a stage with --quick) and the tools

@@ -10,6 +10,8 @@
 #   scripts/graft_study.sh                         # all stages (estimated 30-45 min on 2 idle cores)
 #   scripts/graft_study.sh --quick                 # 1 epoch a stage, 16 samples: an end-to-end check
 #   scripts/graft_study.sh --from_demo output/demo # reuse the demo's MAE, MoCo v3 and grafted runs
+#                                                  # (same epochs and seed, checked)
+#   scripts/graft_study.sh --seed 1 --from_demo output/demo/seed1 --output_dir output/graft_study/seed1
 #   scripts/graft_study.sh --seed 1 --output_dir output/graft_study_1   # another seed
 #
 # As the paper compares them, every contrastive stage (MoCo v3, MTL, each MAE -> MoCo v3 stage 2)
@@ -36,10 +38,6 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-if [ -n "$FROM_DEMO" ] && [ "$SEED" != 0 ]; then
-  echo "--from_demo reuses the demo's seed-0 runs: drop it for --seed $SEED" >&2
-  exit 2
-fi
 PYTHON=${PYTHON:-python}
 WORKERS=${WORKERS:-0}
 if [ "$QUICK" = 1 ]; then
@@ -56,8 +54,10 @@ START=$(date +%s)
 NAME=graft_study
 STAGES=15
 source scripts/lib/miniature.sh  # stage, warmup, pretrain, evaluate
+source scripts/lib/reuse.sh       # check_reusable
 reuse_or_pretrain() {  # the demo's run of the same settings when --from_demo has it, else train it
   if [ -n "$FROM_DEMO" ] && [ -f "$FROM_DEMO/$1/checkpoint-last.pth" ]; then
+    check_reusable "$FROM_DEMO/$1/checkpoint-last.pth" "$2" "$SEED"
     ln -s "$(cd "$FROM_DEMO/$1" && pwd)" "$OUT/$1"
     echo "    reused $FROM_DEMO/$1"
   else

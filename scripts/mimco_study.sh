@@ -12,11 +12,15 @@
 #   SEEDS=3 scripts/mimco_study.sh           # (or --seeds 3) seeds 0, 1, 2 in <output_dir>/seed<s>
 #   scripts/mimco_study.sh --quick           # 1 epoch a stage: an end-to-end check
 #   scripts/mimco_study.sh --output_dir DIR  # default output/mimco_study; its sub-folders are replaced
-#   DEMO_DIR=output/demo scripts/mimco_study.sh   # the teachers of a finished demo (same SEEDS), not new ones
+#   DEMO_DIR=output/demo scripts/mimco_study.sh   # a finished demo's teachers and MimCo student (same
+#                                                 # SEEDS and epochs, checked), not new ones
+#   DEMO_DIR=output/demo/seed1 scripts/mimco_study.sh --seed 1 --output_dir output/mimco_study/seed1
+#                                            # one seed apart (then: python -m tools.study_table)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source scripts/demo_lib.sh
+source scripts/lib/reuse.sh  # check_reusable
 parse_args scripts/mimco_study.sh output/mimco_study "$@"
 settings
 NAME=study
@@ -25,12 +29,13 @@ DEMO_DIR=${DEMO_DIR:-}
 STUDENTS=(mimco mimco_l1 mimco_smoothl1 mimco_noimg mimco_mae)
 BACKBONES=(mae mocov3 "${STUDENTS[@]}")
 
-teacher() {  # teacher <mocov3|mae> <epochs> <flags...>: the demo's, or trained here
+from_demo() {  # from_demo <folder> <epochs> <flags...>: the demo's run of the same recipe, else trained here
   local name="$1" epochs="$2"; shift 2
   if [ -n "$DEMO_DIR" ]; then
     local from
     from="$(seed_folder "$DEMO_DIR" "$SEED")/$name/checkpoint-last.pth"
     [ -f "$from" ] || { echo "error: DEMO_DIR=$DEMO_DIR has no $from: run the demo with the same SEEDS" >&2; exit 2; }
+    check_reusable "$from" "$epochs" "$SEED"
     mkdir -p "$OUT/$name"
     cp "$from" "$OUT/$name/checkpoint-last.pth"
     echo "    the demo's: $from"
@@ -50,10 +55,10 @@ study_seed() {  # study_seed <seed>: the teachers, the students and their evalua
   local teacher_flags=("${MIMCO[@]}" --teacher "$OUT/mocov3/checkpoint-last.pth")
 
   stage "teachers: MoCo v3 $(epochs $MOCO_EPOCHS), MAE $(epochs $MAE_EPOCHS) (the demo's recipes)"
-  teacher mocov3 "$MOCO_EPOCHS" "${MOCO[@]}"
-  teacher mae "$MAE_EPOCHS" "${MAE[@]}"
+  from_demo mocov3 "$MOCO_EPOCHS" "${MOCO[@]}"
+  from_demo mae "$MAE_EPOCHS" "${MAE[@]}"
   stage "student, contrastive patch loss (ours, the default), $(epochs $MIMCO_EPOCHS)"
-  pretrain mimco "$MIMCO_EPOCHS" "${teacher_flags[@]}"
+  from_demo mimco "$MIMCO_EPOCHS" "${teacher_flags[@]}"  # the demo's MimCo row is this run
   stage "student, --patch_loss l1 (plain L1 to the teacher's tokens)"
   pretrain mimco_l1 "$MIMCO_EPOCHS" "${teacher_flags[@]}" --patch_loss l1
   stage "student, --patch_loss smoothl1 (to the layer-normed tokens)"
@@ -76,7 +81,7 @@ study_seed() {  # study_seed <seed>: the teachers, the students and their evalua
   sed -n 's/^\(\[[0-9:]*\] \)\{0,1\}\(separability |.*\)/    \2/p' "$OUT/pictures.txt"
 }
 
-for seed in $(seq 0 $((SEEDS - 1))); do
+for seed in $(seq "$FIRST_SEED" $((FIRST_SEED + SEEDS - 1))); do
   OUT=$(seed_folder "$ROOT_OUT" "$seed")
   study_seed "$seed"
 done

@@ -159,12 +159,13 @@ def test_demo_table_one_seed_and_missing_cells(tmp_path, capsys):
 
 def fake_python(tmp_path):
     """A stand-in for python that records each command line in calls.txt and prints what the
-    scripts grep, but runs the table tools (tools.demo_table, tools.study_table) for real."""
+    scripts grep, but runs the table tools (tools.demo_table, tools.study_table) and `-c` (the
+    reuse check of scripts/lib/reuse.sh) for real."""
     fake = tmp_path / 'python'
     calls = tmp_path / 'calls.txt'
     fake.write_text(
         '#!/usr/bin/env bash\n'
-        'case "$1 $2" in "-m tools.demo_table"|"-m tools.study_table")\n'
+        'case "$1 $2" in "-m tools.demo_table"|"-m tools.study_table"|-c*)\n'
         f'  exec {sys.executable} "$@" ;;\n'
         'esac\n'
         f'echo "$*" >> {calls}\n'
@@ -230,6 +231,57 @@ def test_mimco_study_runs_each_ablation(tmp_path):
 
 
 STUDENTS = ['mimco', 'mimco_l1', 'mimco_smoothl1', 'mimco_noimg', 'mimco_mae']
+
+
+def fake_run(folder, epochs: int, seed: int):
+    """A finished run's checkpoint-last.pth, as much of it as the reuse check reads."""
+    folder.mkdir(parents=True)
+    torch.save({'args': {'epochs': epochs, 'seed': seed}}, folder / 'checkpoint-last.pth')
+
+
+def test_studies_reuse_the_demo_runs_of_the_same_seed_and_epochs(tmp_path):
+    """--seed 1 with the demo's seed-1 runs: the MimCo study takes its teachers and MimCo student,
+    the graft study its MAE, MoCo v3 and grafted runs; every other run trains with --seed 1. A
+    demo run of other epochs is refused in one line, exit 2."""
+    demo = tmp_path / 'demo'
+    for name in ('mocov3', 'mae', 'mimco', 'grafted'):
+        fake_run(demo / name, epochs=1, seed=1)
+    out = tmp_path / 'study'
+    argv = ['--quick', '--seed', '1', '--output_dir', str(out)]
+    run, commands = run_script('mimco_study.sh', tmp_path, *argv, DEMO_DIR=str(demo))
+    trained = [c for c in commands if c.startswith('main_pretrain.py')]
+    assert len(trained) == 4 and all('--seed 1 ' in c for c in trained), trained
+    folders = [c.split('--output_dir ')[1].split()[0] for c in trained]
+    assert sorted(folders) == sorted(f'{out}/{name}' for name in STUDENTS if name != 'mimco')
+    assert run.stdout.count("    the demo's: ") == 3
+    assert (out / 'mimco' / 'checkpoint-last.pth').is_file()
+
+    graft = tmp_path / 'graft'
+    argv = ['--quick', '--seed', '1', '--from_demo', str(demo), '--output_dir', str(graft)]
+    (tmp_path / 'calls').mkdir()
+    run, commands = run_script('graft_study.sh', tmp_path / 'calls', *argv)
+    trained = [c for c in commands if c.startswith('main_pretrain.py')]
+    assert len(trained) == 4 and all('--seed 1 ' in c for c in trained), trained
+    assert run.stdout.count('    reused ') == 3
+
+    fake_run(tmp_path / 'other' / 'mae', epochs=2, seed=1)
+    argv = ['--quick', '--seed', '1', '--from_demo', str(tmp_path / 'other')]
+    bad = subprocess.run(
+        [
+            'bash',
+            os.path.join(ROOT, 'scripts', 'graft_study.sh'),
+            *argv,
+            '--output_dir',
+            str(graft),
+        ],
+        env=dict(os.environ, PYTHON=sys.executable),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert bad.stderr.startswith('error: ') and 'ran (epochs seed) 2 1, not 1 1' in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
