@@ -157,6 +157,22 @@ def test_demo_table_one_seed_and_missing_cells(tmp_path, capsys):
     assert '± ' not in printed and '| 92.8 | – |' in printed
 
 
+def test_demo_table_says_which_cells_miss_a_seed(tmp_path, capsys):
+    """A seed still running: its cells count as missing, and the cells say over how many seeds
+    they are; the orderings use the seeds that measured both sides."""
+    fake_demo(tmp_path / 'seed0', {('mimco', 'knn'): 92.0, ('mocov3', 'knn'): 90.0})
+    fake_demo(tmp_path / 'seed1', {('mimco', 'knn'): 94.0, ('mocov3', 'knn'): 89.0})
+    fake_demo(tmp_path / 'seed2', {('mimco', 'knn'): 93.0})
+    args = argparse.Namespace(output_dir=str(tmp_path), command='', wall_time=None, layout='demo')
+    demo_table.main(args)
+    printed = capsys.readouterr().out
+    mimco = next(line for line in printed.splitlines() if line.startswith('| MimCo'))
+    mocov3 = next(line for line in printed.splitlines() if line.startswith('| MoCo v3'))
+    assert mimco.split(' | ')[1] == '93.0 ± 1.0'
+    assert mocov3.split(' | ')[1] == f'89.5 ± {np.std([90.0, 89.0], ddof=1):.1f} (2 of 3 seeds)'
+    assert '- MimCo ≥ MoCo v3 on kNN: difference +3.5 ± 2.1, holds in 2 of 2 seeds' in printed
+
+
 def fake_python(tmp_path):
     """A stand-in for python that records each command line in calls.txt and prints what the
     scripts grep, but runs the table tools (tools.demo_table, tools.study_table) and `-c` (the

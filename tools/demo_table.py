@@ -129,7 +129,8 @@ def mean_std(values: list) -> tuple:
 
 def spread_cell(values: list, signed: bool = False, decimals: int = 1) -> str:
     """A table cell: the mean to `decimals` places (with its sign if `signed`), ± the sample std
-    over seeds where there are two or more, '–' where the evaluation did not run."""
+    over seeds where there are two or more, '–' where the evaluation did not run, and `(k of n
+    seeds)` where it ran in some seeds only (a seed still running, or stopped)."""
     mean, std = mean_std(values)
     if mean is None:
         return '–'
@@ -139,6 +140,9 @@ def spread_cell(values: list, signed: bool = False, decimals: int = 1) -> str:
     cell = f'{mean:{sign}.{decimals}f}'
     if std is not None:
         cell += f' ± {std:.{decimals}f}'
+    measured = sum(value is not None for value in values)
+    if measured < len(values):
+        cell += f' ({measured} of {len(values)} seeds)'
     return cell
 
 
