@@ -7,7 +7,7 @@
 # orderings, and the per-sample gradient conflict (tools/grad_conflict.py) of MTL at a third of its
 # training and at its end, of the MAE and of the grafted model: conflict.png and conflict.txt.
 #
-#   scripts/graft_study.sh                         # all stages (estimated 30-45 min on 2 idle cores)
+#   scripts/graft_study.sh                         # all stages (22-25 min with --from_demo, measured)
 #   scripts/graft_study.sh --quick                 # 1 epoch a stage, 16 samples: an end-to-end check
 #   scripts/graft_study.sh --from_demo output/demo # reuse the demo's MAE, MoCo v3 and grafted runs
 #                                                  # (same epochs and seed, checked)
