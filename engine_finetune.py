@@ -7,6 +7,7 @@ import torch
 from timm.utils import accuracy
 from torch.utils.data import TensorDataset, default_collate
 
+import engine
 from util import data, misc, transforms
 from util.errors import InputError
 from util.features import center_normalize, knn_scores, logistic_regression, topk_accuracy
@@ -17,7 +18,7 @@ def train_one_epoch(
     model: torch.nn.Module,
     criterion,
     data_loader,
-    loop: misc.LoopSettings,
+    loop: engine.LoopSettings,
     epoch: int,
     *,
     mixup_fn=None,
@@ -30,13 +31,13 @@ def train_one_epoch(
     """
     logger = training_logger()
     batches = len(data_loader)
-    steps = misc.accumulation_steps(model, data_loader, loop, logger, epoch)
+    steps = engine.accumulation_steps(model, data_loader, loop, logger, epoch)
     for step, (inputs, targets), need_update, batches_in_update in steps:
         inputs = misc.to_device(inputs, loop.device)
         targets = targets.to(loop.device, non_blocking=True)
 
         # The backward too runs under the sync context: DDP reduces the gradients in it.
-        with misc.gradient_sync(model, need_update):
+        with engine.gradient_sync(model, need_update):
             with misc.autocast(loop.device, loop.amp):
                 if mixup_fn is not None:
                     inputs, targets = mixup_fn(inputs, targets)
@@ -44,10 +45,10 @@ def train_one_epoch(
             loop.scaler.scale(loss / batches_in_update).backward()
 
         if need_update:
-            misc.optimizer_update(model, loop)
+            engine.optimizer_update(model, loop)
             if model_ema is not None:
                 model_ema.update(model)
-        misc.log_step(logger, loop, loss, {}, step, batches, epoch)
+        engine.log_step(logger, loop, loss, {}, step, batches, epoch)
 
     return epoch_stats(logger, epoch, loop.log_writer)
 

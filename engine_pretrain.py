@@ -5,6 +5,7 @@ Nothing here is model-specific: a pre-training model's forward returns (loss, di
 
 import torch
 
+import engine
 from util import misc
 from util.logging import epoch_stats, training_logger
 
@@ -12,7 +13,7 @@ from util.logging import epoch_stats, training_logger
 def train_one_epoch(
     model: torch.nn.Module,
     data_loader,
-    loop: misc.LoopSettings,
+    loop: engine.LoopSettings,
     epoch: int,
     *,
     teacher: torch.nn.Module = None,
@@ -28,7 +29,7 @@ def train_one_epoch(
     """
     logger = training_logger()
     batches = len(data_loader)
-    steps = misc.accumulation_steps(model, data_loader, loop, logger, epoch)
+    steps = engine.accumulation_steps(model, data_loader, loop, logger, epoch)
     for step, (inputs, _), need_update, batches_in_update in steps:
         inputs = misc.to_device(inputs, loop.device)
 
@@ -38,7 +39,7 @@ def train_one_epoch(
             misc.unwrap(model).update_momentum_encoder(momentum)
 
         # The backward too runs under the sync context: DDP reduces the gradients in it.
-        with misc.gradient_sync(model, need_update):
+        with engine.gradient_sync(model, need_update):
             with misc.autocast(loop.device, loop.amp):
                 if teacher is None:
                     loss, terms = model(*inputs)
@@ -48,7 +49,7 @@ def train_one_epoch(
             loop.scaler.scale(loss / batches_in_update).backward()
 
         if need_update:
-            misc.optimizer_update(model, loop)
-        misc.log_step(logger, loop, loss, terms, step, batches, epoch)
+            engine.optimizer_update(model, loop)
+        engine.log_step(logger, loop, loss, terms, step, batches, epoch)
 
     return epoch_stats(logger, epoch, loop.log_writer)

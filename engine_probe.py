@@ -18,6 +18,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from torch.utils.data import TensorDataset
 
+from engine import LoopSettings
 from engine_finetune import evaluate, extract_features, train_one_epoch
 from util import checkpoint, data
 from util.dist import get_world_size, wrap_ddp
@@ -26,7 +27,6 @@ from util.features import backbone_fingerprint
 from util.lars import lars
 from util.logging import log_json, tensorboard_writer
 from util.lr_sched import cosine_lr_scheduler, total_batch_size, updates_per_epoch
-from util.misc import LoopSettings
 from util.probe import (
     SWEEP_BASE_LRS,
     SWEEP_WEIGHT_DECAYS,

@@ -18,6 +18,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 
+from engine import LoopSettings
 from engine_finetune import evaluate, train_one_epoch
 from util import backbones, checkpoint, classifiers, data, subsets, transforms
 from util.architectures import DIGITS_MODEL, default_model
@@ -32,7 +33,6 @@ from util.logging import (
     tensorboard_writer,
 )
 from util.lr_sched import absolute_lr, cosine_lr_scheduler, total_batch_size, updates_per_epoch
-from util.misc import LoopSettings
 
 # ImageNet gets the full BEiT/MAE recipe; the 8x8 digits get their own light view (util/data.py) and
 # no Mixup/CutMix/erasing by default. A flag given on the command line always wins.

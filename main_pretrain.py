@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from engine import LoopSettings
 from engine_finetune import knn_datasets, knn_evaluate
 from engine_pretrain import train_one_epoch
 from pretrain_flags import (
@@ -42,7 +43,6 @@ from util.dist import get_world_size, wrap_ddp
 from util.errors import run_main
 from util.logging import add_run_args, log_json, run_header, setup_run, tensorboard_writer
 from util.lr_sched import cosine_lr_scheduler, total_batch_size, updates_per_epoch
-from util.misc import LoopSettings
 
 
 def get_args_parser():

@@ -23,10 +23,11 @@ import main_pretrain
 import pretrain_setup
 from benchmarks.reference import measure_reference
 from benchmarks.timing import device_name, release_memory, timed
+from engine import LoopSettings
 from engine_pretrain import train_one_epoch
 from util import checkpoint
 from util.lr_sched import cosine_lr_scheduler
-from util.misc import LoopSettings, autocast
+from util.misc import autocast
 
 METHODS = ('mimco', 'mae', 'mocov3')
 # The speed and memory goals (docs/performance.md, as issue 17 states them).

@@ -15,8 +15,8 @@ sys.path.insert(0, ROOT)
 
 import main_linprobe  # noqa: E402
 import main_pretrain  # noqa: E402
+from engine import LoopSettings  # noqa: E402
 from engine_pretrain import train_one_epoch  # noqa: E402
-from util.misc import LoopSettings  # noqa: E402
 
 FAST = ['--num_workers', '0', '--print_freq', '5', '--batch_size', '128']
 MOCO = ['--method', 'mocov3', '--moco_mlp_dim', '256', '--moco_dim', '64'] + FAST

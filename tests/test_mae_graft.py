@@ -13,12 +13,12 @@ import main_pretrain
 import models_mae
 import models_mocov3
 import pretrain_setup as pretrain
+from engine import LoopSettings
 from engine_pretrain import train_one_epoch
 from tests.conftest import FAST, epoch_losses
 from util import backbones, data, graft, transforms
 from util.errors import InputError
 from util.masking import random_masking_indices
-from util.misc import LoopSettings
 
 MAE = '--method mae --decoder_embed_dim 64 --decoder_depth 2 --decoder_num_heads 4'.split() + FAST
 GRAFT = '--method mocov3 --moco_mlp_dim 256 --moco_dim 64 --warmup_epochs 0'.split() + FAST

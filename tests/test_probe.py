@@ -12,11 +12,11 @@ import torch.nn as nn
 
 import engine_probe
 import main_linprobe
+from engine import LoopSettings
 from engine_finetune import extract_features, train_one_epoch
 from util import data, probe, transforms
 from util.errors import InputError
 from util.features import frozen_backbone
-from util.misc import LoopSettings
 
 # Every test here on one torch thread (conftest.one_thread).
 pytestmark = pytest.mark.usefixtures('one_thread')

@@ -20,11 +20,11 @@ import main_finetune
 import main_linprobe
 import main_pretrain
 import pretrain_setup as pretrain
+from engine import check_finite
 from tests.conftest import ROOT, parse
 from tests.test_eval import run
 from util import checkpoint, data, features
 from util.errors import InputError, run_main
-from util.misc import check_finite
 
 # Every test here on one torch thread (conftest.one_thread).
 pytestmark = pytest.mark.usefixtures('one_thread')
