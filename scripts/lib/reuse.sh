@@ -4,8 +4,8 @@
 
 check_reusable() {  # check_reusable <checkpoint> <epochs> <seed>: exit 2 with one line if not
   local checkpoint="$1" epochs="$2" seed="$3" found
-  found=$("${PYTHON:-python}" -c "import sys, torch
-args = torch.load(sys.argv[1], map_location='cpu', weights_only=True)['args']
+  found=$("${PYTHON:-python}" -c "import sys; from util.checkpoint import load_file
+args = load_file(sys.argv[1])['args']
 print(args['epochs'], args['seed'])" "$checkpoint") \
     || { echo "error: cannot read $checkpoint to reuse it" >&2; exit 2; }
   if [ "$found" != "$epochs $seed" ]; then
