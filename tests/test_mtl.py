@@ -209,7 +209,7 @@ def test_per_sample_cosine_equals_two_backward_passes():
     view1, view2, mim_view, noise = batch
     rows = grad_conflict.encoder_rows(model.base_encoder)
     assert list(rows) == ['embed'] + [f'block {i}' for i in range(6)] + ['norm']
-    cosines = grad_conflict.sample_cosines(model, batch, rows)  # (8, 8)
+    cosines, mim_sum, cl_sum = grad_conflict.sample_cosines(model, batch, rows)  # (8, 8), (P,)
     assert cosines.shape == (8, 8)
     mim, cl = grad_conflict.sample_terms(model, *batch)
     torch.testing.assert_close(mim.sum(), model.mae(mim_view, noise)[0])
@@ -223,11 +223,41 @@ def test_per_sample_cosine_equals_two_backward_passes():
             expected = naive_cosine(g_mim, g_cl)
             assert cosines[i, r].item() == pytest.approx(expected, abs=1e-9), (i, r)
     assert cosines.std() > 0.01  # samples differ
+    # The summed per-sample gradients are the gradients of the summed terms: the batch losses'.
+    row_sizes = [sum(p.numel() for p in row) for row in rows.values()]
+    sums = grad_conflict.row_cosines(mim_sum, cl_sum, row_sizes)
+    for r, params in enumerate(rows.values()):
+        g_mim = torch.autograd.grad(mim.sum(), params, retain_graph=True)
+        g_cl = torch.autograd.grad(cl.sum(), params, retain_graph=True)
+        assert sums[r].item() == pytest.approx(naive_cosine(g_mim, g_cl), abs=1e-9), r
+
+
+def test_mim_view_cl_feeds_mae_the_first_contrastive_view():
+    """--mim_view cl: MAE's term is computed on MoCo v3's first view (the control), the default on
+    the minimal view; the loader's batch is used as it comes."""
+    model, batch = mtl_model_and_batch([], n=8)
+    model.double().train()
+    batch = tuple(t.double() for t in batch)
+    view1, view2, minimal, noise = batch
+    rows = grad_conflict.encoder_rows(model.base_encoder)
+    loader = [(batch, torch.zeros(8))]
+    for mim_view, seen in (('minimal', minimal), ('cl', view1)):
+        cosines, sums = grad_conflict.conflict(model, loader, 6, 'cpu', mim_view)
+        expected, mim_sum, cl_sum = grad_conflict.sample_cosines(
+            model, (view1, view2, seen, noise), rows, 6
+        )
+        torch.testing.assert_close(cosines, expected)
+        row_sizes = [sum(p.numel() for p in row) for row in rows.values()]
+        torch.testing.assert_close(sums, grad_conflict.row_cosines(mim_sum, cl_sum, row_sizes))
+    assert not torch.equal(minimal, view1)
 
 
 def test_grad_conflict_tool_on_an_mtl_checkpoint(tmp_path, capsys):
+    """The architecture comes from the file (the depth control's 12 blocks), the random baseline
+    is the default 6-block digits ViT; every row printed, the figure written."""
     out = tmp_path / 'mtl'
     argv = MTL + '--batch_size 256 --epochs 1 --knn_freq 0 --num_workers 0'.split()
+    argv += ['--model', 'vit_digits_deep_patch4_16']
     main_pretrain.main(parse(argv + ['--output_dir', str(out)]))
     args = grad_conflict.get_args_parser().parse_args(
         ['--checkpoint', str(out / 'checkpoint-last.pth'), 'random', '--num_samples', '12']
@@ -239,15 +269,18 @@ def test_grad_conflict_tool_on_an_mtl_checkpoint(tmp_path, capsys):
     assert 'heads from the file: all (MTL checkpoint' in printed
     assert 'heads from the file: none (all fresh)' in printed
     table = tables[str(out / 'checkpoint-last.pth')]
-    assert [row[0] for row in table] == ['embed'] + [f'block {i}' for i in range(6)] + ['norm']
-    for name, median, q1, q3, negative in table:
+    assert [row[0] for row in table] == ['embed'] + [f'block {i}' for i in range(12)] + ['norm']
+    assert len(tables['random initialisation']) == 8
+    for name, median, q1, q3, negative, sum_cos in table:
         assert -1 <= q1 <= median <= q3 <= 1 and 0 <= negative <= 100, name
+        assert -1 <= sum_cos <= 1, name
         assert f'{name:>8}  {median:>7.3f}' in printed
     assert os.path.getsize(tmp_path / 'conflict.png') > 1000
 
 
 def test_median_slope_is_the_least_squares_line():
-    table = [('embed', 9.0, 0, 0, 0)] + [(f'block {i}', 0.5 - 0.1 * i, 0, 0, 0) for i in range(4)]
+    table = [('embed', 9.0, 0, 0, 0, 0)]
+    table += [(f'block {i}', 0.5 - 0.1 * i, 0, 0, 0, 0) for i in range(4)]
     assert grad_conflict.median_slope(table) == pytest.approx(-0.1)
 
 

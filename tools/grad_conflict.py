@@ -4,9 +4,12 @@ sample x, C(x) = <g_MIM(x), g_CL(x)> / (|g_MIM(x)| |g_CL(x)|), the gradients of 
 x's MoCo v3 loss with respect to one block's parameters; its distribution per block. The official
 repository released no code for it: how a per-sample CL gradient is defined is our reading
 (docs/methods.md): the gradient of sample x's term of the batch loss, the batch supplying the
-negatives and the projector's BatchNorm statistics. Each loss sees the views MTL trains it on (MoCo
-v3's two, MAE's masked minimal view). The heads come from the file when it holds them (our MTL
-checkpoints hold all; MAE and MoCo v3 files their own), else they are fresh; the output says which.
+negatives and the projector's BatchNorm statistics. Each loss sees the views MTL trains it on
+(MoCo v3's two, MAE's masked minimal view; `--mim_view cl`: MAE on MoCo v3's first view instead, a
+control). Beside the per-sample distribution it prints the cosine of the two losses' gradients
+summed over the samples (the directions a step on those samples takes; per-sample noise averages
+out). The heads come from the file when it holds them (our MTL checkpoints hold all; MAE and MoCo
+v3 files their own), else they are fresh; the output says which.
 python -m tools.grad_conflict --checkpoint output/mtl/checkpoint-last.pth --num_samples 256"""
 
 import argparse
@@ -59,6 +62,13 @@ def get_args_parser():
             type=int,
             help=f"{action.help} (default: the checkpoint's, else {action.default})",
         )
+    p.add_argument(
+        '--mim_view',
+        default='minimal',
+        choices=['minimal', 'cl'],
+        help="the view MAE's loss sees: minimal (MTL's third view, as MTL trains it) or cl "
+        "(MoCo v3's first view, the image the CL loss's query sees; a control)",
+    )
     p.add_argument('--moco_t', default=0.2, type=float, help='MoCo v3 temperature')
     p.add_argument('--mask_ratio', default=0.75, type=float, help='MAE mask ratio')
     p.add_argument(
@@ -187,46 +197,75 @@ def flat_grad(term: torch.Tensor, params: list) -> torch.Tensor:
     return torch.cat([g.flatten() for g in grads])
 
 
-def sample_cosines(
-    model: models_mtl.MTL, batch: tuple, rows: dict, count: int = None
-) -> torch.Tensor:
+def row_cosines(g_mim: torch.Tensor, g_cl: torch.Tensor, row_sizes: list) -> torch.Tensor:
+    """Per row, the cosine between the rows' slices of two flat gradients: (rows,)."""
+    pairs = zip(g_mim.split(row_sizes), g_cl.split(row_sizes))
+    return torch.stack([F.cosine_similarity(a, b, dim=0) for a, b in pairs])
+
+
+def sample_cosines(model: models_mtl.MTL, batch: tuple, rows: dict, count: int = None) -> tuple:
     """C(x) per sample and row (count, rows) of the batch's first `count` samples (default all B):
     the cosine between the gradients of sample x's MIM term and of its CL term w.r.t. the row's
-    parameters, two backward passes per sample; the whole batch gives the CL negatives."""
+    parameters, two backward passes per sample; the whole batch gives the CL negatives. Also the
+    sums over those samples of the MIM gradients and of the CL gradients, flat: (P,) each."""
     mim, cl = sample_terms(model, *batch)
     params = [p for row in rows.values() for p in row]
     row_sizes = [sum(p.numel() for p in row) for row in rows.values()]
     cosines = []
+    mim_sum = 0
+    cl_sum = 0
     for i in range(count or mim.shape[0]):
-        g_mim = flat_grad(mim[i], params).split(row_sizes)
-        g_cl = flat_grad(cl[i], params).split(row_sizes)
-        per_row = [F.cosine_similarity(a, b, dim=0) for a, b in zip(g_mim, g_cl)]
-        cosines.append(torch.stack(per_row))
-    return torch.stack(cosines).cpu()  # (count, rows)
+        g_mim = flat_grad(mim[i], params)
+        g_cl = flat_grad(cl[i], params)
+        cosines.append(row_cosines(g_mim, g_cl, row_sizes))
+        mim_sum = mim_sum + g_mim
+        cl_sum = cl_sum + g_cl
+    return torch.stack(cosines).cpu(), mim_sum, cl_sum  # (count, rows), (P,), (P,)
 
 
-def conflict(model: models_mtl.MTL, loader, num_samples: int, device) -> torch.Tensor:
-    """C(x) of the first `num_samples` training images, per row: (num_samples, rows)."""
+def conflict(
+    model: models_mtl.MTL, loader, num_samples: int, device, mim_view: str = 'minimal'
+) -> tuple:
+    """C(x) of the first `num_samples` training images, per row: (num_samples, rows); and per row
+    the cosine of the two losses' gradients summed over those images: (rows,)."""
     model.train()  # as in training: the projector's BatchNorm on batch statistics
     rows = encoder_rows(model.base_encoder)
+    row_sizes = [sum(p.numel() for p in row) for row in rows.values()]
     cosines = []
+    mim_sum = 0
+    cl_sum = 0
     seen = 0
     for inputs, _ in loader:
-        batch = tuple(t.to(device) for t in inputs)
-        count = min(num_samples - seen, inputs[0].shape[0])
-        cosines.append(sample_cosines(model, batch, rows, count))
+        view1, view2, minimal, noise = (t.to(device) for t in inputs)
+        if mim_view == 'cl':
+            minimal = view1
+        count = min(num_samples - seen, view1.shape[0])
+        batch_cosines, batch_mim, batch_cl = sample_cosines(
+            model, (view1, view2, minimal, noise), rows, count
+        )
+        cosines.append(batch_cosines)
+        mim_sum = mim_sum + batch_mim
+        cl_sum = cl_sum + batch_cl
         seen += count
         if seen == num_samples:
             break
-    return torch.cat(cosines)
+    return torch.cat(cosines), row_cosines(mim_sum, cl_sum, row_sizes).cpu()
 
 
-def summary(cosines: torch.Tensor, names: list) -> list:
-    """Per row: (name, median, first quartile, third quartile, share of negatives in %)."""
+def summary(cosines: torch.Tensor, sum_cosines: torch.Tensor, names: list) -> list:
+    """Per row: (name, median, first quartile, third quartile, share of negatives in %, cosine of
+    the summed gradients)."""
     q = torch.quantile(cosines, torch.tensor([0.5, 0.25, 0.75]), dim=0)  # (3, rows)
     negative = (cosines < 0).float().mean(dim=0) * 100
     return [
-        (name, q[0, r].item(), q[1, r].item(), q[2, r].item(), negative[r].item())
+        (
+            name,
+            q[0, r].item(),
+            q[1, r].item(),
+            q[2, r].item(),
+            negative[r].item(),
+            sum_cosines[r].item(),
+        )
         for r, name in enumerate(names)
     ]
 
@@ -262,7 +301,8 @@ def plot(panels: list, output: str) -> None:
 
 
 def measure(path: str, args) -> tuple:
-    """(row names, cosines (num_samples, rows), heads loaded) of the checkpoint at `path`."""
+    """(row names, cosines (num_samples, rows), summed gradients' cosines (rows,), heads loaded) of
+    the checkpoint at `path`."""
     torch.manual_seed(args.seed)
     state, saved = read_file(path)
     encoder = backbones.build_backbone(path, args.model)
@@ -273,8 +313,8 @@ def measure(path: str, args) -> tuple:
     noise = MaskNoiseGenerator(encoder.patch_embed.grid_size)
     dataset = data.build_dataset(run, True, transforms.pretrain_transform(run, noise))
     loader = data.build_loader(dataset, run, True)
-    cosines = conflict(model, loader, args.num_samples, args.device)
-    return list(encoder_rows(model.base_encoder)), cosines, loaded
+    cosines, sum_cosines = conflict(model, loader, args.num_samples, args.device, args.mim_view)
+    return list(encoder_rows(model.base_encoder)), cosines, sum_cosines, loaded
 
 
 def main(args) -> dict:
@@ -285,14 +325,17 @@ def main(args) -> dict:
     for path in args.checkpoint:
         if path == 'random':
             path = None
-        names, cosines, loaded = measure(path, args)
-        table = summary(cosines, names)
+        names, cosines, sum_cosines, loaded = measure(path, args)
+        table = summary(cosines, sum_cosines, names)
         source = path or 'random initialisation'
         heads = ', '.join(loaded) or 'none (all fresh)'
-        print(f'encoder: {source}; heads from the file: {heads}; {len(cosines)} samples')
-        print(f'{"row":>8}  {"median":>7}  {"q1":>7}  {"q3":>7}  {"neg %":>6}')
-        for name, median, q1, q3, negative in table:
-            print(f'{name:>8}  {median:>7.3f}  {q1:>7.3f}  {q3:>7.3f}  {negative:>6.1f}')
+        samples = f'{len(cosines)} samples, MAE on the {args.mim_view} view'
+        print(f'encoder: {source}; heads from the file: {heads}; {samples}')
+        header = f'{"row":>8}  {"median":>7}  {"q1":>7}  {"q3":>7}  {"neg %":>6}  {"sum cos":>7}'
+        print(header)
+        for name, median, q1, q3, negative, sum_cos in table:
+            quartiles = f'{median:>7.3f}  {q1:>7.3f}  {q3:>7.3f}'
+            print(f'{name:>8}  {quartiles}  {negative:>6.1f}  {sum_cos:>7.3f}')
         print(f"slope of the blocks' medians: {median_slope(table):+.4f} per block")
         title = os.path.join(*source.split(os.sep)[-2:])
         panels.append((title, names, cosines, table))

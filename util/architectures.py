@@ -1,7 +1,8 @@
 """What this repository adds to timm's architectures: two registered ViTs, and MoCo v3's MLP.
 
-Importing this module registers `vit_digits_patch4_16` (the default model on the built-in digits)
-and `mocov3_vit_small` with timm, so that `timm.create_model` builds them by name.
+Importing this module registers `vit_digits_patch4_16` (the default model on the built-in digits),
+its twice as deep `vit_digits_deep_patch4_16`, and `mocov3_vit_small` with timm, so that
+`timm.create_model` builds them by name.
 """
 
 import torch.nn as nn
@@ -26,7 +27,11 @@ def _cfg(input_size: int) -> dict:
 
 
 default_cfgs = generate_default_cfgs(
-    {'vit_digits_patch4_16.untrained': _cfg(16), 'mocov3_vit_small.untrained': _cfg(224)}
+    {
+        'vit_digits_patch4_16.untrained': _cfg(16),
+        'vit_digits_deep_patch4_16.untrained': _cfg(16),
+        'mocov3_vit_small.untrained': _cfg(224),
+    }
 )
 
 
@@ -36,6 +41,16 @@ def vit_digits_patch4_16(pretrained: bool = False, **kwargs) -> VisionTransforme
     model_args = dict(img_size=16, patch_size=4, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4)
     model_args.update(kwargs)
     return _create_vision_transformer('vit_digits_patch4_16', pretrained=pretrained, **model_args)
+
+
+@register_model
+def vit_digits_deep_patch4_16(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """vit_digits_patch4_16 at depth 12 (ViT-B's depth): the depth control of the gradient-conflict
+    study (docs/methods.md)."""
+    model_args = dict(img_size=16, patch_size=4, embed_dim=128, depth=12, num_heads=4, mlp_ratio=4)
+    model_args.update(kwargs)
+    name = 'vit_digits_deep_patch4_16'
+    return _create_vision_transformer(name, pretrained=pretrained, **model_args)
 
 
 @register_model
