@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 import main_pretrain
 import pretrain_setup as pretrain
 from tests.conftest import FAST, epoch_losses, parse
-from tools import export, grad_conflict
+from tools import conflict_table, export, grad_conflict
 from util import data, transforms
 from util.errors import InputError
 
@@ -276,6 +276,20 @@ def test_grad_conflict_tool_on_an_mtl_checkpoint(tmp_path, capsys):
         assert -1 <= sum_cos <= 1, name
         assert f'{name:>8}  {median:>7.3f}' in printed
     assert os.path.getsize(tmp_path / 'conflict.png') > 1000
+    # tools/conflict_table.py reads the printed output back, to the printed precision.
+    panels = conflict_table.read_panels(printed)
+    assert [p['path'] for p in panels] == [
+        str(out / 'checkpoint-last.pth'),
+        'random initialisation',
+    ]
+    for panel, table in zip(panels, tables.values()):
+        assert panel['slope'] == pytest.approx(grad_conflict.median_slope(table), abs=5e-5)
+        for name, median, q1, q3, negative, sum_cos in table:
+            read = panel['rows'][name]
+            assert read['median'] == pytest.approx(median, abs=5e-4)
+            assert (read['q1'], read['q3']) == pytest.approx((q1, q3), abs=5e-4)
+            assert read['neg'] == pytest.approx(negative, abs=0.05)
+            assert read['sum'] == pytest.approx(sum_cos, abs=5e-4)
 
 
 def test_median_slope_is_the_least_squares_line():
@@ -292,3 +306,38 @@ def test_encoder_rows_cover_every_backbone_parameter():
     backbone = [p for n, p in vit.named_parameters() if not n.startswith('head.')]
     assert covered == {id(p) for p in backbone}
     assert all(p.requires_grad for p in backbone)
+
+
+SEED_OUTPUT = """encoder: out/seed{s}/mtl/checkpoint-last.pth; heads from the file: all; 4 samples
+     row   median       q1       q3   neg %  sum cos
+   embed    {e:.3f}   -0.100    0.100    50.0    0.010
+ block 0   -0.010   -0.030    0.020    {n:.1f}   -0.020
+ block 1    {b:.3f}   -0.030    0.020    60.0    0.030
+slope of the blocks' medians: {slope:+.4f} per block
+plot: out/conflict.png
+"""
+
+
+def test_conflict_table_gives_mean_and_std_over_seeds(tmp_path, capsys):
+    files = []
+    for s, (e, n, b) in enumerate([(0.01, 50.0, 0.0), (0.03, 60.0, -0.02)]):
+        path = tmp_path / f'seed{s}.txt'
+        path.write_text(SEED_OUTPUT.format(s=s, e=e, n=n, b=b, slope=b + 0.01))
+        files.append(str(path))
+    args = conflict_table.get_args_parser().parse_args(files)
+    medians = conflict_table.main(args).splitlines()
+    assert medians[0].split(' | ')[1:4] == ['embed', 'block 0', 'block 1']
+    # mean ± sample std (ddof 1): embed 0.02 ± 0.0141, block 1 -0.01 ± 0.0141, slope 0 ± 0.0141
+    expected = '| mtl/checkpoint-last.pth | +0.020 ± 0.014 | -0.010 ± 0.000 | -0.010 ± 0.014 | '
+    assert medians[2] == expected + '+0.0000 ± 0.0141 |'
+    args.stat = 'neg'
+    assert conflict_table.main(args).splitlines()[2].split(' | ')[2] == '55.0 ± 7.1'
+    args.stat = 'sum'
+    assert conflict_table.main(args).splitlines()[2].split(' | ')[1:3] == [
+        '+0.010 ± 0.000',
+        '-0.020 ± 0.000',
+    ]
+    capsys.readouterr()
+    args.files.append(str(tmp_path / 'missing.txt'))
+    with pytest.raises(InputError, match='cannot read .*missing.txt'):
+        conflict_table.main(args)
