@@ -224,7 +224,7 @@ def test_per_sample_cosine_equals_two_backward_passes():
             assert cosines[i, r].item() == pytest.approx(expected, abs=1e-9), (i, r)
     assert cosines.std() > 0.01  # samples differ
     # The summed per-sample gradients are the gradients of the summed terms: the batch losses'.
-    row_sizes = [sum(p.numel() for p in row) for row in rows.values()]
+    row_sizes = grad_conflict.row_sizes(rows)
     sums = grad_conflict.row_cosines(mim_sum, cl_sum, row_sizes)
     for r, params in enumerate(rows.values()):
         g_mim = torch.autograd.grad(mim.sum(), params, retain_graph=True)
@@ -247,7 +247,7 @@ def test_mim_view_cl_feeds_mae_the_first_contrastive_view():
             model, (view1, view2, seen, noise), rows, 6
         )
         torch.testing.assert_close(cosines, expected)
-        row_sizes = [sum(p.numel() for p in row) for row in rows.values()]
+        row_sizes = grad_conflict.row_sizes(rows)
         torch.testing.assert_close(sums, grad_conflict.row_cosines(mim_sum, cl_sum, row_sizes))
     assert not torch.equal(minimal, view1)
 

@@ -197,9 +197,14 @@ def flat_grad(term: torch.Tensor, params: list) -> torch.Tensor:
     return torch.cat([g.flatten() for g in grads])
 
 
-def row_cosines(g_mim: torch.Tensor, g_cl: torch.Tensor, row_sizes: list) -> torch.Tensor:
+def row_sizes(rows: dict) -> list:
+    """The number of parameter entries of each row, in order: how a flat gradient splits."""
+    return [sum(p.numel() for p in row) for row in rows.values()]
+
+
+def row_cosines(g_mim: torch.Tensor, g_cl: torch.Tensor, sizes: list) -> torch.Tensor:
     """Per row, the cosine between the rows' slices of two flat gradients: (rows,)."""
-    pairs = zip(g_mim.split(row_sizes), g_cl.split(row_sizes))
+    pairs = zip(g_mim.split(sizes), g_cl.split(sizes))
     return torch.stack([F.cosine_similarity(a, b, dim=0) for a, b in pairs])
 
 
@@ -210,14 +215,14 @@ def sample_cosines(model: models_mtl.MTL, batch: tuple, rows: dict, count: int =
     sums over those samples of the MIM gradients and of the CL gradients, flat: (P,) each."""
     mim, cl = sample_terms(model, *batch)
     params = [p for row in rows.values() for p in row]
-    row_sizes = [sum(p.numel() for p in row) for row in rows.values()]
+    sizes = row_sizes(rows)
     cosines = []
     mim_sum = 0
     cl_sum = 0
     for i in range(count or mim.shape[0]):
         g_mim = flat_grad(mim[i], params)
         g_cl = flat_grad(cl[i], params)
-        cosines.append(row_cosines(g_mim, g_cl, row_sizes))
+        cosines.append(row_cosines(g_mim, g_cl, sizes))
         mim_sum = mim_sum + g_mim
         cl_sum = cl_sum + g_cl
     return torch.stack(cosines).cpu(), mim_sum, cl_sum  # (count, rows), (P,), (P,)
@@ -230,7 +235,7 @@ def conflict(
     the cosine of the two losses' gradients summed over those images: (rows,)."""
     model.train()  # as in training: the projector's BatchNorm on batch statistics
     rows = encoder_rows(model.base_encoder)
-    row_sizes = [sum(p.numel() for p in row) for row in rows.values()]
+    sizes = row_sizes(rows)
     cosines = []
     mim_sum = 0
     cl_sum = 0
@@ -249,7 +254,7 @@ def conflict(
         seen += count
         if seen == num_samples:
             break
-    return torch.cat(cosines), row_cosines(mim_sum, cl_sum, row_sizes).cpu()
+    return torch.cat(cosines), row_cosines(mim_sum, cl_sum, sizes).cpu()
 
 
 def summary(cosines: torch.Tensor, sum_cosines: torch.Tensor, names: list) -> list:
